@@ -1,0 +1,247 @@
+"""Crash-safe checkpoint folders: write to a temporary folder, mark it complete, rename it.
+
+The diffusers example scripts delete old checkpoints *before* writing the new one and write
+``checkpoint-N`` in place, so a crash mid-save can leave a half-written folder that looks complete
+and may already have deleted the newest good one. Here:
+
+* a checkpoint is written into ``output_dir/.tmp-checkpoint-N`` (:func:`atomic_checkpoint_dir`),
+  then a ``.complete`` marker is written, everything is fsynced, and the folder is renamed to
+  ``checkpoint-N`` in one ``os.replace``;
+* only folders ``checkpoint-<int>`` holding the marker count as checkpoints
+  (:func:`list_checkpoints`), so a half-written folder is never resumed from;
+* old checkpoints are pruned *after* the new one is complete (:func:`prune_checkpoints`).
+
+Invariants:
+    - A folder named ``checkpoint-<int>`` with a ``.complete`` marker holds a fully written,
+      fsynced checkpoint (as long as only this module writes checkpoints).
+    - Every folder this module creates that is not (yet) a complete checkpoint is named
+      ``.tmp-checkpoint-*``; such folders are never resumable and are removed by
+      :func:`prune_checkpoints`.
+
+Pure filesystem helpers: nothing here imports accelerate; the caller passes
+``accelerator.is_main_process`` and ``accelerator.wait_for_everyone``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "checkpoint-"
+COMPLETE_MARKER = ".complete"
+TMP_PREFIX = ".tmp-" + CHECKPOINT_PREFIX
+
+_CHECKPOINT_NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(\d+)")
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding the completion marker."""
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir`` as ``(step, path)``, oldest step first.
+
+    Only folders named exactly ``checkpoint-<int>`` that contain the ``.complete`` marker are
+    listed; temporary (``.tmp-checkpoint-*``) and incomplete folders are ignored. A missing
+    ``output_dir`` has no checkpoints.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for entry in output_dir.iterdir():
+        match = _CHECKPOINT_NAME.fullmatch(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            found.append((int(match.group(1)), entry))
+    return sorted(found, key=lambda step_path: step_path[0])
+
+
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The optimizer step a complete checkpoint was saved at, read from its marker.
+
+    Read from the marker rather than the folder name, so a checkpoint copied or renamed
+    elsewhere (``--resume_from_checkpoint=/backup/run1-final``) still resumes at the right step.
+    """
+    return int(json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())["step"])
+
+
+def resolve_resume_checkpoint(
+    resume_from_checkpoint: str | None, output_dir: str | os.PathLike
+) -> Path | None:
+    """The checkpoint folder to resume from, or None to start a new run.
+
+    Args:
+        resume_from_checkpoint: ``None`` (no resume), ``"latest"`` (newest complete checkpoint in
+            ``output_dir``, None when there is none) or a path: absolute, relative to the current
+            directory, or else relative to ``output_dir`` (``"checkpoint-500"``). Unlike the
+            diffusers scripts, a path outside ``output_dir`` is honoured.
+        output_dir: the run's output folder.
+
+    Returns:
+        The checkpoint folder, or None.
+
+    Raises:
+        FileNotFoundError: an explicit path that does not exist or has no ``.complete`` marker.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+
+    candidate = Path(resume_from_checkpoint).expanduser()
+    if not candidate.exists() and not candidate.is_absolute():
+        candidate = Path(output_dir) / resume_from_checkpoint
+    if not candidate.is_dir():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint={resume_from_checkpoint!r}: no such folder (looked in the "
+            f"current directory and in {str(output_dir)!r}); pass an existing checkpoint folder or 'latest'"
+        )
+    if not is_complete(candidate):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint: {str(candidate)!r} has no {COMPLETE_MARKER} marker: it was not "
+            f"fully written; pick another checkpoint or 'latest'"
+        )
+    return candidate
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` (``root`` included) to disk."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new file is durable only once its parent folder's entry is flushed. Windows
+    # cannot open a folder for fsync and has no such requirement.
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_checkpoint_dir(
+    output_dir: str | os.PathLike,
+    step: int,
+    is_main_process: bool = True,
+    wait_for_everyone: Callable[[], None] = lambda: None,
+) -> Iterator[Path]:
+    """Yield a temporary folder to save a checkpoint into; publish it as ``checkpoint-<step>``.
+
+    Use it on every process with ``accelerator.wait_for_everyone`` (all processes may write into
+    the folder, e.g. accelerate's per-process RNG files), or on the main process only with the
+    default no-op ``wait_for_everyone``::
+
+        with atomic_checkpoint_dir(args.output_dir, global_step,
+                                   accelerator.is_main_process, accelerator.wait_for_everyone) as path:
+            accelerator.save_state(path)
+
+    On normal exit: all processes meet, then the main process writes the ``.complete`` marker,
+    fsyncs the folder and renames it to ``checkpoint-<step>`` with ``os.replace``; an existing
+    ``checkpoint-<step>`` is first renamed aside and removed only once the new one is in place;
+    then all processes meet again, so none proceeds before the checkpoint is published.
+
+    On an exception inside the block: the main process removes the temporary folder and the
+    exception propagates; an existing ``checkpoint-<step>`` is untouched.
+    """
+    output_dir = Path(output_dir)
+    tmp = output_dir / f"{TMP_PREFIX}{step}"
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    if is_main_process:
+        # A leftover from a crash at the same step would mix old files into the new checkpoint.
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    # The other processes must not write into the folder before it exists (or while a leftover
+    # is being removed).
+    wait_for_everyone()
+    try:
+        yield tmp
+    except BaseException:
+        if is_main_process:
+            # ignore_errors: the original exception is the one worth reporting; a leftover
+            # .tmp-checkpoint-* is removed by prune_checkpoints anyway.
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    wait_for_everyone()
+    if is_main_process:
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}) + "\n")
+        _fsync_tree(tmp)
+        if final.exists():
+            # os.replace cannot overwrite a non-empty folder: move the old one aside (a name that
+            # is never resumed and is cleaned up by prune_checkpoints), publish, then delete it.
+            # Only a crash between the two renames leaves no checkpoint-<step>; older ones stay.
+            aside = output_dir / f"{TMP_PREFIX}{step}.old"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            _fsync_dir(output_dir)
+            shutil.rmtree(aside)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(output_dir)
+    wait_for_everyone()
+
+
+def prune_checkpoints(
+    output_dir: str | os.PathLike, total_limit: int | None, keep: str | os.PathLike | None = None
+) -> list[Path]:
+    """Remove the oldest complete checkpoints so that at most ``total_limit`` remain.
+
+    Call it on the main process only, after :func:`atomic_checkpoint_dir` has published the new
+    checkpoint (the diffusers scripts prune before saving, which loses the newest good checkpoint
+    if the save then fails).
+
+    Args:
+        output_dir: the run's output folder.
+        total_limit: how many complete checkpoints may remain (``--checkpoints_total_limit``);
+            None keeps all of them.
+        keep: a checkpoint that is never removed, normally the one just written.
+
+    Returns:
+        The removed folders: pruned checkpoints, oldest first, then stale ``.tmp-checkpoint-*``
+        folders left by a crash (never resumable, so always removed). Incomplete
+        ``checkpoint-<int>`` folders are left alone: they are not ours to judge.
+
+    Raises:
+        ValueError: ``total_limit`` below 1.
+    """
+    if total_limit is not None and total_limit < 1:
+        raise ValueError(f"checkpoints total limit must be at least 1 or None, got {total_limit}")
+    output_dir = Path(output_dir)
+    removed: list[Path] = []
+
+    if total_limit is not None:
+        checkpoints = list_checkpoints(output_dir)
+        keep_resolved = Path(keep).resolve() if keep is not None else None
+        removable = [path for _, path in checkpoints if path.resolve() != keep_resolved]
+        for path in removable[: max(0, len(checkpoints) - total_limit)]:
+            # Rename first: a crash half-way through rmtree must not leave a folder that still
+            # holds its marker and looks complete.
+            trash = output_dir / f"{TMP_PREFIX}{path.name[len(CHECKPOINT_PREFIX):]}.removing"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.replace(path, trash)
+            shutil.rmtree(trash)
+            removed.append(path)
+
+    if output_dir.is_dir():
+        for stale in sorted(output_dir.glob(f"{TMP_PREFIX}*")):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+                removed.append(stale)
+    return removed
