@@ -1,0 +1,130 @@
+"""The averaging math of a merge, as pure functions (no state, no policy).
+
+A merge replaces the trainable weights by the weighted mean of the proxies' weights
+(method.md section 1): ``merged = sum_k w_k * theta_k / sum_k w_k``. The policy of *which*
+weights lives in ``merge_weights``; ``ProxySet`` (proxies.py) decides *when*.
+
+Invariants:
+- Sums are computed in float32, whatever the dtype of the inputs, so that fp16/bf16 weights do
+  not lose precision while being summed; results are cast back to the input dtype.
+- The empty case is written down: an entry with weight 0 (a proxy that took no optimizer step)
+  contributes nothing, not even a NaN; if every weight is 0, ``merge_weights`` returns zeros and
+  the caller keeps its weights unchanged, while ``weighted_average`` refuses (there is no mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Device-to-host copies are staged in chunks of at most this many bytes: enough to keep the copy
+# engine busy, small enough that staging never holds a second full copy of a UNet in host memory.
+_STAGING_CHUNK_BYTES = 256 * 2**20
+
+
+def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Weighted mean ``sum_k w_k t_k / sum_k w_k`` of same-shaped tensors.
+
+    Args:
+        tensors: the K tensors to average (same shape; device and dtype of the first are used).
+        weights: K non-negative weights; they need not sum to 1.
+
+    Returns:
+        The mean, computed in float32 and cast back to the dtype of ``tensors[0]``.
+
+    Raises:
+        ValueError: if the lengths differ, a weight is negative, or every weight is zero
+            (which includes the empty input).
+    """
+    if len(tensors) != len(weights):
+        raise ValueError(f"weighted_average got {len(tensors)} tensors but {len(weights)} weights.")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weighted_average weights must be non-negative, got {list(weights)}.")
+    total = float(sum(weights))
+    if total == 0.0:
+        raise ValueError("weighted_average needs at least one positive weight (all weights are zero).")
+    first = tensors[0]
+    acc = torch.zeros(first.shape, dtype=torch.float32, device=first.device)
+    for tensor, weight in zip(tensors, weights):
+        # Skipping (rather than multiplying by 0) keeps a NaN in an unused proxy out of the mean.
+        if weight != 0:
+            acc.add_(tensor.to(device=acc.device, dtype=torch.float32), alpha=float(weight))
+    return acc.div_(total).to(first.dtype)
+
+
+def accumulate_(running_sum: list[Tensor], params: list[Tensor], weight: float) -> None:
+    """In place: ``running_sum[i] += weight * params[i]`` for every i.
+
+    ``params`` may live on another device than ``running_sum`` (a UNet on the GPU, its running
+    sum in CPU memory). Copies are issued with ``non_blocking=True``; device-to-host copies are
+    staged in bounded chunks and the source device is synchronised before the host reads them,
+    because a non-blocking device-to-host copy is not finished when ``.to()`` returns.
+
+    Args:
+        running_sum: accumulators (typically float32), one per parameter.
+        params: tensors of the same shapes (parameters are read, never modified).
+        weight: the factor applied to ``params``.
+
+    Raises:
+        ValueError: if the two lists differ in length or a pair differs in shape.
+    """
+    if len(running_sum) != len(params):
+        raise ValueError(f"accumulate_ got {len(running_sum)} sums but {len(params)} tensors.")
+    weight = float(weight)
+    staged: list[tuple[Tensor, Tensor, torch.device]] = []
+    staged_bytes = 0
+    with torch.no_grad():
+        for acc, param in zip(running_sum, params):
+            if acc.shape != param.shape:
+                raise ValueError(f"accumulate_: shape mismatch {tuple(acc.shape)} vs {tuple(param.shape)}.")
+            param = param.detach()
+            if param.device == acc.device or acc.device.type != "cpu":
+                # Same device, or host-to-device: ordered on the device stream, no wait needed.
+                acc.add_(param.to(acc.device, non_blocking=True), alpha=weight)
+                continue
+            staged.append((acc, param.to(acc.device, non_blocking=True), param.device))
+            staged_bytes += param.numel() * param.element_size()
+            if staged_bytes >= _STAGING_CHUNK_BYTES:
+                _add_staged(staged, weight)
+                staged, staged_bytes = [], 0
+        if staged:
+            _add_staged(staged, weight)
+
+
+def _add_staged(staged: list[tuple[Tensor, Tensor, torch.device]], weight: float) -> None:
+    """Waits for the pending device-to-host copies in ``staged``, then adds them on the host."""
+    for source in {source for _, _, source in staged}:
+        torch.accelerator.synchronize(source)
+    for acc, host_copy, _ in staged:
+        acc.add_(host_copy, alpha=weight)
+
+
+def merge_weights(shard_sizes: Sequence[int], steps_taken: Sequence[int]) -> list[float]:
+    """Normalised merge weights ``w_k = n_k * s_k / sum_j n_j * s_j``.
+
+    ``n_k`` is shard k's size and ``s_k`` the optimizer steps proxy k actually took this round.
+    For complete rounds (every ``s_k`` equal) this is ``n_k / sum n`` (method.md section 1); a
+    proxy that took no step contributes nothing.
+
+    Args:
+        shard_sizes: K non-negative shard sizes.
+        steps_taken: K non-negative step counts.
+
+    Returns:
+        K weights summing to 1, or K zeros if no proxy took a step (nothing to merge: the caller
+        keeps its weights unchanged).
+
+    Raises:
+        ValueError: if the lengths differ or a value is negative.
+    """
+    if len(shard_sizes) != len(steps_taken):
+        raise ValueError(f"merge_weights got {len(shard_sizes)} shard sizes but {len(steps_taken)} step counts.")
+    if any(n < 0 for n in shard_sizes) or any(s < 0 for s in steps_taken):
+        raise ValueError(f"merge_weights needs non-negative values, got {list(shard_sizes)} and {list(steps_taken)}.")
+    raw = [n * s for n, s in zip(shard_sizes, steps_taken)]
+    total = sum(raw)
+    if total == 0:
+        return [0.0] * len(raw)
+    return [r / total for r in raw]

@@ -1,0 +1,109 @@
+"""Hand-computed tests of the pure merge math in sd_memfree.merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd_memfree.merging import accumulate_, merge_weights, weighted_average
+
+
+def test_weighted_average_hand_computed():
+    """(3 * [1, 2] + 1 * [5, -2]) / 4 = ([3, 6] + [5, -2]) / 4 = [8, 4] / 4 = [2, 1]."""
+    out = weighted_average([torch.tensor([1.0, 2.0]), torch.tensor([5.0, -2.0])], [3, 1])
+    assert torch.equal(out, torch.tensor([2.0, 1.0]))
+
+
+def test_weighted_average_zero_weight_contributes_nothing_even_nan():
+    """Weights [0, 2]: the NaN tensor is skipped, result = 2 * [4] / 2 = [4]."""
+    out = weighted_average([torch.tensor([float("nan")]), torch.tensor([4.0])], [0.0, 2.0])
+    assert torch.equal(out, torch.tensor([4.0]))
+
+
+def test_weighted_average_sums_in_float32_and_keeps_dtype():
+    """bf16 keeps 8 significant bits, so 256 + 1 rounds back to 256 in bf16.
+
+    Mean of [256, 1, 1, 1, 1] with equal weights: float32 sum 260 / 5 = 52 (exact in bf16). A
+    bf16 running sum would stay at 256 and give 256 / 5 = 51.2 -> 51.25 in bf16.
+    """
+    tensors = [torch.tensor([256.0], dtype=torch.bfloat16)] + [torch.tensor([1.0], dtype=torch.bfloat16)] * 4
+    out = weighted_average(tensors, [1, 1, 1, 1, 1])
+    assert out.dtype == torch.bfloat16
+    assert out.item() == 52.0
+
+
+@pytest.mark.parametrize(
+    ("tensors", "weights", "match"),
+    [
+        ([], [], "all weights are zero"),
+        ([torch.ones(1), torch.ones(1)], [0, 0], "all weights are zero"),
+        ([torch.ones(1)], [1, 2], "1 tensors but 2 weights"),
+        ([torch.ones(1), torch.ones(1)], [2, -1], "non-negative"),
+    ],
+)
+def test_weighted_average_rejects_bad_input(tensors, weights, match):
+    with pytest.raises(ValueError, match=match):
+        weighted_average(tensors, weights)
+
+
+def test_accumulate_adds_weighted_params_in_place():
+    """sum starts [[1, 1]], [0]; += 2 * [[0.5, -1]], [3] -> [[2, -1]], [6]."""
+    running = [torch.ones(1, 2), torch.zeros(1)]
+    ids = [id(t) for t in running]
+    params = [torch.nn.Parameter(torch.tensor([[0.5, -1.0]])), torch.nn.Parameter(torch.tensor([3.0]))]
+    accumulate_(running, params, 2.0)
+    assert torch.equal(running[0], torch.tensor([[2.0, -1.0]]))
+    assert torch.equal(running[1], torch.tensor([6.0]))
+    assert [id(t) for t in running] == ids  # in place
+    assert torch.equal(params[0].detach(), torch.tensor([[0.5, -1.0]]))  # params untouched
+
+
+def test_accumulate_float16_params_into_float32_sum():
+    """2049 is not a float16 value but the float32 sum holds it: 2048 + 1 * 1 = 2049."""
+    running = [torch.tensor([2048.0])]
+    accumulate_(running, [torch.tensor([1.0], dtype=torch.float16)], 1.0)
+    assert running[0].dtype == torch.float32 and running[0].item() == 2049.0
+
+
+def test_accumulate_rejects_mismatches():
+    with pytest.raises(ValueError, match="2 sums but 1 tensors"):
+        accumulate_([torch.zeros(1), torch.zeros(1)], [torch.zeros(1)], 1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        accumulate_([torch.zeros(2)], [torch.zeros(3)], 1.0)
+
+
+def test_accumulate_empty_is_noop():
+    accumulate_([], [], 3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_accumulate_device_params_into_host_sum():
+    """Params on the GPU, sum in CPU memory: 0 + 3 * arange(4) = [0, 3, 6, 9] after the sync."""
+    running = [torch.zeros(4), torch.zeros(1 << 20)]
+    params = [torch.arange(4.0, device="cuda"), torch.ones(1 << 20, device="cuda")]
+    accumulate_(running, params, 3.0)
+    assert torch.equal(running[0], torch.tensor([0.0, 3.0, 6.0, 9.0]))
+    assert bool((running[1] == 3.0).all())
+
+
+def test_merge_weights_proportional_to_size_times_steps():
+    """n = [3, 1], s = [2, 2]: raw [6, 2] / 8 = [0.75, 0.25] (= n_k / sum n for a full round)."""
+    assert merge_weights([3, 1], [2, 2]) == [0.75, 0.25]
+
+
+def test_merge_weights_incomplete_round():
+    """n = [2, 2, 4], s = [5, 0, 1]: raw [10, 0, 4] / 14; the proxy with 0 steps gets 0."""
+    assert merge_weights([2, 2, 4], [5, 0, 1]) == [10 / 14, 0.0, 4 / 14]
+
+
+def test_merge_weights_no_steps_gives_zeros_and_empty_is_empty():
+    assert merge_weights([3, 1], [0, 0]) == [0.0, 0.0]
+    assert merge_weights([], []) == []
+
+
+def test_merge_weights_rejects_mismatches():
+    with pytest.raises(ValueError, match="2 shard sizes but 1 step counts"):
+        merge_weights([1, 2], [1])
+    with pytest.raises(ValueError, match="non-negative"):
+        merge_weights([1, 2], [1, -1])
