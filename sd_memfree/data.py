@@ -80,7 +80,9 @@ def load_image_caption_dataset(
         local = local.expanduser()
         if not local.exists():
             raise DataError(f"dataset folder {local} does not exist; check --{'train_data_dir' if dataset_name is None else 'dataset_name'}.")
-        if local.is_dir():
+        if local.is_dir() and dataset_name is None:
+            if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in local.rglob("*") if f.is_file()):
+                raise DataError(f"the dataset is empty: no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) were found in {local}; add images with a metadata.jsonl.")
             _check_local_metadata(local, image_column or "image")
     try:
         if dataset_name is not None:

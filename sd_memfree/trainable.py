@@ -1,0 +1,69 @@
+"""Which UNet parameters train (full fine-tuning or LoRA via peft) and how they are saved.
+
+Invariants:
+- ``trainable_parameters(unet)`` lists exactly the tensors the optimizer updates; these and only
+  these are what shard proxies copy and merge.
+- Outputs are native diffusers artefacts: a full pipeline folder (``from_pretrained``) or
+  ``pytorch_lora_weights.safetensors`` (``load_lora_weights``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def add_lora(unet, rank: int) -> None:
+    """Attach LoRA adapters to the attention projections, as diffusers' LoRA script does."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {rank}.")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES))
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def upcast_trainable_(module: torch.nn.Module) -> None:
+    """Keep trainable (LoRA) tensors in float32 when the frozen weights run in fp16/bf16.
+
+    Driven by accelerate's resolved mixed-precision mode (which may come from ``accelerate
+    config``), not only from the ``--mixed_precision`` flag as upstream does.
+    """
+    for p in trainable_parameters(module):
+        p.data = p.data.float()
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The LoRA tensors in diffusers' naming, as ``save_lora_weights`` expects them."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, output_dir: str | Path) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(output_dir), unet_lora_layers=lora_state_dict(unet),
+                                              safe_serialization=True)
+    return Path(output_dir) / "pytorch_lora_weights.safetensors"
+
+
+def save_full_pipeline(unet, pretrained_model_name_or_path: str, output_dir: str | Path, revision=None, variant=None,
+                       text_encoder=None, vae=None) -> Path:
+    """Save a complete pipeline folder whose UNet is ``unet`` (other parts from the base model)."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {k: v for k, v in {"text_encoder": text_encoder, "vae": vae}.items() if v is not None}
+    pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, unet=unet, revision=revision,
+                                                   variant=variant, safety_checker=None, requires_safety_checker=False,
+                                                   **kwargs)
+    pipe.save_pretrained(str(output_dir), safe_serialization=True)
+    return Path(output_dir)

@@ -1,0 +1,224 @@
+"""The training script's plain path (no shards, no AGC) on the tiny model, in-process, offline.
+
+Each test calls ``main(parse_args([...]))`` exactly as ``accelerate launch`` would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train_scripts import train_sd_ietagc as train
+
+UPSTREAM_FLAGS = """
+input_perturbation pretrained_model_name_or_path revision variant dataset_name dataset_config_name train_data_dir
+image_column caption_column max_train_samples validation_prompts output_dir cache_dir seed resolution center_crop
+random_flip train_batch_size num_train_epochs max_train_steps gradient_accumulation_steps gradient_checkpointing
+learning_rate scale_lr lr_scheduler lr_warmup_steps snr_gamma dream_training dream_detail_preservation use_8bit_adam
+allow_tf32 use_ema offload_ema foreach_ema non_ema_revision dataloader_num_workers adam_beta1 adam_beta2
+adam_weight_decay adam_epsilon max_grad_norm push_to_hub hub_token prediction_type hub_model_id logging_dir
+mixed_precision report_to local_rank checkpointing_steps checkpoints_total_limit resume_from_checkpoint
+enable_xformers_memory_efficient_attention noise_offset validation_epochs tracker_project_name
+image_interpolation_mode
+validation_prompt num_validation_images rank
+""".split()  # first block: train_text_to_image.py; last line: only in train_text_to_image_lora.py
+
+
+def base_args(model, data, out, *extra, steps=4):
+    return [
+        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
+        "--resolution=32", "--train_batch_size=2", f"--max_train_steps={steps}", "--learning_rate=1e-3",
+        "--lr_warmup_steps=0", "--seed=7", "--report_to=none", "--checkpointing_steps=1000000", *extra,
+    ]
+
+
+def run(argv):
+    return train.main(train.parse_args(argv))
+
+
+def test_help_lists_every_upstream_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    missing = [f for f in UPSTREAM_FLAGS if f"--{f}" not in text]
+    assert missing == []
+
+
+def test_upstream_defaults_kept():
+    a = train.parse_args(["--pretrained_model_name_or_path=x", "--train_data_dir=y"])
+    assert (a.resolution, a.train_batch_size, a.learning_rate, a.lr_scheduler, a.lr_warmup_steps) == (512, 16, 1e-4, "constant", 500)
+    assert (a.adam_weight_decay, a.max_grad_norm, a.checkpointing_steps, a.rank, a.validation_epochs) == (1e-2, 1.0, 500, 4, 5)
+    assert train.parse_args(["--pretrained_model_name_or_path=x", "--train_data_dir=y", "--use_lora"]).validation_epochs == 1
+
+
+def test_full_finetune_outputs_a_loadable_pipeline(tiny_model_dir, tiny_data_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "full"
+    summary = run(base_args(tiny_model_dir, tiny_data_dir, out))
+    assert summary["global_step"] == 4
+    before = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "trainable UNet weights did not change"
+    for part in ("vae", "text_encoder"):
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        b, a = load_file(tiny_model_dir / part / name), load_file(out / part / name)
+        assert all(torch.equal(b[k], a[k]) for k in b), f"frozen {part} changed"
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    img = pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (32, 32)
+    card = (out / "README.md").read_text()
+    assert "sd-memfree" in card
+    assert json.loads((out / "memfree_config.json").read_text())["num_shards"] == 1
+
+
+def test_lora_outputs_loadable_weights(tiny_model_dir, tiny_data_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora"
+    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=4"))
+    lora = load_file(out / "pytorch_lora_weights.safetensors")
+    assert lora and all(k.startswith("unet.") for k in lora)
+    assert not (out / "unet").exists(), "LoRA runs save adapters only"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
+    gen = lambda: pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="pt",  # noqa: E731
+                       generator=torch.Generator().manual_seed(0)).images
+    base_img = gen()
+    pipe.load_lora_weights(out)
+    lora_img = gen()
+    assert lora_img.shape == base_img.shape
+    # lora_B starts at zero with gaussian init; 4 steps at lr 1e-3 move it, so outputs differ.
+    assert not torch.allclose(base_img, lora_img)
+
+
+def _final_tensors(out: Path, lora: bool) -> dict:
+    return load_file(out / ("pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_equals_straight_run(tiny_model_dir, tiny_data_dir, tmp_path, lora):
+    """4 steps straight == 2 steps, stop, resume from checkpoint-2, 2 more steps (bit-identical on CPU)."""
+    extra = ["--use_lora"] if lora else []
+    straight = tmp_path / "straight"
+    run(base_args(tiny_model_dir, tiny_data_dir, straight, *extra, "--random_flip", steps=4))
+    first = tmp_path / "first"
+    run(base_args(tiny_model_dir, tiny_data_dir, first, *extra, "--random_flip", "--checkpointing_steps=2", steps=4))
+    # ``first`` ran 4 steps with a checkpoint at 2; resume a fresh output dir from that checkpoint.
+    resumed = tmp_path / "resumed"
+    run(base_args(tiny_model_dir, tiny_data_dir, resumed, *extra, "--random_flip", f"--resume_from_checkpoint={first / 'checkpoint-2'}", steps=4))
+    a, b = _final_tensors(straight, lora), _final_tensors(resumed, lora)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = _final_tensors(first, lora)
+    assert all(torch.equal(a[k], c[k]) for k in a), "writing a checkpoint must not perturb training"
+
+
+def test_checkpoints_total_limit_keeps_newest(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", "--checkpoints_total_limit=2", steps=4))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert not list(out.glob(".tmp-checkpoint-*"))
+    # resume "latest" continues from checkpoint-3 to the same final weights
+    again = run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--resume_from_checkpoint=latest", steps=4))
+    assert again["global_step"] == 4
+
+
+def test_push_to_hub_uploads_model_not_checkpoints(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    from sd_memfree import hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, exist_ok=False, **kw):
+            calls.append(("create_repo", repo_id))
+
+            class R:
+                pass
+
+            r = R()
+            r.repo_id = repo_id
+            return r
+
+        def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None, **kw):
+            calls.append(("upload", repo_id, sorted(hub.files_to_upload(folder_path, ignore_patterns))))
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    out = tmp_path / "pushed"
+    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", "--push_to_hub",
+                  "--hub_model_id=me/tiny-private", "--hub_token=tok"))
+    uploads = [c for c in calls if c[0] == "upload"]
+    assert len(uploads) == 1 and uploads[0][1] == "me/tiny-private"
+    files = uploads[0][2]
+    assert "pytorch_lora_weights.safetensors" in files and "README.md" in files and "memfree_config.json" in files
+    assert not [f for f in files if f.startswith(("checkpoint-", "logs/", ".tmp-checkpoint"))]
+    assert (out / "checkpoint-2").exists()
+
+
+# ---- bad inputs stop before training, with one line naming the fix -----------------------------
+
+def _one_line_error(capsys, argv, pattern):
+    with pytest.raises(SystemExit) as exc:
+        train.cli(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(pattern, err[-1]), err
+    return err[-1]
+
+
+def test_no_dataset_given(capsys):
+    _one_line_error(capsys, ["--pretrained_model_name_or_path=x"], r"--dataset_name .* or --train_data_dir")
+
+
+def test_missing_image_file(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    (data / "00001.png").unlink()
+    _one_line_error(capsys, base_args(tiny_model_dir, data, tmp_path / "o"), r"00001\.png.*missing.*add it or remove")
+    assert not (tmp_path / "o").exists(), "nothing is written before validation passes"
+
+
+def test_corrupt_image_file(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    (data / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    _one_line_error(capsys, base_args(tiny_model_dir, data, tmp_path / "o"), r"00002\.png.*cannot be read.*replace or remove")
+
+
+def test_missing_caption_column(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
+    _one_line_error(capsys, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "o", "--caption_column=caption"),
+                    r"--caption_column 'caption' is not a column.*image, text")
+
+
+def test_empty_dataset(capsys, tiny_model_dir, tmp_path):
+    data = tmp_path / "empty"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text("")
+    _one_line_error(capsys, base_args(tiny_model_dir, data, tmp_path / "o"), r"(empty|no images|could not load)")
+
+
+def test_model_folder_missing_or_incomplete(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
+    import shutil
+
+    _one_line_error(capsys, base_args(tmp_path / "nope", tiny_data_dir, tmp_path / "o"), r"does not exist")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    shutil.rmtree(broken / "vae")
+    _one_line_error(capsys, base_args(broken, tiny_data_dir, tmp_path / "o"), r"lacks the subfolder\(s\) vae")
+
+
+def test_resolution_the_vae_cannot_take(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
+    argv = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "o")
+    argv = [a for a in argv if not a.startswith("--resolution")] + ["--resolution=30"]
+    _one_line_error(capsys, argv, r"--resolution=30 .* multiple of 4 \(e\.g\. 28 or 32\)")

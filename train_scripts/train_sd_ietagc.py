@@ -1,0 +1,599 @@
+#!/usr/bin/env python
+"""Fine-tune Stable Diffusion (full or LoRA) with IET-AGC / IET-AGC+ memorization mitigation.
+
+A drop-in for diffusers' ``examples/text_to_image/train_text_to_image.py`` and
+``train_text_to_image_lora.py``: every flag of both keeps its name, default and meaning;
+``--use_lora`` switches to LoRA. With ``--num_shards=1`` and AGC, redistribution and augmentation
+off, this is a plain diffusers fine-tune.
+
+Every place where the method enters the loop is tagged ``# [memfree]``. Method spec:
+docs/method.md (shards, proxies, rounds, merges, AGC, loss bank, redistribution, loss-aware
+augmentation).
+
+    accelerate launch train_scripts/train_sd_ietagc.py --pretrained_model_name_or_path=... \
+        --train_data_dir=./my_images --resolution=256 --num_shards=4 --merge_every=2000 \
+        --agc_ratio=1.25 --output_dir=sd-private
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from sd_memfree.config import MemFreeConfig
+
+logger = logging.getLogger("sd_memfree.train")
+
+LOG_EVERY = 10  # optimizer steps between host syncs for logging (the step itself never syncs)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # --- upstream flags (train_text_to_image.py and train_text_to_image_lora.py) -------------
+    parser.add_argument("--input_perturbation", type=float, default=0, help="The scale of input perturbation. Recommended 0.1.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=True,
+                        help="Path to pretrained model or model identifier from huggingface.co/models.")
+    parser.add_argument("--revision", type=str, default=None, help="Revision of pretrained model identifier from huggingface.co/models.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the model files of the pretrained model identifier, e.g. fp16.")
+    parser.add_argument("--dataset_name", type=str, default=None,
+                        help="Name of a Hub dataset, or a local folder of files that datasets can read.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Dataset, leave as None if there's only one config.")
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help="A folder of training images in imagefolder layout with a metadata.jsonl of captions. Ignored if --dataset_name is given.")
+    parser.add_argument("--image_column", type=str, default="image", help="The column of the dataset containing an image.")
+    parser.add_argument("--caption_column", type=str, default="text", help="The column of the dataset containing a caption or a list of captions.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Truncate the number of training examples to this value if set.")
+    parser.add_argument("--validation_prompts", type=str, default=None, nargs="+",
+                        help="Prompts evaluated every --validation_epochs and logged to --report_to (full fine-tuning script's flag).")
+    parser.add_argument("--validation_prompt", type=str, default=None,
+                        help="A prompt sampled --num_validation_images times every --validation_epochs (LoRA script's flag).")
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Number of images generated for --validation_prompt.")
+    parser.add_argument("--validation_epochs", type=int, default=None,
+                        help="Run validation every X epochs (upstream default: 5 for full fine-tuning, 1 for LoRA).")
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the model and checkpoints are written.")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument("--resolution", type=int, default=512, help="Input images are resized to this resolution.")
+    parser.add_argument("--center_crop", default=False, action="store_true", help="Center crop instead of random crop.")
+    parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos",
+                        choices=["nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos"],
+                        help="The image interpolation method to use for resizing images.")
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size (per device, per proxy) for the training dataloader.")
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help="Total number of optimizer steps, summed over proxies. If provided, overrides num_train_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Updates steps to accumulate before an optimizer step.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet backward pass.")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warmup).")
+    parser.add_argument("--scale_lr", action="store_true", default=False,
+                        help="Scale the learning rate by the number of GPUs, gradient accumulation steps, and batch size.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant",
+                        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Number of steps for the warmup in the lr scheduler.")
+    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (https://arxiv.org/abs/2303.09556); 5.0 recommended.")
+    parser.add_argument("--dream_training", action="store_true",
+                        help="DREAM (https://arxiv.org/abs/2312.00210); accepted for compatibility, not supported with sd_memfree (error if set).")
+    parser.add_argument("--dream_detail_preservation", type=float, default=1.0, help="DREAM detail preservation factor (see --dream_training).")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="Use 8-bit AdamW from bitsandbytes.")
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet (full fine-tuning).")
+    parser.add_argument("--offload_ema", action="store_true", help="Offload the EMA model to CPU between steps.")
+    parser.add_argument("--foreach_ema", action="store_true", help="Use faster foreach EMA updates.")
+    parser.add_argument("--non_ema_revision", type=str, default=None, help="Revision of the pretrained non-EMA UNet.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main process.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer.")
+    parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Push the model (not the checkpoints) to the Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
+    parser.add_argument("--prediction_type", type=str, default=None,
+                        help="'epsilon' or 'v_prediction'; None keeps the scheduler's prediction_type.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="The Hub repository to push to (default: output_dir's name).")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log directory, relative to output_dir.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                        help="Mixed precision; defaults to the accelerate config.")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
+    parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every X optimizer steps.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to store.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='A checkpoint folder (anywhere) or "latest" (newest complete one in output_dir).')
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Whether or not to use xformers.")
+    parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune", help="project_name for Accelerator.init_trackers.")
+    parser.add_argument("--rank", type=int, default=4, help="The dimension of the LoRA update matrices (with --use_lora).")
+    # --- ours -----------------------------------------------------------------------------
+    parser.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (as train_text_to_image_lora.py) instead of the full UNet.")
+    MemFreeConfig.add_arguments(parser)
+
+    args = parser.parse_args(argv)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("no training data given: pass --dataset_name (Hub name or local folder) or --train_data_dir (imagefolder).")
+    if args.dream_training:
+        parser.error("--dream_training is not supported with sd_memfree: DREAM's extra forward pass bypasses the per-sample AGC mask; drop the flag.")
+    if args.validation_epochs is None:
+        args.validation_epochs = 1 if args.use_lora else 5
+    if args.non_ema_revision is None:
+        args.non_ema_revision = args.revision
+    try:
+        args.memfree = MemFreeConfig.from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.use_ema and args.use_lora:
+        parser.error("--use_ema applies to full fine-tuning only; drop it or --use_lora.")
+    if args.use_ema and args.memfree.sharding_enabled:
+        parser.error("--use_ema with --num_shards > 1 is not supported: merging already averages the proxies; drop --use_ema.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    return args
+
+
+def check_model_folder(path: str, subfolders=("unet", "vae", "text_encoder", "tokenizer", "scheduler")) -> None:
+    """A local model folder must exist and hold every pipeline part (Hub ids are checked by the Hub)."""
+    p = Path(path).expanduser()
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if not looks_local:
+        return
+    if not p.is_dir():
+        raise FileNotFoundError(f"--pretrained_model_name_or_path {path} does not exist; pass a diffusers model folder or a Hub id like stabilityai/stable-diffusion-2-1-base.")
+    missing = [s for s in subfolders if not (p / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model folder {path} lacks the subfolder(s) {', '.join(missing)}; point to a full diffusers Stable Diffusion folder (save it with pipe.save_pretrained).")
+
+
+def log_validation(pipeline_parts, args, accelerator, weight_dtype, step, is_final=False):
+    """Generate validation images and log them to the trackers; returns the images."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    prompts = list(args.validation_prompts or []) + [args.validation_prompt] * (args.num_validation_images if args.validation_prompt else 0)
+    if not prompts:
+        return []
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, torch_dtype=weight_dtype,
+        safety_checker=None, requires_safety_checker=False, **pipeline_parts)
+    pipe = pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed if args.seed is not None else 0)
+    images = []
+    for prompt in prompts:
+        with accelerator.autocast():
+            images.append(pipe(prompt, num_inference_steps=20, generator=generator, height=args.resolution, width=args.resolution).images[0])
+    phase = "test" if is_final else "validation"
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(phase, np.stack([np.asarray(img) for img in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({phase: [wandb.Image(img, caption=f"{i}: {p}") for i, (img, p) in enumerate(zip(images, prompts))]})
+    del pipe
+    return images
+
+
+def main(args) -> dict:
+    """Train; returns a summary dict (steps, merges, skip statistics, output paths)."""
+    import datasets
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sd_memfree import checkpointing, hub
+    from sd_memfree.agc import LossBank, SkipStats
+    from sd_memfree.data import (IndexedCaptionDataset, ShardBatchSampler, build_image_transforms, check_resolution,
+                                 collate, load_image_caption_dataset)
+    from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
+    from sd_memfree.proxies import ProxySet, schedule_position
+    from sd_memfree.shards import ShardAssignment
+    from sd_memfree.state import Counters, TrainableWeights, load_process_state, save_process_state
+    from sd_memfree.trainable import (add_lora, save_full_pipeline, save_lora, trainable_parameters,
+                                      upcast_trainable_)
+
+    mf: MemFreeConfig = args.memfree
+    output_dir = Path(args.output_dir)
+    logging_dir = output_dir / args.logging_dir
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+    )
+    log = get_logger("sd_memfree.train")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        for lib in (datasets, transformers, diffusers):
+            lib.utils.logging.set_verbosity_error()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    K = mf.num_shards
+    # [memfree] With several shards, proxies are independent between merges: each process trains
+    # its own proxies (no per-step gradient all-reduce), and a merge is one all-reduce.
+    proxies_spread = K > 1 and world > 1
+    if K > 1 and (world > K or K % world != 0):
+        raise ValueError(f"--num_shards={K} cannot be spread over {world} processes: use a multiple of {world} shards "
+                         f"({', '.join(str(world * i) for i in range(1, 4))}, ...) or launch a number of processes that divides {K}.")
+    if args.seed is not None:
+        set_seed(args.seed)
+    seed = args.seed if args.seed is not None else 0
+
+    # ---- Validate everything a user can get wrong, before any model loads ----------------------
+    check_model_folder(args.pretrained_model_name_or_path)
+    unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision)
+    vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+    check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1), 2 ** (len(unet_config["block_out_channels"]) - 1))
+    with accelerator.main_process_first():
+        dataset, image_column, caption_column = load_image_caption_dataset(
+            dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
+            cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
+            max_train_samples=args.max_train_samples, seed=args.seed)
+    num_samples = len(dataset)
+    assignment = ShardAssignment(num_samples, K, seed)  # [memfree] raises if K > num_samples
+    resume_dir = checkpointing.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume_dir is not None:
+        saved_cfg = resume_dir / "memfree_config.json"
+        if saved_cfg.exists():
+            MemFreeConfig.load_json(saved_cfg).check_compatible(mf)
+        saved_args = json.loads((resume_dir / "train_args.json").read_text()) if (resume_dir / "train_args.json").exists() else {}
+        if saved_args and bool(saved_args.get("use_lora")) != bool(args.use_lora):
+            raise ValueError(f"checkpoint {resume_dir} was written {'with' if saved_args.get('use_lora') else 'without'} --use_lora; resume with the same setting.")
+    elif args.resume_from_checkpoint:
+        log.info(f"--resume_from_checkpoint={args.resume_from_checkpoint}: no complete checkpoint yet, starting a new run.")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- Models -----------------------------------------------------------------------------------
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision)
+    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant)
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision, variant=args.variant)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if args.use_lora:
+        unet.to(accelerator.device, dtype=weight_dtype)  # frozen base in half precision, as upstream
+        add_lora(unet, args.rank)
+        if accelerator.mixed_precision in ("fp16", "bf16"):
+            upcast_trainable_(unet)
+    else:
+        unet.train()
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    ema_unet = None
+    if args.use_ema:
+        ema_unet = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config, foreach=args.foreach_ema)
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ValueError("xformers is not available: pip install 'sd-memfree[xformers]' or drop --enable_xformers_memory_efficient_attention.")
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- Optimizer, budget, schedule ----------------------------------------------------------
+    # [memfree] Each process trains len(local) proxies; data-parallel only without shards.
+    local = [k for k in range(K) if k % world == rank] if proxies_spread else list(range(K))
+    data_world, data_rank = (1, 0) if proxies_spread else (world, rank)
+    if args.scale_lr:
+        args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * world
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    params = trainable_parameters(unet)
+    optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    samples_per_step = args.train_batch_size * data_world * args.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(num_samples / samples_per_step))
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    total_steps = args.max_train_steps  # [memfree] summed over proxies
+    step_unit = world if proxies_spread else 1  # optimizer steps of all processes per local step
+    local_max_steps = math.ceil(total_steps / step_unit)
+    # [memfree] Every proxy has its own LR schedule position: its schedule spans its own steps.
+    per_proxy_steps = math.ceil(total_steps / K) if mf.proxy_optimizer_state == "per_proxy" else local_max_steps
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=per_proxy_steps)
+
+    # ---- Data ---------------------------------------------------------------------------------------
+    strengths = augment = None
+    if mf.loss_aware_augmentation:  # [memfree] per-sample strengths in shared memory, read by the data workers
+        from sd_memfree.augment import AugmentationStrengths, LossAwareAugment, augmentation_strength
+
+        strengths = AugmentationStrengths(num_samples)
+        augment = LossAwareAugment(strengths, max_magnitude=mf.augment_max_magnitude)
+    geometric, to_tensor = build_image_transforms(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
+    train_dataset = IndexedCaptionDataset(dataset, image_column, caption_column, tokenizer, geometric, to_tensor, augment=augment)
+    H = mf.merge_every
+    gas = args.gradient_accumulation_steps
+
+    def shard_at(micro_step: int) -> int:  # [memfree] which shard feeds this micro-step
+        if K == 1:
+            return 0
+        i, _, _ = schedule_position(micro_step // gas, H, len(local))
+        return local[i]
+
+    sampler = ShardBatchSampler([assignment.members(k) for k in range(K)], args.train_batch_size, seed, shard_at,
+                                data_rank=data_rank, data_world=data_world)
+    loader = DataLoader(train_dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
+                        generator=torch.Generator().manual_seed(seed))  # own generator: the global RNG stays untouched
+
+    # ---- Method components ([memfree]) ----------------------------------------------------------
+    banks = [LossBank(noise_scheduler.config.num_train_timesteps, ratio=mf.agc_ratio, ema=mf.agc_ema, device=accelerator.device) for _ in range(K)] if mf.agc_enabled else []
+    skip_stats = SkipStats(noise_scheduler.config.num_train_timesteps, num_proxies=K, device=accelerator.device) if mf.agc_enabled else None
+    if mf.agc_enabled:
+        assignment.to(accelerator.device)
+    proxies = None
+    if K > 1:
+        proxies = ProxySet(params, K, assignment.sizes(), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                           optimizer_state=mf.proxy_optimizer_state,
+                           storage_device="cpu" if not args.use_lora else accelerator.device,
+                           rank=rank if proxies_spread else 0, world_size=world if proxies_spread else 1)
+
+    # Without shards, accelerate wraps the UNet as upstream (DDP over processes). With shards the
+    # UNet stays unwrapped: proxies never all-reduce gradients.
+    if K == 1:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    else:
+        unet.to(accelerator.device)
+        optimizer = accelerator.prepare(optimizer)
+    if ema_unet is not None:
+        ema_unet.to("cpu" if args.offload_ema else accelerator.device)
+
+    counters = Counters(global_step=0, micro_step=0, sampler_origin=0, turn_steps=0)
+    stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+                "counters": counters, "assignment": assignment, "proxies": proxies, "ema": ema_unet, "strengths": strengths,
+                "scaler": accelerator.scaler}
+    for k, bank in enumerate(banks):
+        stateful[f"loss_bank_{k}"] = bank
+
+    if resume_dir is not None:
+        load_process_state(resume_dir, rank, world, stateful)
+        sampler.set_members([assignment.members(k) for k in range(K)], counters.sampler_origin)
+        log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        mf.save_json(output_dir / "memfree_config.json")
+
+    log.info(f"***** Running training: {num_samples} samples, {K} shard(s), {total_steps} optimizer steps (summed over proxies), "
+             f"batch {args.train_batch_size} per process x {data_world} x accumulation {gas} *****")
+    progress = tqdm(range(total_steps), initial=counters.global_step * step_unit, desc="Steps", disable=not accelerator.is_local_main_process)
+
+    def run_state_files(folder: Path) -> None:
+        save_process_state(folder, rank, world, stateful)
+        if accelerator.is_main_process:
+            mf.save_json(folder / "memfree_config.json")
+            (folder / "train_args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, indent=2))
+
+    def save_checkpoint() -> None:
+        step = counters.global_step * step_unit
+        with checkpointing.atomic_checkpoint_dir(output_dir, step, is_main_process=accelerator.is_main_process,
+                                                 wait_for_everyone=accelerator.wait_for_everyone) as tmp:
+            run_state_files(tmp)
+        if accelerator.is_main_process:
+            checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=output_dir / f"{checkpointing.CHECKPOINT_PREFIX}{step}")
+        log.info(f"Saved checkpoint-{step}")
+
+    def current_proxy() -> int:
+        return shard_at(counters.micro_step)
+
+    if proxies is not None and proxies.live != current_proxy():
+        proxies.begin_turn(current_proxy())
+    sampler.start = counters.micro_step
+    data_iter = iter(loader)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_count = 0
+    unet.train()
+    while counters.global_step < local_max_steps:
+        batch = next(data_iter)
+        k = current_proxy()
+        with accelerator.accumulate(unet):
+            pixel_values = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype, non_blocking=True)
+            input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
+            sample_ids = batch["sample_ids"].to(accelerator.device, non_blocking=True)
+            with torch.no_grad():
+                latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+            noise = torch.randn_like(latents)
+            if args.noise_offset:
+                noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
+            if args.input_perturbation:
+                new_noise = noise + args.input_perturbation * torch.randn_like(noise)
+            bsz = latents.shape[0]
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+            noisy_latents = noise_scheduler.add_noise(latents, new_noise if args.input_perturbation else noise, timesteps)
+            if args.prediction_type is not None:
+                noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+            if noise_scheduler.config.prediction_type == "epsilon":
+                target = noise
+            elif noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+            with accelerator.autocast():
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            losses = per_sample_loss(model_pred, target)  # [B], before any SNR weighting
+            weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, noise_scheduler.config.prediction_type) if args.snr_gamma is not None else None
+            keep = None
+            if banks:  # [memfree] AGC: skip abnormally low losses for their timestep, then update the bank
+                detached = losses.detach()
+                keep = banks[k].keep_mask(detached, timesteps)
+                if strengths is not None:  # [memfree] loss-aware augmentation strength for the next draw
+                    strengths.update(sample_ids, augmentation_strength(detached, timesteps, banks[k].bank, mf.agc_ratio, mf.augment_alpha), keep)
+                banks[k].update(detached, timesteps)
+                skip_stats.update(keep, timesteps, k)
+                assignment.record_skips(sample_ids, keep)
+            loss = masked_mean(losses, keep, weights)
+            loss_sum += loss.detach()
+            loss_count += 1
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)  # a list: really clips (upstream passes an exhausted iterator for LoRA)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        counters.micro_step += 1
+        if not accelerator.sync_gradients:
+            continue
+
+        # ---- after each optimizer step ----
+        lr_scheduler.step()
+        if ema_unet is not None:
+            if args.offload_ema:
+                ema_unet.to(accelerator.device, non_blocking=True)
+            ema_unet.step(unet.parameters())
+            if args.offload_ema:
+                ema_unet.to("cpu", non_blocking=True)
+        counters.global_step += 1
+        counters.turn_steps += 1
+        progress.update(step_unit)
+        reload_data = False
+        if K > 1:
+            _, round_idx, step_in_turn = schedule_position(counters.global_step, H, len(local))
+            turn_done = step_in_turn == 0
+            round_done = turn_done and counters.global_step % (H * len(local)) == 0
+            if turn_done:  # [memfree] the live proxy has taken H steps: bank its weights, restart from merged
+                proxies.end_turn(counters.turn_steps)
+                counters.turn_steps = 0
+                if round_done:
+                    info = proxies.merge()  # [memfree] one all-reduce across processes
+                    accelerator.log({**info, **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
+                if counters.global_step < local_max_steps:
+                    proxies.begin_turn(current_proxy())
+            if mf.redistribution_enabled:  # [memfree] IET-AGC+ redistribution on its schedule
+                round_len = H * len(local)
+                pos = counters.global_step % round_len
+                due = (pos == round_len // 2) if mf.redistribute_at == "mid_round" else (pos == 0)
+                if due and counters.global_step < local_max_steps:
+                    counts = assignment.skip_counts.clone()
+                    if world > 1:
+                        torch.distributed.all_reduce(counts)
+                    moves = assignment.redistribute(mf.redistribute_fraction, counters.global_step * step_unit, counts=counts)
+                    proxies.shard_sizes = assignment.sizes()
+                    sampler.set_members([assignment.members(j) for j in range(K)], counters.micro_step)
+                    counters.sampler_origin = counters.micro_step
+                    reload_data = True
+                    accelerator.log({"redistribution/moved": sum(len(m["sample_ids"]) for m in moves),
+                                     **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
+        if strengths is not None:
+            strengths.flush()
+        if counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps:
+            logs = {"train_loss": (loss_sum / max(1, loss_count)).item(), "lr": lr_scheduler.get_last_lr()[0]}
+            loss_sum.zero_()
+            loss_count = 0
+            if skip_stats is not None:
+                logs.update(skip_stats.summary())
+            if strengths is not None:
+                logs["augment/mean_strength"] = strengths.mean()
+            accelerator.log(logs, step=counters.global_step * step_unit)
+            postfix = {"loss": f"{logs['train_loss']:.4f}"}
+            if K > 1:
+                postfix.update(proxy=current_proxy() if counters.global_step < local_max_steps else "-", round=counters.global_step // (H * len(local)))
+            if "agc/skip_rate" in logs:
+                postfix["skip"] = f"{logs['agc/skip_rate']:.2f}"
+            progress.set_postfix(**postfix)
+        if counters.global_step % args.checkpointing_steps == 0 and counters.global_step < local_max_steps:
+            save_checkpoint()
+        if reload_data:  # membership changed: prefetched batches of the old shards are dropped
+            sampler.start = counters.micro_step
+            data_iter = iter(loader)
+        if accelerator.is_main_process and (args.validation_prompts or args.validation_prompt) and counters.global_step < local_max_steps \
+                and (counters.global_step % (steps_per_epoch * args.validation_epochs) == 0):
+            parts = {"unet": accelerator.unwrap_model(unet), "text_encoder": text_encoder, "vae": vae}
+            log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit)
+    progress.close()
+
+    # ---- Final merge and save --------------------------------------------------------------------
+    if proxies is not None:
+        if counters.global_step % (H * len(local)) != 0:  # [memfree] final merge of an incomplete round
+            if counters.turn_steps > 0:
+                proxies.end_turn(counters.turn_steps)  # weights by steps actually taken
+                counters.turn_steps = 0
+            proxies.merge()
+    accelerator.wait_for_everyone()
+    summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir)}
+    if skip_stats is not None:
+        summary.update(skip_stats.summary())
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        if args.use_lora:
+            save_lora(final_unet, output_dir)
+        else:
+            if ema_unet is not None:
+                ema_unet.copy_to(final_unet.parameters())
+            save_full_pipeline(final_unet, args.pretrained_model_name_or_path, output_dir, revision=args.revision, variant=args.variant)
+        state = {"num_samples": num_samples, "global_step": counters.global_step * step_unit, **assignment.summary()}
+        state["num_merges"] = proxies.num_merges if proxies is not None else 0
+        tmp = output_dir / "memfree_state.json.partial"
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, output_dir / "memfree_state.json")
+        summary.update(state)
+        images = []
+        if args.validation_prompts or args.validation_prompt:
+            parts = {"unet": final_unet} if not args.use_lora else {}
+            if args.use_lora:
+                # validation with the LoRA weights just saved, loaded the way users load them
+                from diffusers import StableDiffusionPipeline
+
+                pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False, torch_dtype=weight_dtype)
+                pipe.load_lora_weights(str(output_dir))
+                parts = {"unet": pipe.unet}
+            images = log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit, is_final=True)
+        repo_id = args.hub_model_id or output_dir.name
+        hub.write_model_card(output_dir, repo_id=repo_id, base_model=args.pretrained_model_name_or_path, method_config=mf.to_dict(),
+                             training_args={k: getattr(args, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "resolution", "mixed_precision", "gradient_accumulation_steps", "seed")},
+                             is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir)
+        if args.push_to_hub:
+            summary["hub_repo"] = hub.push_to_hub(output_dir, repo_id, token=args.hub_token)
+    accelerator.end_training()
+    return summary
+
+
+def cli(argv=None) -> None:
+    """Command-line entry: one-line errors for bad input instead of tracebacks."""
+    from sd_memfree.data import DataError
+
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()
