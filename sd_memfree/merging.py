@@ -122,7 +122,9 @@ def merge_weights(shard_sizes: Sequence[int], steps_taken: Sequence[int]) -> lis
     if len(shard_sizes) != len(steps_taken):
         raise ValueError(f"merge_weights got {len(shard_sizes)} shard sizes but {len(steps_taken)} step counts.")
     if any(n < 0 for n in shard_sizes) or any(s < 0 for s in steps_taken):
-        raise ValueError(f"merge_weights needs non-negative values, got {list(shard_sizes)} and {list(steps_taken)}.")
+        raise ValueError(
+            f"merge_weights needs non-negative values, got {list(shard_sizes)} and {list(steps_taken)}."
+        )
     raw = [n * s for n, s in zip(shard_sizes, steps_taken)]
     total = sum(raw)
     if total == 0:

@@ -73,7 +73,10 @@ def _check_spread(num_proxies: int, world_size: int) -> None:
     if num_proxies >= world_size and num_proxies % world_size == 0:
         return
     divisors = [str(w) for w in range(1, num_proxies + 1) if num_proxies % w == 0]
-    processes = "1 process" if len(divisors) == 1 else ", ".join(divisors[:-1]) + " or " + divisors[-1] + " processes"
+    if len(divisors) == 1:
+        processes = "1 process"
+    else:
+        processes = ", ".join(divisors[:-1]) + " or " + divisors[-1] + " processes"
     multiples = ", ".join(str(world_size * m) for m in (1, 2, 3))
     raise ValueError(
         f"--num_shards={num_proxies} cannot be spread over {world_size} processes: use a multiple of "
@@ -200,7 +203,9 @@ class ProxySet:
         Parameters are not touched: they already hold ``merged``, which every turn starts from.
         """
         if k not in self.local_proxies:
-            raise ValueError(f"proxy {k} is not trained by process {self.rank} (its proxies: {self.local_proxies}).")
+            raise ValueError(
+                f"proxy {k} is not trained by process {self.rank} (its proxies: {self.local_proxies})."
+            )
         if k == self._live:
             return
         if self.optimizer_state == "per_proxy" and self.optimizer is not None:
@@ -269,6 +274,11 @@ class ProxySet:
         Ownership: the optimizer and LR scheduler objects hold the *live* proxy's state and are
         checkpointed by their owner (accelerate); this holds the *other* proxies' stashed states,
         ``merged``, the running sum and the round's bookkeeping. The live params are the model's.
+
+        With several processes each process has its own state (its proxies, its partial sum):
+        each must save and load its own (accelerate's ``save_state`` writes registered objects,
+        the model and the optimizer from the main process only), and ``load_state_dict`` refuses
+        a state saved by another rank.
         """
         return {
             "num_proxies": self.num_proxies,
@@ -303,7 +313,8 @@ class ProxySet:
                 )
         if state["merged"].numel() != self._numel:
             raise ValueError(
-                f"ProxySet state holds {state['merged'].numel()} trainable values but this run trains {self._numel}."
+                f"ProxySet state holds {state['merged'].numel()} trainable values "
+                f"but this run trains {self._numel}."
             )
         self.shard_sizes = state["shard_sizes"]
         self._merged_flat.copy_(state["merged"])

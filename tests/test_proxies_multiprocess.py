@@ -11,12 +11,11 @@ them in proxy order (((w0 + w1) + w2) + w3), so the last bits can differ.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-
-import pytest
 
 from sd_memfree.proxies import ProxySet
 
@@ -70,7 +69,8 @@ def _worker(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
         params, total_weights = _run(rank, world_size)
     finally:
         dist.all_reduce = original
-    torch.save({"params": params, "total_weights": total_weights, "all_reduce_calls": calls}, f"{out_dir}/{rank}.pt")
+    result = {"params": params, "total_weights": total_weights, "all_reduce_calls": calls}
+    torch.save(result, f"{out_dir}/{rank}.pt")
     dist.destroy_process_group()
 
 
