@@ -1,0 +1,143 @@
+"""Scorer outputs: ``metrics.json``, a self-contained ``report.html`` and a model-card snippet.
+
+Invariants:
+- ``report.html`` has no external references: the histogram and every thumbnail are base64
+  ``data:`` URIs, so the folder (or the file alone) can be moved, mailed or opened offline.
+- ``metrics.json`` is plain JSON (floats, ints, strings, lists, dicts), the same numbers as the
+  HTML table and the snippet.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+THUMB = 192
+
+
+def png_data_uri(image: Image.Image, size: int = THUMB) -> str:
+    """A PIL image as a ``data:image/png;base64,...`` URI, fit into ``size`` x ``size``."""
+    im = image.convert("RGB")
+    im.thumbnail((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def histogram_png(gen_sim: torch.Tensor, train_sim: torch.Tensor | None, threshold: float) -> bytes:
+    """Histogram of gen-vs-train against the train-vs-train background, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    bins = torch.linspace(-0.2, 1.0, 61).numpy()
+    ax.hist(gen_sim.clamp(-0.2, 1.0).numpy(), bins=bins, alpha=0.6, density=True, label=f"generated vs train (n={gen_sim.numel()})")
+    if train_sim is not None:
+        ax.hist(train_sim.clamp(-0.2, 1.0).numpy(), bins=bins, alpha=0.6, density=True, label=f"train vs train (n={train_sim.numel()})")
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_xlabel("max SSCD cosine similarity to the training set")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _table(rows: dict) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows.items())
+    return f"<table>{body}</table>"
+
+
+def write_html(
+    path: str | Path,
+    metrics: dict,
+    gen_sim: torch.Tensor,
+    train_sim: torch.Tensor | None,
+    pairs: Sequence[dict],
+    pair_images: Sequence[tuple[Image.Image, Image.Image]],
+) -> Path:
+    """Write ``report.html``: metric tables, the histogram, the most similar pairs with scores.
+
+    Args:
+        pairs: ``top_matches`` rows (plus ``prompt``), most similar first.
+        pair_images: ``(generated, training)`` PIL images, one per row of ``pairs``.
+    """
+    hist = base64.b64encode(histogram_png(gen_sim, train_sim, metrics["threshold"])).decode()
+    sections = [f"<h2>Generated vs training (SSCD, preprocess <code>{html.escape(metrics['preprocess'])}</code>)</h2>", _table(metrics["gen_vs_train"])]
+    if metrics.get("train_vs_train"):
+        sections += ["<h2>Background: train vs train (nearest other image)</h2>", _table(metrics["train_vs_train"])]
+    quality = {k: metrics[k] for k in ("clip_score", "fid") if metrics.get(k) is not None}
+    if quality:
+        sections += ["<h2>Quality</h2>", _table(quality)]
+    if metrics.get("pixel"):
+        sections += ["<h2>Pixel space</h2>", _table(metrics["pixel"])]
+    sections += ["<h2>Run</h2>", _table(metrics["run"])]
+    sections.append(f'<h2>Similarity histogram</h2><img class="hist" alt="similarity histogram" src="data:image/png;base64,{hist}">')
+    cells = []
+    for p, (g, t) in zip(pairs, pair_images):
+        cells.append(
+            '<figure class="pair">'
+            f'<div><img alt="generated {p["generated"]}" src="{png_data_uri(g)}"><img alt="training {p["train"]}" src="{png_data_uri(t)}"></div>'
+            f'<figcaption><b>{p["similarity"]:.3f}</b> generated #{p["generated"]} vs training #{p["train"]}<br>'
+            f'{html.escape(p.get("prompt", ""))}</figcaption></figure>'
+        )
+    sections.append(f"<h2>Most similar pairs (generated | training)</h2><div class=\"grid\">{''.join(cells)}</div>")
+    doc = (
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>sd-memfree memorization report</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin-bottom:1em}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}.grid{display:flex;flex-wrap:wrap;gap:12px}"
+        f".pair{{margin:0;width:{2 * THUMB + 8}px}}.pair img{{width:{THUMB}px;height:{THUMB}px;object-fit:contain;background:#eee;margin-right:4px}}"
+        "figcaption{font-size:12px}</style></head><body><h1>Memorization report</h1>"
+        + "".join(sections)
+        + "</body></html>"
+    )
+    path = Path(path)
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+def write_metrics_json(path: str | Path, metrics: dict) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def model_card_snippet(metrics: dict) -> str:
+    """Markdown the training script's model card can include verbatim."""
+    g = metrics["gen_vs_train"]
+    t = metrics.get("train_vs_train") or {}
+    frac = next(k for k in g if k.startswith("frac_gt_"))
+    lines = [
+        "## Memorization",
+        "",
+        f"Measured with sd-memfree's scorer: {g['count']} generations from training captions (seed {metrics['run']['seed']}), "
+        f"SSCD `{metrics['run']['sscd_model']}` with `{metrics['preprocess']}` preprocessing; similarity is the max cosine "
+        "similarity of a generation to any training image.",
+        "",
+        "| metric | generated vs train | train vs train |",
+        "|---|---|---|",
+    ]
+    for key in ("mean", "sim_75pc", "sim_90pc", "sim_95pc", frac):
+        other = f"{t[key]:.4f}" if key in t else "-"
+        lines.append(f"| {key} | {g[key]:.4f} | {other} |")
+    if metrics.get("clip_score") is not None:
+        lines.append(f"| CLIP score ({metrics['run']['clip_model']}) | {metrics['clip_score']:.4f} | - |")
+    if metrics.get("fid") is not None:
+        lines.append(f"| FID vs training images | {metrics['fid']:.2f} | - |")
+    lines += ["", "`sim_95pc` is the headline similarity score (lower is less memorization).", ""]
+    return "\n".join(lines)
