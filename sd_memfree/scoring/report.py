@@ -126,7 +126,7 @@ def model_card_snippet(metrics: dict) -> str:
         "## Memorization",
         "",
         f"Measured with sd-memfree's scorer: {g['count']} generations from training captions (seed {metrics['run']['seed']}), "
-        f"SSCD `{metrics['run']['sscd_model']}` with `{metrics['preprocess']}` preprocessing; similarity is the max cosine "
+        f"SSCD `{Path(metrics['run']['sscd_model']).name}` with `{metrics['preprocess']}` preprocessing; similarity is the max cosine "
         "similarity of a generation to any training image.",
         "",
         "| metric | generated vs train | train vs train |",
