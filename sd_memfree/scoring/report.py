@@ -86,7 +86,6 @@ def write_html(
         sections += ["<h2>Quality</h2>", _table(quality)]
     if metrics.get("pixel"):
         sections += ["<h2>Pixel space</h2>", _table(metrics["pixel"])]
-    sections += ["<h2>Run</h2>", _table(metrics["run"])]
     sections.append(f'<h2>Similarity histogram</h2><img class="hist" alt="similarity histogram" src="data:image/png;base64,{hist}">')
     cells = []
     for p, (g, t) in zip(pairs, pair_images):
@@ -97,6 +96,7 @@ def write_html(
             f'{html.escape(p.get("prompt", ""))}</figcaption></figure>'
         )
     sections.append(f"<h2>Most similar pairs (generated | training)</h2><div class=\"grid\">{''.join(cells)}</div>")
+    sections += ["<h2>Run</h2>", _table(metrics["run"])]
     doc = (
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>sd-memfree memorization report</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin-bottom:1em}"
