@@ -5,7 +5,7 @@ Invariants:
 - ``load_image_caption_dataset`` either returns a non-empty dataset whose image column decodes
   and whose caption column exists, or raises ``DataError`` with one line naming the fix, before
   any model is loaded.
-- ``ShardBatchSampler`` is a pure function of (members, seed, schedule, origin, micro-step): the
+- ``ShardBatchSampler`` is a pure function of (members, generation, seed, schedule, origin, micro-step): the
   batch drawn at micro-step ``m`` never depends on how many batches were prefetched, whether the
   run was resumed, or ``--dataloader_num_workers``. Each element carries its own augmentation
   seed, so random crops/flips/RandAugment are reproducible across resumes and workers too.
@@ -216,15 +216,18 @@ def collate(examples: Sequence[dict]) -> dict:
     }
 
 
-def _aug_seed(seed: int, micro_step: int, slot: int) -> int:
-    return (seed * 1_000_003 + micro_step * 4099 + slot) % (2**31 - 1)
+def _aug_seed(seed: int, shard: int, generation: int, position: int) -> int:
+    """Seed of the item at ``position`` of a shard's stream: independent of which process or
+    micro-step draws it, so one process taking turns and several processes training proxies
+    concurrently see identical items."""
+    return (seed * 1_000_003 + shard * 7_919_993 + generation * 104_729 + position) % (2**31 - 1)
 
 
 class ShardBatchSampler:
     """Micro-batches for every micro-step, each drawn from the shard that the schedule names.
 
     Each shard is an endless stream of epochs; epoch ``e`` of shard ``k`` is a permutation of its
-    current members seeded by ``(seed, k, e, origin)``. Batches may straddle epochs, so every
+    current members seeded by ``(seed, k, e, generation)``. Batches may straddle epochs, so every
     micro-batch is full (constant shapes, no tail batch). The global micro-batch is
     ``batch_size * data_world`` samples; this process takes its slice ``data_rank``, which is how
     plain data-parallel training (one shard, several processes) splits the data.
@@ -247,12 +250,15 @@ class ShardBatchSampler:
         self.set_members(members, origin)
         self.start = start
 
-    def set_members(self, members: list[list[int]], origin: int) -> None:
+    def set_members(self, members: list[list[int]], origin: int, generation: int = 0) -> None:
+        """New membership from micro-step ``origin`` on; ``generation`` counts redistributions
+        and seeds the new streams (the same on every process, unlike micro-step counts)."""
         self.members = [sorted(int(i) for i in m) for m in members]
         self.origin = origin
+        self.generation = generation
 
     def _permutation(self, shard: int, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed((self.seed * 7919 + shard * 104_729 + epoch * 1_299_709 + self.origin) % (2**63))
+        g = torch.Generator().manual_seed((self.seed * 7919 + shard * 104_729 + epoch * 1_299_709 + self.generation * 15_485_863) % (2**63))
         m = self.members[shard]
         return [m[i] for i in torch.randperm(len(m), generator=g).tolist()]
 
@@ -276,7 +282,7 @@ class ShardBatchSampler:
                 if (k, epoch) not in perms:
                     perms = {key: v for key, v in perms.items() if key[1] >= epoch - 1}
                     perms[(k, epoch)] = self._permutation(k, epoch)
-                batch.append((perms[(k, epoch)][idx], _aug_seed(self.seed, m, self.data_rank * self.batch_size + slot)))
+                batch.append((perms[(k, epoch)][idx], _aug_seed(self.seed, k, self.generation, pos + slot)))
             consumed[k] += self.batch_size * self.data_world
             yield batch
             m += 1

@@ -82,7 +82,10 @@ def accumulate_(running_sum: list[Tensor], params: list[Tensor], weight: float) 
             param = param.detach()
             if param.device == acc.device or acc.device.type != "cpu":
                 # Same device, or host-to-device: ordered on the device stream, no wait needed.
-                acc.add_(param.to(acc.device, non_blocking=True), alpha=weight)
+                # Round weight * param on its own before adding (no fused multiply-add), so the
+                # sum equals the all-reduce of per-process terms: one process taking turns and
+                # one process per proxy then merge to bit-identical weights.
+                acc.add_(param.to(acc.device, non_blocking=True).float() * weight)
                 continue
             staged.append((acc, param.to(acc.device, non_blocking=True), param.device))
             staged_bytes += param.numel() * param.element_size()
@@ -98,7 +101,7 @@ def _add_staged(staged: list[tuple[Tensor, Tensor, torch.device]], weight: float
     for source in {source for _, _, source in staged}:
         torch.accelerator.synchronize(source)
     for acc, host_copy, _ in staged:
-        acc.add_(host_copy, alpha=weight)
+        acc.add_(host_copy.float() * weight)  # unfused, as above
 
 
 def merge_weights(shard_sizes: Sequence[int], steps_taken: Sequence[int]) -> list[float]:

@@ -119,3 +119,26 @@ class Counters:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.values.update(state)
+
+
+class ProxyGenerators:
+    """One RNG stream per proxy for VAE sampling, noise and timesteps.
+
+    Why: a proxy must draw the same noise whether it takes turns with others in one process or
+    trains alone on its own process, so the stream belongs to the proxy, not to the process.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __getitem__(self, k: int) -> torch.Generator:
+        return self.generators[k]
+
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        return {"states": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
+        if len(state["states"]) != len(self.generators):
+            raise ValueError("checkpoint has RNG streams for another number of proxies; resume with the same --num_shards.")
+        for g, st in zip(self.generators, state["states"]):
+            g.set_state(st)

@@ -207,7 +207,7 @@ def main(args) -> dict:
     from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
     from sd_memfree.proxies import ProxySet, schedule_position
     from sd_memfree.shards import ShardAssignment
-    from sd_memfree.state import Counters, TrainableWeights, load_process_state, save_process_state
+    from sd_memfree.state import Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state
     from sd_memfree.trainable import (add_lora, save_full_pipeline, save_lora, trainable_parameters,
                                       upcast_trainable_)
 
@@ -374,16 +374,19 @@ def main(args) -> dict:
     if ema_unet is not None:
         ema_unet.to("cpu" if args.offload_ema else accelerator.device)
 
-    counters = Counters(global_step=0, micro_step=0, sampler_origin=0, turn_steps=0)
+    # [memfree] RNG streams belong to proxies (see ProxyGenerators); without shards each process
+    # gets its own stream so data-parallel processes draw different noise.
+    rng = ProxyGenerators([seed * 1000 + k for k in range(K)] if K > 1 else [seed * 1000 + rank], device=accelerator.device)
+    counters = Counters(global_step=0, micro_step=0, sampler_origin=0, turn_steps=0, redistributions=0)
     stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                "counters": counters, "assignment": assignment, "proxies": proxies, "ema": ema_unet, "strengths": strengths,
+                "counters": counters, "rng": rng, "assignment": assignment, "proxies": proxies, "ema": ema_unet, "strengths": strengths,
                 "scaler": accelerator.scaler}
     for k, bank in enumerate(banks):
         stateful[f"loss_bank_{k}"] = bank
 
     if resume_dir is not None:
         load_process_state(resume_dir, rank, world, stateful)
-        sampler.set_members([assignment.members(k) for k in range(K)], counters.sampler_origin)
+        sampler.set_members([assignment.members(k) for k in range(K)], counters.sampler_origin, counters.redistributions)
         log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
 
     if accelerator.is_main_process:
@@ -422,20 +425,21 @@ def main(args) -> dict:
     while counters.global_step < local_max_steps:
         batch = next(data_iter)
         k = current_proxy()
+        g = rng[k if K > 1 else 0]
         with accelerator.accumulate(unet):
             pixel_values = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype, non_blocking=True)
             input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
             sample_ids = batch["sample_ids"].to(accelerator.device, non_blocking=True)
             with torch.no_grad():
-                latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+                latents = vae.encode(pixel_values).latent_dist.sample(generator=g) * vae.config.scaling_factor
                 encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-            noise = torch.randn_like(latents)
+            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
             if args.noise_offset:
-                noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
+                noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g, device=latents.device, dtype=latents.dtype)
             if args.input_perturbation:
-                new_noise = noise + args.input_perturbation * torch.randn_like(noise)
+                new_noise = noise + args.input_perturbation * torch.randn(noise.shape, generator=g, device=noise.device, dtype=noise.dtype)
             bsz = latents.shape[0]
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g, device=latents.device).long()
             noisy_latents = noise_scheduler.add_noise(latents, new_noise if args.input_perturbation else noise, timesteps)
             if args.prediction_type is not None:
                 noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -500,12 +504,19 @@ def main(args) -> dict:
                 due = (pos == round_len // 2) if mf.redistribute_at == "mid_round" else (pos == 0)
                 if due and counters.global_step < local_max_steps:
                     counts = assignment.skip_counts.clone()
-                    if world > 1:
+                    if proxies_spread:  # every process decides from the same global counts
                         torch.distributed.all_reduce(counts)
+                        if strengths is not None:  # each sample's strength comes from the process that trained it
+                            strengths.flush()
+                            owned = torch.isin(assignment.shard_of, torch.tensor(local)).to(strengths.values.dtype)
+                            synced = strengths.values * owned
+                            torch.distributed.all_reduce(synced)
+                            strengths.values.copy_(synced)
                     moves = assignment.redistribute(mf.redistribute_fraction, counters.global_step * step_unit, counts=counts)
                     proxies.shard_sizes = assignment.sizes()
-                    sampler.set_members([assignment.members(j) for j in range(K)], counters.micro_step)
+                    counters.redistributions += 1
                     counters.sampler_origin = counters.micro_step
+                    sampler.set_members([assignment.members(j) for j in range(K)], counters.sampler_origin, counters.redistributions)
                     reload_data = True
                     accelerator.log({"redistribution/moved": sum(len(m["sample_ids"]) for m in moves),
                                      **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
