@@ -84,6 +84,7 @@ class TinyModelConfig:
     text_layers: int = 2
     latent_channels: int = 4
     sample_size: int = 32  # pixel resolution the model is meant for
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every channel count
 
 
 def make_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None, tokenizer_dir: str | None = None):
@@ -106,7 +107,7 @@ def make_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None, tok
         up_block_types=("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",),
         cross_attention_dim=cfg.text_hidden,
         attention_head_dim=8,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_num_groups,
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
@@ -117,7 +118,7 @@ def make_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None, tok
         up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
         latent_channels=cfg.latent_channels,
         layers_per_block=1,
-        norm_num_groups=32,
+        norm_num_groups=cfg.norm_num_groups,
         sample_size=cfg.sample_size,
     )
     torch.manual_seed(seed + 2)
@@ -220,6 +221,57 @@ def make_tiny_image(index: int, size: int = 64, seed: int = 0) -> tuple[Image.Im
     return img, caption
 
 
+_SKIES = {"blue": (90, 150, 235), "orange": (245, 150, 60), "pink": (240, 150, 190), "grey": (150, 150, 160),
+          "night": (20, 25, 70), "yellow": (240, 220, 120)}
+_GROUNDS = {"green": (50, 150, 60), "sand": (215, 190, 120), "snow": (235, 240, 245), "brown": (120, 80, 40),
+            "dark green": (20, 90, 40)}
+_MOUNTAINS = {"grey": (110, 110, 120), "purple": (110, 70, 140), "blue": (60, 80, 140), "white": (230, 230, 240),
+              "black": (35, 35, 40)}
+
+
+def make_tiny_landscape(index: int, size: int = 32, seed: int = 0) -> tuple[Image.Image, str]:
+    """One procedurally drawn landscape and its caption, determined by (index, seed).
+
+    A domain unlike ``make_tiny_image``'s shapes: a sky gradient, 1-3 mountains, a sun or moon,
+    a horizon and ground, sometimes a lake. Different indices give visibly different images.
+    """
+    rng = np.random.default_rng([seed, index, 7])
+    sky = list(_SKIES)[rng.integers(len(_SKIES))]
+    ground = list(_GROUNDS)[rng.integers(len(_GROUNDS))]
+    mountain = list(_MOUNTAINS)[rng.integers(len(_MOUNTAINS))]
+    horizon = int(size * rng.uniform(0.5, 0.8))
+    yy = np.arange(size, dtype=np.float32)[:, None, None] / size
+    top = np.array(_SKIES[sky], np.float32) * rng.uniform(0.6, 0.9)
+    pixels = np.broadcast_to(top + yy * (np.array(_SKIES[sky], np.float32) - top) * 2, (size, size, 3)).copy()
+    pixels += rng.normal(0, 4, size=pixels.shape)
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    sun_x = float(rng.uniform(0.1, 0.9)) * size
+    sun_r = size * float(rng.uniform(0.07, 0.15))
+    sun_y = float(rng.uniform(0.1, 0.35)) * size
+    body = "moon" if sky == "night" else "sun"
+    draw.ellipse((sun_x - sun_r, sun_y - sun_r, sun_x + sun_r, sun_y + sun_r), fill=(245, 245, 220) if body == "moon" else (255, 230, 60))
+    n_mountains = int(rng.integers(1, 4))
+    for _ in range(n_mountains):
+        cx, half, height = rng.uniform(0, size), rng.uniform(0.15, 0.4) * size, rng.uniform(0.2, 0.5) * size
+        shade = np.array(_MOUNTAINS[mountain]) * rng.uniform(0.8, 1.1)
+        draw.polygon([(cx - half, horizon), (cx, horizon - height), (cx + half, horizon)], fill=tuple(int(min(255, c)) for c in shade))
+    draw.rectangle((0, horizon, size, size), fill=_GROUNDS[ground])
+    lake = bool(rng.random() < 0.4)
+    if lake:
+        lx = rng.uniform(0.1, 0.6) * size
+        draw.ellipse((lx, horizon + 2, lx + size * 0.35, min(size - 1, horizon + 2 + size * 0.12)), fill=(60, 110, 200))
+    where = "left" if sun_x < size / 3 else "right" if sun_x > 2 * size / 3 else "middle"
+    count = ("one", "two", "three")[n_mountains - 1]
+    plural = "mountain" if n_mountains == 1 else "mountains"
+    caption = (f"a landscape with a {sky} sky, {count} {mountain} {plural}, the {body} on the {where}, "
+               f"{ground} ground{' and a lake' if lake else ''}, picture {index}")
+    return img, caption
+
+
+IMAGE_KINDS = {"shapes": make_tiny_image, "landscapes": make_tiny_landscape}
+
+
 def make_tiny_dataset(
     out_dir: str | os.PathLike,
     num_images: int = 32,
@@ -227,6 +279,8 @@ def make_tiny_dataset(
     duplicate_fraction: float = 0.0,
     duplicate_times: int = 1,
     seed: int = 0,
+    kind: str = "shapes",
+    first_index: int = 0,
 ) -> Path:
     """Write ``num_images`` distinct captioned images in imagefolder layout.
 
@@ -234,6 +288,9 @@ def make_tiny_dataset(
         duplicate_fraction: fraction of the distinct images (rounded down) that are written
             ``duplicate_times`` times in total (same pixels, same caption), like LAION's duplicates.
         duplicate_times: total copies of each duplicated image (1 = no duplication).
+        kind: ``"shapes"`` (``make_tiny_image``) or ``"landscapes"`` (``make_tiny_landscape``).
+        first_index: image indices are ``first_index .. first_index + num_images - 1``, so a
+            held-out set of the same distribution is the same call with a disjoint index range.
 
     Returns:
         The folder. ``metadata.jsonl`` has one row per file (``file_name``, ``text``).
@@ -244,13 +301,15 @@ def make_tiny_dataset(
         raise ValueError(f"--duplicate_fraction must be in [0, 1], got {duplicate_fraction}.")
     if duplicate_times < 1:
         raise ValueError(f"--duplicate_times must be >= 1, got {duplicate_times}.")
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"--kind must be one of {sorted(IMAGE_KINDS)}, got {kind!r}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_dup = int(num_images * duplicate_fraction)
     rows = []
-    for i in range(num_images):
-        img, caption = make_tiny_image(i, size=size, seed=seed)
-        copies = duplicate_times if i < num_dup else 1
+    for i in range(first_index, first_index + num_images):
+        img, caption = IMAGE_KINDS[kind](i, size=size, seed=seed)
+        copies = duplicate_times if i - first_index < num_dup else 1
         for c in range(copies):
             name = f"{i:05d}.png" if c == 0 else f"{i:05d}_dup{c}.png"
             img.save(out_dir / name)
@@ -259,3 +318,161 @@ def make_tiny_dataset(
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return out_dir
+
+
+# --- a pretrained tiny base model (built once, cached) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyBaseConfig:
+    """How the pretrained tiny base is built: a VAE trained on both image kinds, then a UNet
+    pretrained on shapes only, so that fine-tuning on landscapes has something to learn.
+
+    Sizes are chosen so the build takes a few minutes on 2 CPU cores.
+    """
+
+    size: int = 32
+    seed: int = 0
+    # Smaller than TinyModelConfig's defaults (GroupNorm 8): per-op overhead dominates on a CPU,
+    # and these sizes keep a fine-tuning step near 0.2 s on one core.
+    unet_channels: tuple[int, ...] = (32, 32)
+    vae_channels: tuple[int, ...] = (16, 32)
+    norm_num_groups: int = 8
+    vae_images: int = 1024  # half shapes, half landscapes, from index ranges no data set uses
+    vae_steps: int = 400
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    unet_images: int = 2048  # shapes only: the base never sees a landscape in the UNet
+    unet_steps: int = 500
+    unet_lr: float = 1e-3
+    batch_size: int = 16
+
+    def key(self) -> str:
+        import hashlib
+
+        return "tiny-base-v1-" + hashlib.sha256(repr(self).encode()).hexdigest()[:12]
+
+
+# Index ranges of the images the base was built from; fine-tuning and held-out sets use 0..9999.
+BASE_FIRST_INDEX = 100_000
+
+
+def default_cache_dir() -> Path:
+    """``$SD_MEMFREE_CACHE`` or ``~/.cache/sd_memfree`` (where the built base model is kept)."""
+    return Path(os.environ.get("SD_MEMFREE_CACHE", Path.home() / ".cache" / "sd_memfree")).expanduser()
+
+
+def _to_tensor(images):
+    import torch
+
+    arr = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def build_tiny_base(out_dir: str | os.PathLike, config: TinyBaseConfig | None = None, progress: bool = True) -> dict:
+    """Train the tiny pipeline's VAE and pretrain its UNet, then ``save_pretrained`` it.
+
+    The text encoder stays random (frozen, as in SD fine-tuning); captions still map to distinct
+    embeddings. Writes ``base_info.json`` with the VAE's reconstruction error on held-out
+    landscapes (the fine-tuning domain) and the pretraining losses.
+
+    Returns:
+        The contents of ``base_info.json``.
+    """
+    import time
+
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    cfg = config or TinyBaseConfig()
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    model_cfg = TinyModelConfig(unet_channels=cfg.unet_channels, vae_channels=cfg.vae_channels,
+                                norm_num_groups=cfg.norm_num_groups, sample_size=cfg.size)
+    pipe = make_tiny_pipeline(seed=cfg.seed, config=model_cfg)
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    # 1. VAE: reconstruction + a tiny KL term, on shapes and landscapes (SD's VAE is generic too).
+    half = cfg.vae_images // 2
+    vae_x = torch.cat([
+        _to_tensor([make_tiny_image(BASE_FIRST_INDEX + i, cfg.size, cfg.seed)[0] for i in range(half)]),
+        _to_tensor([make_tiny_landscape(BASE_FIRST_INDEX + i, cfg.size, cfg.seed)[0] for i in range(half)]),
+    ])
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    vae_start = time.time()
+    for _ in tqdm(range(cfg.vae_steps), desc="base: train VAE", disable=not progress):
+        x = vae_x[torch.randint(len(vae_x), (cfg.batch_size,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.eval().requires_grad_(False)
+    # Held-out reconstruction error, in [0, 1] pixel units, on the fine-tuning domain.
+    test = _to_tensor([make_tiny_landscape(BASE_FIRST_INDEX + 50_000 + i, cfg.size, cfg.seed)[0] for i in range(128)])
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(test).latent_dist.mode()).sample.clamp(-1, 1)
+    mse01 = float(((rec - test) / 2).square().mean())
+    # Unit-variance latents for the diffusion model, as SD's scaling_factor does.
+    with torch.no_grad():
+        lat_mean = torch.cat([vae.encode(vae_x[i : i + 256]).latent_dist.mode() for i in range(0, len(vae_x), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / lat_mean.std()))
+
+    # 2. UNet: epsilon-prediction DDPM pretraining on shapes with their captions.
+    shapes = [make_tiny_image(BASE_FIRST_INDEX + i, cfg.size, cfg.seed + 1) for i in range(cfg.unet_images)]
+    with torch.no_grad():
+        x = _to_tensor([im for im, _ in shapes])
+        dist = [vae.encode(x[i : i + 256]).latent_dist for i in range(0, len(x), 256)]
+        mean, std = torch.cat([d.mean for d in dist]), torch.cat([d.std for d in dist])
+        ids = tokenizer([c for _, c in shapes], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        text = torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
+    sched = pipe.scheduler
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr)
+    unet.train()
+    unet_start, vae_seconds = time.time(), time.time() - vae_start
+    losses = []
+    for _ in tqdm(range(cfg.unet_steps), desc="base: pretrain UNet", disable=not progress):
+        idx = torch.randint(len(mean), (cfg.batch_size,), generator=gen)
+        lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * vae.config.scaling_factor
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        loss = F.mse_loss(unet(sched.add_noise(lat, noise, t), t, text[idx]).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    unet.eval()
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    info = {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}, "vae_recon_mse": mse01, "vae_recon_psnr_db": float(-10 * np.log10(mse01)),
+        "vae_scaling_factor": vae.config.scaling_factor,
+        "unet_pretrain_loss_first50": float(np.mean(losses[:50])), "unet_pretrain_loss_last50": float(np.mean(losses[-50:])),
+        "vae_train_seconds": vae_seconds, "unet_pretrain_seconds": time.time() - unet_start,
+        "build_seconds": time.time() - t0,
+    }
+    (tmp / "base_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    if out_dir.exists():  # a concurrent build finished first: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out_dir)
+    return info
+
+
+def tiny_base_model(cache_dir: str | os.PathLike | None = None, config: TinyBaseConfig | None = None, progress: bool = True) -> Path:
+    """The pretrained tiny base pipeline folder, built on first use and cached under ``cache_dir``
+    (default ``default_cache_dir()``), keyed by its config."""
+    cfg = config or TinyBaseConfig()
+    path = Path(cache_dir or default_cache_dir()) / cfg.key()
+    if not (path / "model_index.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_base(path, cfg, progress=progress)
+    return path

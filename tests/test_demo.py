@@ -1,0 +1,68 @@
+"""The demo's quick path end to end: real training script, real scorer, one report with images."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from train_scripts import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    args = demo.parse_args(["--out", str(out / "run"), "--cache", str(out / "cache"), "--quick", "--max_train_steps", "4",
+                            "--num_images", "4", "--duplicate_times", "3", "--num_inference_steps", "2"])
+    return out / "run", demo.main(args)
+
+
+@pytest.mark.slow
+def test_demo_writes_one_report_with_both_runs(demo_run, capsys):
+    """4 distinct images, int(4 * 0.25) = 1 duplicated x3 -> 3 + 3 = 6 training rows, so each
+    scorer run generates 6 images; both runs are in the headline and the report names both."""
+    out, result = demo_run
+    assert set(result["headline"]) == {"plain", "IET-AGC+"}
+    for name, h in result["headline"].items():
+        assert h["generations"] == 6
+        assert 0.0 <= h["copy_frac"] <= 1.0
+    page = (out / "report.html").read_text()
+    assert "plain: generated" in page and "IET-AGC+: generated" in page
+    # the scorer ran for both: its outputs are on disk
+    for sub in ("plain", "ietagc_plus"):
+        m = json.loads((out / sub / "score" / "metrics.json").read_text())
+        assert m["run"]["num_generated"] == 6 and (out / sub / "model" / "unet").is_dir()
+    assert (out / "ietagc_plus" / "model" / "memfree_state.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_report_rows_and_image_count(demo_run):
+    """One row per distinct caption (4), each with generated + nearest training image per run
+    (2 runs x 2 = 4 images), plus 2 histograms: 4 * 4 + 2 = 18 embedded images, none external."""
+    out, _ = demo_run
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(srcs) == 18
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package `chromium`)")
+def test_demo_report_renders_its_images_in_chromium(demo_run, tmp_path):
+    """Chromium loads the report moved out of its folder; a probe marks each <img> 1 if it decoded
+    (naturalWidth > 0): 18 ones, then 0 for a deliberately broken image, so the probe can fail."""
+    out, _ = demo_run
+    page = tmp_path / "moved.html"
+    probe = ("<img id='broken' src='data:image/png;base64,AAAA'><script>window.addEventListener('load',()=>{"
+             "document.body.setAttribute('data-imgs',[...document.images].map(i=>i.naturalWidth>0?1:0).join(''));});</script>")
+    page.write_text((out / "report.html").read_text().replace("</body>", probe + "</body>"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert 'data-imgs="' + "1" * 18 + '0"' in dom, dom[-500:]

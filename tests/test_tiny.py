@@ -1,0 +1,55 @@
+"""The landscape domain and the pretrained tiny base model of ``sd_memfree.tiny``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, make_tiny_landscape, tiny_base_model
+
+
+def test_landscape_is_deterministic_and_indices_differ():
+    """Same (index, seed) -> identical pixels and caption; 8 indices -> 8 different images whose
+    captions end with their own index ("picture i")."""
+    a, cap_a = make_tiny_landscape(3, size=32, seed=0)
+    b, cap_b = make_tiny_landscape(3, size=32, seed=0)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and cap_a == cap_b
+    arrays = [np.asarray(make_tiny_landscape(i, 32)[0]).tobytes() for i in range(8)]
+    assert len(set(arrays)) == 8
+    assert all(make_tiny_landscape(i, 32)[1].endswith(f"picture {i}") for i in range(8))
+    assert a.size == (32, 32) and cap_a.startswith("a landscape with")
+
+
+def test_landscape_dataset_duplicates_and_heldout_range(tmp_path):
+    """6 distinct, fraction 1/3 -> int(6/3) = 2 duplicated x4: 2*4 + 4 = 12 rows; a held-out set
+    from first_index=100 shares no caption with it."""
+    train = make_tiny_dataset(tmp_path / "t", num_images=6, size=32, duplicate_fraction=1 / 3, duplicate_times=4, kind="landscapes")
+    rows = [json.loads(line) for line in (train / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    assert sum(r["text"].endswith("picture 0") for r in rows) == 4
+    held = make_tiny_dataset(tmp_path / "h", num_images=3, size=32, kind="landscapes", first_index=100)
+    held_caps = {json.loads(line)["text"] for line in (held / "metadata.jsonl").read_text().splitlines()}
+    assert held_caps.isdisjoint({r["text"] for r in rows}) and len(held_caps) == 3
+    assert all(c.endswith(("picture 100", "picture 101", "picture 102")) for c in held_caps)
+    with pytest.raises(ValueError, match="kind"):
+        make_tiny_dataset(tmp_path / "x", num_images=2, kind="faces")
+
+
+def test_tiny_base_builds_once_and_loads(tmp_path):
+    """A 2-step build: the folder loads with from_pretrained, base_info.json records the VAE's
+    reconstruction error, the scaling factor is 1/std of the latents (set, so not SD's 0.18215),
+    and a second call returns the cached folder without rebuilding (same mtime)."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = TinyBaseConfig(vae_steps=2, unet_steps=2, vae_images=8, unet_images=8)
+    path = tiny_base_model(tmp_path, cfg, progress=False)
+    info = json.loads((path / "base_info.json").read_text())
+    assert 0 < info["vae_recon_mse"] < 1 and info["vae_recon_psnr_db"] == pytest.approx(-10 * np.log10(info["vae_recon_mse"]))
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+    assert pipe.vae.config.scaling_factor == pytest.approx(info["vae_scaling_factor"]) and info["vae_scaling_factor"] != pytest.approx(0.18215)
+    assert pipe.unet.config.block_out_channels == list(cfg.unet_channels) or tuple(pipe.unet.config.block_out_channels) == cfg.unet_channels
+    mtime = (path / "base_info.json").stat().st_mtime
+    assert tiny_base_model(tmp_path, cfg, progress=False) == path
+    assert (path / "base_info.json").stat().st_mtime == mtime
