@@ -355,6 +355,7 @@ def main(args) -> dict:
     # ---- Method components ([memfree]) ----------------------------------------------------------
     banks = [LossBank(noise_scheduler.config.num_train_timesteps, ratio=mf.agc_ratio, ema=mf.agc_ema, device=accelerator.device) for _ in range(K)] if mf.agc_enabled else []
     skip_stats = SkipStats(noise_scheduler.config.num_train_timesteps, num_proxies=K, device=accelerator.device) if mf.agc_enabled else None
+    run_skip_stats = SkipStats(noise_scheduler.config.num_train_timesteps, num_proxies=K, device=accelerator.device) if mf.agc_enabled else None
     if mf.agc_enabled:
         assignment.to(accelerator.device)
     proxies = None
@@ -461,6 +462,7 @@ def main(args) -> dict:
                     strengths.update(sample_ids, augmentation_strength(detached, timesteps, banks[k].bank, mf.agc_ratio, mf.augment_alpha), keep)
                 banks[k].update(detached, timesteps)
                 skip_stats.update(keep, timesteps, k)
+                run_skip_stats.update(keep, timesteps, k)
                 assignment.record_skips(sample_ids, keep)
             loss = masked_mean(losses, keep, weights)
             loss_sum += loss.detach()
@@ -537,7 +539,8 @@ def main(args) -> dict:
             if "agc/skip_rate" in logs:
                 postfix["skip"] = f"{logs['agc/skip_rate']:.2f}"
             progress.set_postfix(**postfix)
-        if counters.global_step % args.checkpointing_steps == 0 and counters.global_step < local_max_steps:
+        total = counters.global_step * step_unit  # optimizer steps summed over proxies and processes
+        if total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps and counters.global_step < local_max_steps:
             save_checkpoint()
         if reload_data:  # membership changed: prefetched batches of the old shards are dropped
             sampler.start = counters.micro_step
@@ -557,8 +560,8 @@ def main(args) -> dict:
             proxies.merge()
     accelerator.wait_for_everyone()
     summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir)}
-    if skip_stats is not None:
-        summary.update(skip_stats.summary())
+    if run_skip_stats is not None:  # whole-run skip rates (this process's proxies)
+        summary.update(run_skip_stats.summary())
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         if args.use_lora:
