@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -423,6 +424,8 @@ def main(args) -> dict:
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_count = 0
     unet.train()
+    loop_start = time.perf_counter()
+    start_step = counters.global_step
     while counters.global_step < local_max_steps:
         batch = next(data_iter)
         k = current_proxy()
@@ -550,6 +553,7 @@ def main(args) -> dict:
             parts = {"unet": accelerator.unwrap_model(unet), "text_encoder": text_encoder, "vae": vae}
             log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit)
     progress.close()
+    loop_seconds = time.perf_counter() - loop_start
 
     # ---- Final merge and save --------------------------------------------------------------------
     if proxies is not None:
@@ -559,7 +563,8 @@ def main(args) -> dict:
                 counters.turn_steps = 0
             proxies.merge()
     accelerator.wait_for_everyone()
-    summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir)}
+    summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir),
+               "train_loop_seconds": loop_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
     if run_skip_stats is not None:  # whole-run skip rates (this process's proxies)
         summary.update(run_skip_stats.summary())
     if accelerator.is_main_process:
