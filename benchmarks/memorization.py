@@ -79,7 +79,6 @@ def _worker_init() -> None:
 def run_job(job: dict) -> dict:
     """Train one model with the real script, score it with the real scorer, measure quality."""
     from sd_memfree.scoring import run as scorer
-    from sd_memfree.tiny import make_tiny_dataset  # noqa: F401  (data built by the parent)
     from train_scripts import memorization_eval as ev
 
     s = Setting(**job["setting"])
@@ -249,7 +248,6 @@ def main(args: argparse.Namespace) -> dict:
     rows = []
     from tqdm.auto import tqdm
 
-    # The scorer caches training embeddings: embed once before the workers race to compute them.
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_worker_init) as pool:
         for r in tqdm(pool.map(run_job, jobs), total=len(jobs), desc="benchmark jobs"):
             rows.append(r)
