@@ -23,7 +23,7 @@ def _make_tiny_model(argv: list[str]) -> None:
 
 
 def _make_tiny_dataset(argv: list[str]) -> None:
-    from sd_memfree.tiny import make_tiny_dataset
+    from sd_memfree.tiny import IMAGE_KINDS, make_tiny_dataset
 
     p = argparse.ArgumentParser(prog="sd-memfree make-tiny-dataset", description="Write a small captioned image set (imagefolder layout).")
     p.add_argument("dir")
@@ -31,10 +31,11 @@ def _make_tiny_dataset(argv: list[str]) -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--duplicate_fraction", type=float, default=0.0, help="fraction of the distinct images that are duplicated")
     p.add_argument("--duplicate_times", type=int, default=1, help="total copies of each duplicated image")
+    p.add_argument("--kind", default="shapes", choices=sorted(IMAGE_KINDS), help="procedural image family")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:
-        print(make_tiny_dataset(a.dir, a.num_images, a.size, a.duplicate_fraction, a.duplicate_times, a.seed))
+        print(make_tiny_dataset(a.dir, a.num_images, a.size, a.duplicate_fraction, a.duplicate_times, a.seed, kind=a.kind))
     except ValueError as e:
         p.error(str(e))
 
