@@ -222,3 +222,37 @@ def test_resolution_the_vae_cannot_take(capsys, tiny_model_dir, tiny_data_dir, t
     argv = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "o")
     argv = [a for a in argv if not a.startswith("--resolution")] + ["--resolution=30"]
     _one_line_error(capsys, argv, r"--resolution=30 .* multiple of 4 \(e\.g\. 28 or 32\)")
+
+
+def test_upstream_options_together_full(tiny_model_dir, tiny_data_dir, tmp_path):
+    """EMA, accumulation, Min-SNR, noise offset, input perturbation, v-prediction, gradient
+    checkpointing, cosine schedule, scale_lr, center crop, max_train_samples, --dataset_name
+    (a local folder) and validation prompts, all in one short run."""
+    out = tmp_path / "kitchen"
+    argv = [a for a in base_args(tiny_model_dir, tiny_data_dir, out, steps=3) if not a.startswith("--train_data_dir")]
+    summary = run(argv + [f"--dataset_name={tiny_data_dir}", "--use_ema", "--gradient_accumulation_steps=2", "--snr_gamma=5.0",
+                          "--noise_offset=0.05", "--input_perturbation=0.1", "--prediction_type=v_prediction",
+                          "--gradient_checkpointing", "--lr_scheduler=cosine", "--scale_lr", "--center_crop", "--random_flip",
+                          "--max_train_samples=6", "--validation_prompts", "a red circle", "--report_to=tensorboard"])
+    assert summary["global_step"] == 3
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.unet is not None
+    assert (out / "image_0.png").exists(), "validation images go into the model card folder"
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_upstream_options_together_lora(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "kitchen-lora"
+    summary = run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--validation_prompt=a blue square",
+                            "--num_validation_images=2", "--gradient_accumulation_steps=2", "--snr_gamma=5.0",
+                            "--dataloader_num_workers=2", steps=2))
+    assert summary["global_step"] == 2
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_unknown_prediction_type_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--pretrained_model_name_or_path=x", "--train_data_dir=y", "--prediction_type=sample"])
+    assert "--prediction_type=sample is unknown" in capsys.readouterr().err

@@ -125,6 +125,8 @@ def parse_args(argv=None):
         parser.error("no training data given: pass --dataset_name (Hub name or local folder) or --train_data_dir (imagefolder).")
     if args.dream_training:
         parser.error("--dream_training is not supported with sd_memfree: DREAM's extra forward pass bypasses the per-sample AGC mask; drop the flag.")
+    if args.prediction_type not in (None, "epsilon", "v_prediction"):
+        parser.error(f"--prediction_type={args.prediction_type} is unknown; use epsilon or v_prediction (or leave it unset).")
     if args.validation_epochs is None:
         args.validation_epochs = 1 if args.use_lora else 5
     if args.non_ema_revision is None:
@@ -270,6 +272,8 @@ def main(args) -> dict:
 
     # ---- Models -----------------------------------------------------------------------------------
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision)
     text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant)
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant)
@@ -445,8 +449,6 @@ def main(args) -> dict:
             bsz = latents.shape[0]
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g, device=latents.device).long()
             noisy_latents = noise_scheduler.add_noise(latents, new_noise if args.input_perturbation else noise, timesteps)
-            if args.prediction_type is not None:
-                noise_scheduler.register_to_config(prediction_type=args.prediction_type)
             if noise_scheduler.config.prediction_type == "epsilon":
                 target = noise
             elif noise_scheduler.config.prediction_type == "v_prediction":
