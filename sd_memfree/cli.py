@@ -53,11 +53,45 @@ def _score(argv: list[str]) -> None:
     run.main(run.parse_args(argv))
 
 
+def _card(argv: list[str]) -> None:
+    """Rewrite a trained model's card with its memorization scores, optionally push it."""
+    import json
+    from pathlib import Path
+
+    from sd_memfree import hub
+
+    p = argparse.ArgumentParser(prog="sd-memfree card", description="Put the scorer's metrics into a trained model's card (and push).")
+    p.add_argument("model_dir", help="the training script's --output_dir")
+    p.add_argument("--metrics", required=True, help="metrics.json written by `sd-memfree score`")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--hub_token", default=None)
+    a = p.parse_args(argv)
+    model_dir = Path(a.model_dir)
+    needed = [model_dir / "train_args.json", model_dir / "memfree_config.json", Path(a.metrics)]
+    missing = [str(f) for f in needed if not f.exists()]
+    if missing:
+        p.error(f"missing {', '.join(missing)}: pass a folder written by train_sd_ietagc.py and a metrics.json from `sd-memfree score`.")
+    from PIL import Image
+
+    train_args = json.loads(needed[0].read_text())
+    images = [Image.open(f).copy() for f in sorted(model_dir.glob("image_*.png"))]  # keep the validation images
+    repo_id = a.hub_model_id or train_args.get("hub_model_id") or model_dir.name
+    hub.write_model_card(model_dir, repo_id=repo_id, base_model=train_args["pretrained_model_name_or_path"],
+                         method_config=json.loads(needed[1].read_text()), training_args=train_args,
+                         is_lora=bool(train_args.get("use_lora")), metrics=json.loads(needed[2].read_text()),
+                         dataset=train_args.get("dataset_name") or train_args.get("train_data_dir"), images=images or None)
+    print(model_dir / "README.md")
+    if a.push_to_hub:
+        print(hub.push_to_hub(model_dir, repo_id, token=a.hub_token))
+
+
 COMMANDS = {
     "make-tiny-model": (_make_tiny_model, "write a tiny offline SD pipeline folder"),
     "make-tiny-dataset": (_make_tiny_dataset, "write a small captioned image set"),
     "train": (_recipe("train_scripts.train_sd_ietagc"), "run train_scripts/train_sd_ietagc.py (same flags)"),
     "score": (_score, "score a model's memorization (eval/score_memorization.py)"),
+    "card": (_card, "put memorization scores into a trained model's card (and --push_to_hub)"),
     "demo": (_recipe("train_scripts.demo"), "the embedded demo on the tiny model and data (CPU, minutes)"),
 }
 

@@ -54,3 +54,39 @@ def test_library_never_imports_recipes():
                  if p.name != "cli.py" and ("import train_scripts" in p.read_text() or "from train_scripts" in p.read_text()
                                             or "from eval" in p.read_text() or "import eval" in p.read_text())]
     assert offenders == []
+
+
+def test_card_states_memorization_scores_and_pushes(tmp_path, monkeypatch):
+    """`sd-memfree card` rewrites the card with the scorer's metrics and uploads the folder."""
+    from sd_memfree import hub
+    from sd_memfree.config import MemFreeConfig
+
+    model = tmp_path / "sd-private"
+    model.mkdir()
+    (model / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    (model / "train_args.json").write_text(json.dumps({"pretrained_model_name_or_path": "stabilityai/stable-diffusion-2-1-base",
+                                                       "use_lora": True, "learning_rate": 1e-4, "train_data_dir": "./imgs"}))
+    MemFreeConfig(num_shards=4, agc_ratio=1.25).save_json(model / "memfree_config.json")
+    (tmp_path / "metrics.json").write_text(json.dumps({"sim_95pc": 0.4321, "frac_gt_0.5": 0.0125}))
+    uploads = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, exist_ok=False, **kw):
+            class R:
+                pass
+
+            r = R()
+            r.repo_id = repo_id
+            return r
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kw):
+            uploads.append((repo_id, hub.files_to_upload(folder_path, ignore_patterns)))
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    cli.main(["card", str(model), "--metrics", str(tmp_path / "metrics.json"), "--push_to_hub", "--hub_model_id", "me/sd-private"])
+    card = (model / "README.md").read_text()
+    assert "0.4321" in card and "lora" in card
+    assert uploads and uploads[0][0] == "me/sd-private" and "README.md" in uploads[0][1]

@@ -256,3 +256,37 @@ def test_unknown_prediction_type_is_refused(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--pretrained_model_name_or_path=x", "--train_data_dir=y", "--prediction_type=sample"])
     assert "--prediction_type=sample is unknown" in capsys.readouterr().err
+
+
+def test_gradient_clipping_receives_the_lora_parameters(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """Upstream hands the clipper an exhausted iterator for LoRA, so nothing is clipped; ours
+    passes the list of trainable tensors, every one with a gradient at clip time."""
+    import accelerate
+
+    seen = []
+    real = accelerate.Accelerator.clip_grad_norm_
+
+    def spy(self, parameters, max_norm, norm_type=2):
+        params = list(parameters)
+        seen.append((len(params), sum(p.grad is not None for p in params)))
+        return real(self, params, max_norm, norm_type)
+
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", spy)
+    run(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "clip", "--use_lora", "--rank=2", steps=2))
+    assert len(seen) == 2
+    n_lora = seen[0][0]
+    assert n_lora > 0 and all(s == (n_lora, n_lora) for s in seen)
+
+
+def test_lora_upcast_follows_accelerate_mixed_precision(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """bf16 set through accelerate's environment (as `accelerate config` would), not the flag:
+    the LoRA tensors still train in float32 while the frozen UNet runs in bf16."""
+    from safetensors.torch import load_file as load
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = tmp_path / "bf16"
+    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=1", steps=2))
+    state = torch.load(out / "checkpoint-1" / "state_rank0.pt", weights_only=False)
+    trainable = state["objects"]["trainable"]
+    assert trainable and all(t.dtype == torch.float32 for t in trainable.values())
+    assert load(out / "pytorch_lora_weights.safetensors")

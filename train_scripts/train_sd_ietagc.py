@@ -579,6 +579,8 @@ def main(args) -> dict:
             save_full_pipeline(final_unet, args.pretrained_model_name_or_path, output_dir, revision=args.revision, variant=args.variant)
         state = {"num_samples": num_samples, "global_step": counters.global_step * step_unit, **assignment.summary()}
         state["num_merges"] = proxies.num_merges if proxies is not None else 0
+        (output_dir / "train_args.json").write_text(json.dumps(
+            {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, indent=2))
         tmp = output_dir / "memfree_state.json.partial"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, output_dir / "memfree_state.json")
