@@ -428,7 +428,7 @@ def main(args) -> dict:
     loss_sum = torch.zeros((), device=accelerator.device)
     loss_count = 0
     unet.train()
-    loop_start = time.perf_counter()
+    loop_start, loop_cpu_start = time.perf_counter(), time.process_time()
     start_step = counters.global_step
     while counters.global_step < local_max_steps:
         batch = next(data_iter)
@@ -555,7 +555,7 @@ def main(args) -> dict:
             parts = {"unet": accelerator.unwrap_model(unet), "text_encoder": text_encoder, "vae": vae}
             log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit)
     progress.close()
-    loop_seconds = time.perf_counter() - loop_start
+    loop_seconds, loop_cpu_seconds = time.perf_counter() - loop_start, time.process_time() - loop_cpu_start
 
     # ---- Final merge and save --------------------------------------------------------------------
     if proxies is not None:
@@ -566,7 +566,7 @@ def main(args) -> dict:
             proxies.merge()
     accelerator.wait_for_everyone()
     summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir),
-               "train_loop_seconds": loop_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
+               "train_loop_seconds": loop_seconds, "train_loop_cpu_seconds": loop_cpu_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
     if run_skip_stats is not None:  # whole-run skip rates (this process's proxies)
         summary.update(run_skip_stats.summary())
     if accelerator.is_main_process:
