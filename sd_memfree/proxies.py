@@ -68,7 +68,7 @@ def schedule_position(global_step: int, merge_every: int, num_local_proxies: int
     return i, round_index, local_step
 
 
-def _check_spread(num_proxies: int, world_size: int) -> None:
+def check_spread(num_proxies: int, world_size: int) -> None:
     """Raises a one-line ValueError naming valid combinations if K proxies cannot fill W processes."""
     if num_proxies >= world_size and num_proxies % world_size == 0:
         return
@@ -138,7 +138,7 @@ class ProxySet:
             raise ValueError("ProxySet needs the optimizer of lr_scheduler too.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
-        _check_spread(num_proxies, world_size)
+        check_spread(num_proxies, world_size)
 
         self.params = list(params)
         self.num_proxies = num_proxies

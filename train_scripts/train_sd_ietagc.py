@@ -208,7 +208,7 @@ def main(args) -> dict:
     from sd_memfree.data import (IndexedCaptionDataset, ShardBatchSampler, build_image_transforms, check_resolution,
                                  collate, load_image_caption_dataset)
     from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
-    from sd_memfree.proxies import ProxySet, schedule_position
+    from sd_memfree.proxies import ProxySet, check_spread, schedule_position
     from sd_memfree.shards import ShardAssignment
     from sd_memfree.state import Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state
     from sd_memfree.trainable import (add_lora, save_full_pipeline, save_lora, trainable_parameters,
@@ -237,9 +237,8 @@ def main(args) -> dict:
     # [memfree] With several shards, proxies are independent between merges: each process trains
     # its own proxies (no per-step gradient all-reduce), and a merge is one all-reduce.
     proxies_spread = K > 1 and world > 1
-    if K > 1 and (world > K or K % world != 0):
-        raise ValueError(f"--num_shards={K} cannot be spread over {world} processes: use a multiple of {world} shards "
-                         f"({', '.join(str(world * i) for i in range(1, 4))}, ...) or launch a number of processes that divides {K}.")
+    if K > 1:
+        check_spread(K, world)  # before anything loads: W must divide K
     if args.seed is not None:
         set_seed(args.seed)
     seed = args.seed if args.seed is not None else 0
