@@ -168,3 +168,24 @@ def test_two_processes_equal_one_process(model20, tiny_data_dir, tmp_path):
     ranks = [torch.load(mp / "checkpoint-8" / f"state_rank{r}.pt", weights_only=False)["objects"]["assignment"] for r in (0, 1)]
     assert torch.equal(ranks[0]["shard_of"], ranks[1]["shard_of"]) and ranks[0]["moves"] == ranks[1]["moves"]
     assert json.loads((mp / "memfree_state.json").read_text())["moves"] == json.loads((sp / "memfree_state.json").read_text())["moves"]
+
+
+@pytest.mark.multiprocess
+def test_two_process_data_parallel_plain_run_resumes_exactly(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Without shards, 2 processes train one model data-parallel (DDP over gloo, each process its
+    own slice of every batch); 4 steps straight == 2 steps + resume from checkpoint-2 + 2 steps."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def launch(out, *extra):
+        argv = [f"--pretrained_model_name_or_path={tiny_model_dir}", f"--train_data_dir={tiny_data_dir}", f"--output_dir={out}",
+                "--resolution=32", "--train_batch_size=2", "--max_train_steps=4", "--seed=1", "--report_to=none",
+                "--lr_warmup_steps=0", "--learning_rate=1e-3", *extra]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(tmp_path / "straight", "--checkpointing_steps=2")
+    assert {p.name for p in (tmp_path / "straight" / "checkpoint-2").glob("state_rank*.pt")} == {"state_rank0.pt", "state_rank1.pt"}
+    launch(tmp_path / "resumed", f"--resume_from_checkpoint={tmp_path / 'straight' / 'checkpoint-2'}")
+    assert_same(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed"))
