@@ -4,14 +4,17 @@
     python benchmarks/memorization.py --quick    # a smoke run: 1 seed, few steps
 
 Regime (realistic fine-tuning, scaled down):
-1. A tiny SD-architecture base (``sd_memfree.tiny.tiny_base_model``, built once and cached): its
-   VAE trained on shapes and landscapes, its UNet pretrained on shapes only.
-2. Fine-tuning data from another domain: landscapes, some distinct images repeated many times
+1. A tiny SD-architecture base at 16 px (``sd_memfree.tiny.tiny_base_model`` with ``BASE``,
+   built once and cached): its VAE trained on shapes and landscapes, its UNet pretrained on
+   shapes only. 16 px rather than 32 px: a step costs ~4x less, so plain can be trained long
+   enough on one CPU core to memorise.
+2. Fine-tuning data from another domain: a few landscapes, half of them repeated many times
    with their captions (LAION-style duplicates). Held-out landscapes of the same distribution.
 3. The real training script (subprocess) trains plain, IET-AGC and IET-AGC+ with the same seed
-   and the same total optimizer-step budget; plain is also trained to 2.5..50% of the budget
-   (with a constant LR and no warm-up a shorter run is exactly a prefix of the longer one).
-4. The real scorer generates one image per training row (seeded) and scores it; beside it we
+   and the same total optimizer-step budget; plain is also scored at 0% (the untrained base) and
+   trained to 2.5..50% of the budget (with a constant LR and no warm-up a shorter run is exactly
+   a prefix of the longer one).
+4. The real scorer generates two images per training row (seeded) and scores them; beside it we
    measure the number of distinct images copied, the held-out denoising loss (fixed timesteps and
    noise), the fit (same loss on the training images) and a Frechet distance to held-out images.
 
@@ -36,21 +39,22 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PLAIN_FRACTIONS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-QUICK_FRACTIONS = (0.25, 1.0)
+PLAIN_FRACTIONS = (0.0, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+QUICK_FRACTIONS = (0.0, 0.25, 1.0)
 
 
 @dataclass(frozen=True)
 class Setting:
     """Everything one benchmark run depends on (recorded in the JSON)."""
 
-    steps: int = 600
+    steps: int = 800
     batch_size: int = 8
     learning_rate: float = 1e-3
-    num_images: int = 8
-    duplicate_fraction: float = 0.25
-    duplicate_times: int = 10
+    num_images: int = 4
+    duplicate_fraction: float = 0.5
+    duplicate_times: int = 8
     heldout_images: int = 128
+    images_per_prompt: int = 2
     num_inference_steps: int = 20
     guidance_scale: float = 1.0
     # IET-AGC / IET-AGC+ flags, one setting for all seeds.
@@ -59,6 +63,11 @@ class Setting:
     agc_ratio: float = 1.25
     redistribute_fraction: float = 0.25
     quick_base: bool = False
+
+
+# The cached base: 16 px, UNet pretrained 1000 steps (~2.5 min to build on one core).
+BASE = dict(size=16, unet_steps=1000)
+QUICK_BASE = dict(size=16, vae_steps=20, unet_steps=20, vae_images=64, unet_images=64)
 
 
 def method_flags(method: str, s: Setting) -> list[str]:
@@ -84,6 +93,7 @@ def run_job(job: dict) -> dict:
     s = Setting(**job["setting"])
     out = Path(job["out"])
     t0 = time.time()
+    model = Path(job["base"]) if job["steps"] == 0 else out / "model"  # 0 steps: score the base itself
     train_cmd = [
         sys.executable, str(REPO / "train_scripts" / "train_sd_ietagc.py"),
         f"--pretrained_model_name_or_path={job['base']}", f"--train_data_dir={job['data']}", f"--output_dir={out / 'model'}",
@@ -94,13 +104,14 @@ def run_job(job: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     log = out / "train.log"
     out.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        if subprocess.run(train_cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode != 0:
-            raise RuntimeError(f"training failed, see {log}")
+    if job["steps"] > 0:
+        with open(log, "w") as f:
+            if subprocess.run(train_cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode != 0:
+                raise RuntimeError(f"training failed, see {log}")
     t_train = time.time() - t0
     metrics = scorer.main(scorer.parse_args([
-        f"--model={out / 'model'}", f"--train_data_dir={job['data']}", f"--sscd_model={job['sscd']}", "--preprocess=dcr",
-        f"--num_prompts={job['num_rows']}", "--images_per_prompt=1", f"--num_inference_steps={s.num_inference_steps}",
+        f"--model={model}", f"--train_data_dir={job['data']}", f"--sscd_model={job['sscd']}", "--preprocess=dcr",
+        f"--num_prompts={job['num_rows']}", f"--images_per_prompt={s.images_per_prompt}", f"--num_inference_steps={s.num_inference_steps}",
         f"--guidance_scale={s.guidance_scale}", f"--resolution={job['size']}", "--batch_size=128", "--seed=42",
         "--no_clip_score", "--no_fid", f"--pixel_size={job['size']}", f"--out={out / 'score'}",
         f"--embedding_cache_dir={job['embedding_cache']}", "--device=cpu",
@@ -118,8 +129,8 @@ def run_job(job: dict) -> dict:
         "copy_frac": near["copy_frac"], "distinct_copied": near["distinct_copied"],
         "sim_95pc": metrics["gen_vs_train"]["sim_95pc"], "sim_mean": metrics["gen_vs_train"]["mean"],
         "frac_gt_0.5": metrics["gen_vs_train"]["frac_gt_0.5"],
-        "heldout_loss": ev.denoising_loss(out / "model", held_imgs, held_caps),
-        "fit_loss": ev.denoising_loss(out / "model", [train_imgs[i] for i in distinct], [train_caps[i] for i in distinct]),
+        "heldout_loss": ev.denoising_loss(model, held_imgs, held_caps),
+        "fit_loss": ev.denoising_loss(model, [train_imgs[i] for i in distinct], [train_caps[i] for i in distinct]),
         "frechet_heldout": ev.frechet_to(gen_px, held_px),
         "train_seconds": t_train, "job_seconds": time.time() - t0,
     }
@@ -174,9 +185,10 @@ def plot(summary: dict, path: Path) -> None:
     plain = [v for v in summary.values() if v["method"] == "plain"]
     ax.errorbar([p["heldout_loss"] for p in plain], [100 * p["copy_frac"] for p in plain],
                 xerr=[p["heldout_loss_std"] for p in plain], yerr=[100 * p["copy_frac_std"] for p in plain],
-                fmt="o-", color="tab:gray", label="plain at 2.5..100% of the budget")
+                fmt="o-", color="tab:gray", label="plain at 0 (base)..100% of the budget")
     for p in plain:
-        ax.annotate(f"{100 * p['fraction']:g}%", (p["heldout_loss"], 100 * p["copy_frac"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        label, offset = ("0% (base)", (3, -10)) if p["fraction"] == 0 else (f"{100 * p['fraction']:g}%", (3, 3))
+        ax.annotate(label, (p["heldout_loss"], 100 * p["copy_frac"]), fontsize=7, xytext=offset, textcoords="offset points")
     for method, color in (("ietagc", "tab:blue"), ("ietagc+", "tab:red")):
         m = summary.get(f"{method}@1")
         if m:
@@ -195,8 +207,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 40 steps, a quickly built base: a smoke run")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--steps", type=int, default=None, help="total optimizer-step budget (default 600; quick: 40)")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
+    p.add_argument("--steps", type=int, default=None, help=f"total optimizer-step budget (default {Setting.steps}; quick: 40)")
+    p.add_argument("--methods", nargs="+", default=["plain", "ietagc", "ietagc+"], choices=["plain", "ietagc", "ietagc+"],
+                   help="which runs (plain: at every budget fraction; the methods at the full budget)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one CPU thread each")
     p.add_argument("--work", default="bench_out/memorization", help="working folder (models, generations)")
     p.add_argument("--cache", default=None, help="where the base model is cached (default $SD_MEMFREE_CACHE or ~/.cache/sd_memfree)")
     p.add_argument("--plot", default=None, help="write the copies-vs-quality plot here (PNG)")
@@ -210,13 +224,13 @@ def main(args: argparse.Namespace) -> dict:
     _worker_init()
     t0 = time.time()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    base_cfg = Setting(steps=args.steps or (40 if args.quick else 600), quick_base=args.quick)
+    base_cfg = Setting(steps=args.steps or (40 if args.quick else Setting.steps), quick_base=args.quick)
     if args.quick:
         base_cfg = Setting(**{**base_cfg.__dict__, "num_images": 12, "duplicate_times": 4, "heldout_images": 32, "num_inference_steps": 5})
     s = base_cfg
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    base_config = TinyBaseConfig(vae_steps=20, unet_steps=20, vae_images=64, unet_images=64) if s.quick_base else TinyBaseConfig()
+    base_config = TinyBaseConfig(**(QUICK_BASE if s.quick_base else BASE))
     tb = time.time()
     base = tiny_base_model(args.cache, base_config)
     base_seconds = time.time() - tb
@@ -237,8 +251,10 @@ def main(args: argparse.Namespace) -> dict:
     jobs = []
     for seed in seeds:
         for method, fracs in (("plain", fractions), ("ietagc", (1.0,)), ("ietagc+", (1.0,))):
+            if method not in args.methods:
+                continue
             for f in fracs:
-                steps = max(1, round(f * s.steps))
+                steps = 0 if f == 0 else max(1, round(f * s.steps))
                 jobs.append({"method": method, "seed": seed, "fraction": f, "steps": steps, "setting": s.__dict__,
                              "base": str(base), "data": str(data), "heldout": str(heldout), "size": size, "num_rows": num_rows,
                              "sscd": str(sscd), "embedding_cache": str(work / "embeddings"),
@@ -279,7 +295,7 @@ def main(args: argparse.Namespace) -> dict:
         "base": {k: base_info[k] for k in ("vae_recon_mse", "vae_recon_psnr_db", "unet_pretrain_loss_last50", "build_seconds")},
         "base_seconds_this_run": base_seconds, "summary": summary, "copy_reduction": reduction, "dominating_plain": dom,
         "floors": floors, "sscd": "stand-in: seeded random ResNet-18 + GeM + 512-d (sd_memfree.scoring.standin), not real SSCD",
-        "frechet_space": "8x8 avg-pooled pixels -> seeded Gaussian projection to 32-d; generations (one per training row) vs held-out images",
+        "frechet_space": "8x8 avg-pooled pixels -> seeded Gaussian projection to 32-d; generations (images_per_prompt per training row) vs held-out images",
         "wall_seconds": time.time() - t0, "rows": rows,
     }
     (work / "result.json").write_text(json.dumps(result, indent=2))
