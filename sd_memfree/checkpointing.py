@@ -245,3 +245,30 @@ def prune_checkpoints(
                 shutil.rmtree(stale)
                 removed.append(stale)
     return removed
+
+
+def publish_entries(staging: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Move every top-level entry of ``staging`` into ``dest``, each with one atomic rename, then
+    remove ``staging``. An entry that already exists in ``dest`` is renamed aside first and
+    deleted only after the new one is in place, so a crash never leaves a half-written model file
+    or folder under its final name (the final model is written to ``staging`` first).
+
+    Returns:
+        The names published.
+    """
+    staging, dest = Path(staging), Path(dest)
+    _fsync_tree(staging)
+    names = sorted(p.name for p in staging.iterdir())
+    for name in names:
+        target = dest / name
+        old = dest / f".old-{name}"
+        if target.exists():
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            os.replace(target, old)
+        os.replace(staging / name, target)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    _fsync_dir(dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    return names

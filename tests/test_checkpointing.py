@@ -208,3 +208,20 @@ def test_prune_without_limit_keeps_all_and_rejects_zero(tmp_path):
     assert names(tmp_path) == ["checkpoint-1", "checkpoint-2"]
     with pytest.raises(ValueError, match="at least 1"):
         prune_checkpoints(tmp_path, 0)
+
+
+def test_publish_entries_replaces_and_leaves_nothing_behind(tmp_path):
+    """Existing entries are replaced by the staged ones; other files and the staging folder go."""
+    from sd_memfree.checkpointing import publish_entries
+
+    dest = tmp_path / "out"
+    (dest / "unet").mkdir(parents=True)
+    (dest / "unet" / "old.bin").write_text("old")
+    (dest / "checkpoint-5").mkdir()
+    staging = dest / ".tmp-final"
+    (staging / "unet").mkdir(parents=True)
+    (staging / "unet" / "new.bin").write_text("new")
+    (staging / "model_index.json").write_text("{}")
+    assert publish_entries(staging, dest) == ["model_index.json", "unet"]
+    assert sorted(p.name for p in dest.iterdir()) == ["checkpoint-5", "model_index.json", "unet"]
+    assert [p.name for p in (dest / "unet").iterdir()] == ["new.bin"]

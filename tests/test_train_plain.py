@@ -290,3 +290,13 @@ def test_lora_upcast_follows_accelerate_mixed_precision(tiny_model_dir, tiny_dat
     trainable = state["objects"]["trainable"]
     assert trainable and all(t.dtype == torch.float32 for t in trainable.values())
     assert load(out / "pytorch_lora_weights.safetensors")
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """A new run would prune the earlier run's checkpoints: it stops and says how to continue."""
+    out = tmp_path / "existing"
+    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", steps=2))
+    before = sorted(p.name for p in out.glob("checkpoint-*"))
+    _one_line_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=2),
+                    r"already holds checkpoints .*checkpoint-1.*--resume_from_checkpoint=latest")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == before

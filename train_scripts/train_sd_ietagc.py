@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -265,6 +266,11 @@ def main(args) -> dict:
             raise ValueError(f"checkpoint {resume_dir} was written {'with' if saved_args.get('use_lora') else 'without'} --use_lora; resume with the same setting.")
     elif args.resume_from_checkpoint:
         log.info(f"--resume_from_checkpoint={args.resume_from_checkpoint}: no complete checkpoint yet, starting a new run.")
+    if resume_dir is None and checkpointing.list_checkpoints(output_dir):
+        # A fresh run here would prune the earlier run's checkpoints and mix two runs under 'latest'.
+        newest = checkpointing.list_checkpoints(output_dir)[-1][1].name
+        raise ValueError(f"--output_dir {output_dir} already holds checkpoints of a run ({newest}); "
+                         "pass --resume_from_checkpoint=latest to continue it, or choose a new --output_dir.")
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -570,12 +576,15 @@ def main(args) -> dict:
         summary.update(run_skip_stats.summary())
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
+        staging = output_dir / ".tmp-final"  # written in full first, then renamed into place
+        shutil.rmtree(staging, ignore_errors=True)
         if args.use_lora:
-            save_lora(final_unet, output_dir)
+            save_lora(final_unet, staging)
         else:
             if ema_unet is not None:
                 ema_unet.copy_to(final_unet.parameters())
-            save_full_pipeline(final_unet, args.pretrained_model_name_or_path, output_dir, revision=args.revision, variant=args.variant)
+            save_full_pipeline(final_unet, args.pretrained_model_name_or_path, staging, revision=args.revision, variant=args.variant)
+        checkpointing.publish_entries(staging, output_dir)
         state = {"num_samples": num_samples, "global_step": counters.global_step * step_unit, **assignment.summary()}
         state["num_merges"] = proxies.num_merges if proxies is not None else 0
         (output_dir / "train_args.json").write_text(json.dumps(
