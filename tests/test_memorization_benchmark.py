@@ -34,14 +34,20 @@ def test_summarize_mean_and_std():
 
 @pytest.mark.slow
 def test_quick_mode_runs_and_last_line_is_json(tmp_path, capsys):
-    """--quick with a 4-step budget: plain at 25% (1 step) and 100%, IET-AGC and IET-AGC+ at 100%
-    -> 4 jobs; the last printed line is the JSON result with those 4 rows and the floors."""
-    args = bench.parse_args(["--quick", "--steps", "4", "--jobs", "2", "--work", str(tmp_path / "w"), "--cache", str(tmp_path / "c"),
+    """--quick with a 4-step budget: plain at 0% (the base, 0 steps), 25% (round(0.25 * 4) = 1
+    step) and 100%, IET-AGC and IET-AGC+ at 100% -> 5 jobs; the last printed line is the JSON
+    result with those 5 rows and the floors. Two images per training row: 2 * rows generations."""
+    args = bench.parse_args(["--quick", "--steps", "4", "--jobs", "1", "--work", str(tmp_path / "w"), "--cache", str(tmp_path / "c"),
                              "--plot", str(tmp_path / "p.png")])
     bench.main(args)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(last)
-    assert set(result["summary"]) == {"plain@0.25", "plain@1", "ietagc@1", "ietagc+@1"}
+    assert set(result["summary"]) == {"plain@0", "plain@0.25", "plain@1", "ietagc@1", "ietagc+@1"}
+    assert result["summary"]["plain@0"]["steps"] == 0
     assert result["summary"]["plain@0.25"]["steps"] == 1 and result["summary"]["ietagc+@1"]["steps"] == 4
+    rows = sum(1 for _ in open(tmp_path / "w" / "data-12-0.5-4" / "metadata.jsonl"))
+    assert rows == 6 * 4 + 6  # 12 distinct, half of them x4
+    gens = sum(1 for _ in open(tmp_path / "w" / "seed0" / "plain-4" / "score" / "generated" / "metadata.jsonl"))
+    assert gens == 2 * rows
     assert set(result["floors"]) >= {"plain_copies_ge_30pc", "ietagc_plus_reduction_ge_50pc"}
     assert (tmp_path / "p.png").stat().st_size > 1000
