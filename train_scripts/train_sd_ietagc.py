@@ -266,9 +266,10 @@ def main(args) -> dict:
             raise ValueError(f"checkpoint {resume_dir} was written {'with' if saved_args.get('use_lora') else 'without'} --use_lora; resume with the same setting.")
     elif args.resume_from_checkpoint:
         log.info(f"--resume_from_checkpoint={args.resume_from_checkpoint}: no complete checkpoint yet, starting a new run.")
-    if resume_dir is None and checkpointing.list_checkpoints(output_dir):
+    existing = checkpointing.list_checkpoints(output_dir) if resume_dir is None else []
+    if existing:
         # A fresh run here would prune the earlier run's checkpoints and mix two runs under 'latest'.
-        newest = checkpointing.list_checkpoints(output_dir)[-1][1].name
+        newest = existing[-1][1].name
         raise ValueError(f"--output_dir {output_dir} already holds checkpoints of a run ({newest}); "
                          "pass --resume_from_checkpoint=latest to continue it, or choose a new --output_dir.")
 
@@ -400,9 +401,16 @@ def main(args) -> dict:
         sampler.set_members([assignment.members(k) for k in range(K)], counters.sampler_origin, counters.redistributions)
         log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
 
+    plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+    def write_run_config(folder: Path) -> None:
+        """The resolved settings, beside the model and in every checkpoint (resume checks them)."""
+        mf.save_json(folder / "memfree_config.json")
+        (folder / "train_args.json").write_text(json.dumps(plain_args, indent=2))
+
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-        mf.save_json(output_dir / "memfree_config.json")
+        accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in plain_args.items() if v is not None})
+        write_run_config(output_dir)
 
     log.info(f"***** Running training: {num_samples} samples, {K} shard(s), {total_steps} optimizer steps (summed over proxies), "
              f"batch {args.train_batch_size} per process x {data_world} x accumulation {gas} *****")
@@ -411,8 +419,7 @@ def main(args) -> dict:
     def run_state_files(folder: Path) -> None:
         save_process_state(folder, rank, world, stateful)
         if accelerator.is_main_process:
-            mf.save_json(folder / "memfree_config.json")
-            (folder / "train_args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, indent=2))
+            write_run_config(folder)
 
     def save_checkpoint() -> None:
         step = counters.global_step * step_unit
@@ -587,8 +594,6 @@ def main(args) -> dict:
         checkpointing.publish_entries(staging, output_dir)
         state = {"num_samples": num_samples, "global_step": counters.global_step * step_unit, **assignment.summary()}
         state["num_merges"] = proxies.num_merges if proxies is not None else 0
-        (output_dir / "train_args.json").write_text(json.dumps(
-            {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}, indent=2))
         tmp = output_dir / "memfree_state.json.partial"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, output_dir / "memfree_state.json")
