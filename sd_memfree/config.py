@@ -13,6 +13,7 @@ Invariants:
 import argparse
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import typing
@@ -24,6 +25,12 @@ ARGUMENT_GROUP_TITLE = "IET-AGC / IET-AGC+ (memorization mitigation)"
 # Fields that change what a checkpoint contains (number of proxies, number of optimizer states):
 # a checkpoint written with other values cannot be resumed.
 _CHECKPOINT_STRUCTURE_FIELDS = ("num_shards", "proxy_optimizer_state")
+
+# Above this AGC ratio almost no sample is ever skipped (the skip needs a loss below 1/ratio of the
+# running mean): AGC would be on in name only, and the model card would claim it.
+MAX_AGC_RATIO = 10.0
+# RandAugment's default number of magnitude bins is 31: magnitudes 0..30.
+MAX_AUGMENT_MAGNITUDE = 30
 
 
 @dataclass
@@ -121,6 +128,15 @@ class MemFreeConfig:
     )
 
     def __post_init__(self) -> None:
+        types = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), types[f.name]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"--{f.name}={value!r} must be a whole number.")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ValueError(f"--{f.name}={value!r} must be a finite number.")
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"--{f.name}={value!r} must be true or false.")
         if self.num_shards < 1:
             raise ValueError(f"--num_shards={self.num_shards} must be >= 1; use 1 to turn sharding off.")
         if self.merge_every < 1:
@@ -129,8 +145,11 @@ class MemFreeConfig:
             choices = _metadata(name)["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is not one of {', '.join(choices)}.")
-        if not self.agc_ratio >= 0:  # written this way so NaN is rejected too
-            raise ValueError(f"--agc_ratio={self.agc_ratio} must be >= 0; use 0 to turn AGC off.")
+        if not (self.agc_ratio == 0 or 1 <= self.agc_ratio <= MAX_AGC_RATIO):
+            raise ValueError(
+                f"--agc_ratio={self.agc_ratio} must be 0 (AGC off) or in [1, {MAX_AGC_RATIO:g}]: below 1 it skips samples whose "
+                f"loss is above the running mean, above {MAX_AGC_RATIO:g} it skips almost none (reference: 1.25 for SD)."
+            )
         if not 0 <= self.agc_ema < 1:
             raise ValueError(f"--agc_ema={self.agc_ema} must be in [0, 1); the reference uses 0.8.")
         if not 0 <= self.redistribute_fraction < 1:
@@ -138,8 +157,11 @@ class MemFreeConfig:
                 f"--redistribute_fraction={self.redistribute_fraction} must be in [0, 1); "
                 "the reference uses 0.25, 0 turns redistribution off."
             )
-        if self.augment_max_magnitude < 0:
-            raise ValueError(f"--augment_max_magnitude={self.augment_max_magnitude} must be >= 0.")
+        if not 0 <= self.augment_max_magnitude <= MAX_AUGMENT_MAGNITUDE:
+            raise ValueError(
+                f"--augment_max_magnitude={self.augment_max_magnitude} must be in [0, {MAX_AUGMENT_MAGNITUDE}] "
+                "(RandAugment's 31 magnitude bins); the reference uses 5."
+            )
         if not self.augment_alpha > 0:
             raise ValueError(f"--augment_alpha={self.augment_alpha} must be > 0; the reference uses 5.")
         if self.redistribution_enabled and self.num_shards < 2:
@@ -212,7 +234,7 @@ class MemFreeConfig:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".memfree_config.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+                json.dump(self.to_dict(), f, indent=2, sort_keys=True, allow_nan=False)  # strict JSON, never Infinity/NaN
                 f.write("\n")
             os.replace(tmp, path)
         except BaseException:

@@ -44,6 +44,19 @@ def test_reference_setting_is_valid():
         ({"redistribute_at": "epoch"}, "--redistribute_at='epoch'"),
         ({"augment_max_magnitude": -1}, "--augment_max_magnitude=-1"),
         ({"augment_alpha": 0.0}, "--augment_alpha=0.0"),
+        # non-finite and out-of-range values of every numeric flag
+        ({"agc_ratio": float("inf")}, "--agc_ratio=inf"),
+        ({"agc_ratio": 0.5}, "--agc_ratio=0.5"),  # below 1 skips samples above the mean loss
+        ({"agc_ratio": 11.0}, "--agc_ratio=11.0"),  # above 10 skips almost nothing
+        ({"agc_ema": float("nan")}, "--agc_ema=nan"),
+        ({"num_shards": 2, "agc_ratio": 1.25, "redistribute_fraction": float("nan")}, "--redistribute_fraction=nan"),
+        ({"agc_ratio": 1.25, "augment_alpha": float("inf")}, "--augment_alpha=inf"),
+        ({"augment_alpha": float("nan")}, "--augment_alpha=nan"),
+        ({"augment_max_magnitude": 31}, "--augment_max_magnitude=31"),  # RandAugment has bins 0..30
+        ({"num_shards": 2.5}, "--num_shards=2.5"),  # from a hand-edited JSON
+        ({"merge_every": True}, "--merge_every=True"),
+        ({"agc_ratio": "1.25"}, "--agc_ratio='1.25'"),
+        ({"loss_aware_augmentation": "yes"}, "--loss_aware_augmentation='yes'"),
     ],
 )
 def test_bad_values_raise_one_line_naming_the_flag(kwargs, flag):
@@ -145,3 +158,37 @@ def test_check_compatible_names_structural_differences_only():
     )
     with pytest.raises(ValueError, match="--proxy_optimizer_state=per_proxy but this run uses"):
         MemFreeConfig(num_shards=4, proxy_optimizer_state="shared").check_compatible(old)
+
+
+@pytest.mark.parametrize("flag", ["--agc_ratio=inf", "--agc_ratio=nan", "--agc_ema=inf", "--augment_alpha=-inf"])
+def test_non_finite_flags_are_rejected_from_the_command_line(flag):
+    """argparse's float() accepts 'inf' and 'nan'; the config must not."""
+    with pytest.raises(ValueError, match="must be a finite number"):
+        MemFreeConfig.from_args(_parse([flag]))
+
+
+def test_range_edges_are_accepted():
+    """The documented ranges are closed where the text says so: ratio 1 and 10, magnitude 0 and 30."""
+    for ratio in (1.0, 10.0):
+        assert MemFreeConfig(agc_ratio=ratio).agc_ratio == ratio
+    for magnitude in (0, 30):
+        assert MemFreeConfig(augment_max_magnitude=magnitude).augment_max_magnitude == magnitude
+
+
+def test_saved_json_is_strict_json(tmp_path):
+    """Even a config that bypassed validation is never written as non-JSON (``Infinity``)."""
+    cfg = MemFreeConfig(agc_ratio=1.25)
+    object.__setattr__(cfg, "agc_ratio", float("inf"))
+    with pytest.raises(ValueError, match="Out of range float"):
+        cfg.save_json(tmp_path / "memfree_config.json")
+    assert list(tmp_path.iterdir()) == []  # no partial file either
+    good = tmp_path / "good.json"
+    MemFreeConfig(agc_ratio=1.25).save_json(good)
+    json.loads(good.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_load_json_rejects_infinity(tmp_path):
+    path = tmp_path / "memfree_config.json"
+    path.write_text(json.dumps({**MemFreeConfig().to_dict(), "agc_ratio": float("inf")}))  # Python writes 'Infinity'
+    with pytest.raises(ValueError, match="--agc_ratio=inf must be a finite number"):
+        MemFreeConfig.load_json(path)
