@@ -18,6 +18,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1.")
     if args.pixel_size < 0:
         p.error("--pixel_size must be >= 0.")
+    # SSCD similarity is a cosine in [-1, 1]: a threshold >= 1 makes every model look clean, a
+    # negative one every model look like a copier, NaN compares false everywhere.
+    if not 0 <= args.threshold < 1:
+        p.error(f"--threshold={args.threshold} must be a similarity in [0, 1) (0.5 in the papers, 0.75 for SSCD's copy criterion).")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        p.error(f"--guidance_scale={args.guidance_scale} must be a finite number >= 0 (7.5 is diffusers' default).")
+    if args.num_prompts < 1:
+        p.error(f"--num_prompts={args.num_prompts} must be >= 1.")
+    if args.resolution is not None and args.resolution < 8:
+        p.error(f"--resolution={args.resolution} must be >= 8 pixels (or left unset for the model's own size).")
     return args
 
 
