@@ -63,9 +63,12 @@ def _card(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="sd-memfree card", description="Put the scorer's metrics into a trained model's card (and push).")
     p.add_argument("model_dir", help="the training script's --output_dir")
     p.add_argument("--metrics", required=True, help="metrics.json written by `sd-memfree score`")
-    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--push_to_hub", action="store_true",
+                   help="Upload the model, the card (and the images it shows) and memfree_config.json; nothing else in the folder.")
     p.add_argument("--hub_model_id", default=None)
-    p.add_argument("--hub_token", default=None)
+    p.add_argument("--hub_token", default=None, help="Hub token (default: the stored `hf auth login`); never written anywhere.")
+    p.add_argument("--hub_upload_memfree_state", action="store_true",
+                   help="Also upload memfree_state.json (it lists the training samples AGC skipped most: kept local by default).")
     a = p.parse_args(argv)
     model_dir = Path(a.model_dir)
     needed = [model_dir / "train_args.json", model_dir / "memfree_config.json", Path(a.metrics)]
@@ -83,7 +86,10 @@ def _card(argv: list[str]) -> None:
                          dataset=train_args.get("dataset_name") or train_args.get("train_data_dir"), images=images or None)
     print(model_dir / "README.md")
     if a.push_to_hub:
-        print(hub.push_to_hub(model_dir, repo_id, token=a.hub_token))
+        try:
+            print(hub.push_to_hub(model_dir, repo_id, token=a.hub_token, include_memfree_state=a.hub_upload_memfree_state))
+        except hub.HubError as e:
+            p.error(str(e))
 
 
 COMMANDS = {

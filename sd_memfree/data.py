@@ -2,9 +2,10 @@
 sample ids, and the batch sampler that feeds each proxy from its own shard.
 
 Invariants:
-- ``load_image_caption_dataset`` either returns a non-empty dataset whose image column decodes
-  and whose caption column exists, or raises ``DataError`` with one line naming the fix, before
-  any model is loaded.
+- ``load_image_caption_dataset`` either returns a non-empty dataset whose every image decodes in
+  full and whose every caption is a non-empty string (or a list of them), or raises ``DataError``
+  with one line naming the bad files and the fix, before any model is loaded. A bad sample is
+  never found mid-run. ``check_samples(..., drop_bad=True)`` drops them instead and says which.
 - ``ShardBatchSampler`` is a pure function of (members, generation, seed, schedule, origin, micro-step): the
   batch drawn at micro-step ``m`` never depends on how many batches were prefetched, whether the
   run was resumed, or ``--dataloader_num_workers``. Each element carries its own augmentation
@@ -35,8 +36,13 @@ def _check_local_metadata(folder: Path, image_column: str) -> None:
     meta = folder / "metadata.jsonl"
     if not meta.exists():
         return
-    with open(meta, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(meta, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{meta}:{lineno} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
             if not line.strip():
                 continue
             try:
@@ -111,30 +117,107 @@ def load_image_caption_dataset(
     if max_train_samples is not None:
         ds = ds.shuffle(seed=seed).select(range(min(max_train_samples, len(ds))))
     if verify_images:
-        verify_image_column(ds, image_column)
+        ds, _ = check_samples(ds, image_column, caption_column)
     return ds, image_column, caption_column
 
 
-def verify_image_column(ds, image_column: str) -> None:
-    """Open every image header once (PIL ``verify``) so corrupt files fail now, not mid-run."""
-    import datasets
+def _caption_problem(caption) -> str | None:
+    """Why a caption cannot be trained on, or None. Captions are strings or non-empty lists of
+    strings (upstream picks one at random); None, empty and other types stop the run."""
+    if isinstance(caption, str):
+        return None if caption.strip() else "empty caption"
+    if isinstance(caption, (list, tuple)):
+        if caption and all(isinstance(c, str) and c.strip() for c in caption):
+            return None
+        return "caption list is empty or holds a non-string/empty entry"
+    return f"caption is {caption!r}" if caption is None else f"caption is a {type(caption).__name__}, not a string"
+
+
+def _image_problem(item) -> str | None:
+    """Decode one image in full (``load``, not just ``verify``: a truncated JPEG or a PNG whose
+    compressed data is corrupt has a valid header and CRCs) and return why it failed, or None."""
     from PIL import Image
 
+    try:
+        if isinstance(item, dict):
+            src = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+            with Image.open(src) as im:
+                im.load()
+        elif isinstance(item, Image.Image):
+            item.load()
+        else:
+            return f"not an image ({type(item).__name__})"
+    except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, zlib.error, ...)
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    return None
+
+
+def _where(item, index: int) -> str:
+    path = item.get("path") if isinstance(item, dict) else None
+    return f"{path} (sample {index})" if path else f"sample {index}"
+
+
+def check_samples(ds, image_column: str, caption_column: str, drop_bad: bool = False, num_workers: int | None = None,
+                  progress: bool = True, chunk_size: int = 256):
+    """Decode every image in full and check every caption, before any model loads.
+
+    Images are decoded in threads (PIL releases the GIL while decoding) in chunks, so memory
+    stays bounded on large sets; a progress bar shows the pass. See docs/design.md for the cost.
+
+    Args:
+        ds: a ``datasets.Dataset``.
+        image_column, caption_column: its columns.
+        drop_bad: drop bad samples (returned in the report) instead of raising.
+        num_workers: decoding threads (default: the CPU count, at most 16).
+        progress: show a tqdm bar.
+        chunk_size: images handed to the threads at a time.
+
+    Returns:
+        ``(dataset, dropped)``: the dataset (without the bad samples when ``drop_bad``) and one
+        ``{"index", "where", "problem"}`` dict per bad sample (indices of the dataset given).
+
+    Raises:
+        DataError: there are bad samples and ``drop_bad`` is False; one line naming them and the fix.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import datasets
+    from tqdm.auto import tqdm
+
+    bad: dict[int, dict] = {}
+    for i, caption in enumerate(ds[caption_column]):
+        problem = _caption_problem(caption)
+        if problem:
+            bad[i] = {"index": i, "where": f"sample {i}", "problem": problem}
     raw = ds.cast_column(image_column, datasets.Image(decode=False)) if isinstance(ds.features.get(image_column), datasets.Image) else ds
-    for i, item in enumerate(raw[image_column] if len(raw) <= 100_000 else (raw[j][image_column] for j in range(len(raw)))):
-        where = f"sample {i}"
-        try:
-            if isinstance(item, dict):
-                where = item.get("path") or where
-                src = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-                with Image.open(src) as im:
-                    im.verify()
-            elif isinstance(item, Image.Image):
-                item.load()
-            else:
-                raise TypeError(f"not an image ({type(item).__name__})")
-        except Exception as e:  # PIL raises many types for bad files
-            raise DataError(f"image {where} cannot be read ({type(e).__name__}: {e}); replace or remove it.") from None
+    raw = raw.select_columns([image_column])
+    workers = num_workers or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=len(raw), desc="Checking images", unit="img", disable=not progress or None) as bar:
+        start = 0
+        for chunk in raw.iter(batch_size=chunk_size):
+            items = chunk[image_column]
+            for j, (item, problem) in enumerate(zip(items, pool.map(_image_problem, items))):
+                where = _where(item, start + j)
+                if start + j in bad:  # the caption's problem is already listed; name the file
+                    bad[start + j]["where"] = where
+                if problem:
+                    entry = bad.setdefault(start + j, {"index": start + j, "where": where, "problem": problem})
+                    if entry["problem"] != problem:
+                        entry["problem"] += f"; {problem}"
+            start += len(items)
+            bar.update(len(items))
+    dropped = [bad[i] for i in sorted(bad)]
+    if dropped and not drop_bad:
+        shown = "; ".join(f"{d['where']}: {d['problem']}" for d in dropped[:5])
+        more = f" (and {len(dropped) - 5} more)" if len(dropped) > 5 else ""
+        raise DataError(f"{len(dropped)} of {len(ds)} training samples cannot be used: {shown}{more}; "
+                        "fix or remove them, or pass --drop_bad_samples to train without them.")
+    if dropped:
+        if len(dropped) == len(ds):
+            raise DataError(f"all {len(ds)} training samples are bad (first: {dropped[0]['where']}: {dropped[0]['problem']}); fix the data.")
+        ds = ds.select([i for i in range(len(ds)) if i not in bad])
+    return ds, dropped
 
 
 def check_resolution(resolution: int, vae_scale_factor: int, unet_downsample: int) -> None:

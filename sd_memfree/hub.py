@@ -2,18 +2,24 @@
 
 The card says which mitigation was on (IET-AGC / IET-AGC+, with the settings that were used), how
 memorization was scored (or how to score it), how to load the model, and the key training settings.
-The upload sends the final model only: checkpoints, temporary folders and logs stay local.
+The upload sends an allow-list (:func:`upload_allow_patterns`): the model, the card and the
+images it shows, ``memfree_config.json``. Everything else in ``output_dir`` stays local.
 
 Invariants:
-    - :func:`files_to_upload` filters with ``huggingface_hub.utils.filter_repo_objects`` and the
-      same default patterns as ``HfApi.upload_folder``, so it lists exactly what
-      :func:`push_to_hub` sends.
+    - :func:`files_to_upload` filters with ``huggingface_hub.utils.filter_repo_objects`` with the
+      same allow and ignore patterns that :func:`push_to_hub` passes to ``HfApi.upload_folder``
+      (plus huggingface_hub's defaults, which ``upload_folder`` adds), so it lists exactly what
+      is sent.
+    - The card names no local path: a local base model, dataset or scorer file appears by its
+      folder or file name only; no secret (``SECRET_ARGS``) is ever written.
     - Nothing here touches the network unless :func:`push_to_hub` is called with a real ``HfApi``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +27,6 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
-
-from sd_memfree.checkpointing import CHECKPOINT_PREFIX, TMP_PREFIX
 
 PAPER_IET_AGC = "https://arxiv.org/abs/2407.15328"
 PAPER_IET_AGC_PLUS = "https://arxiv.org/abs/2502.09434"
@@ -78,6 +82,13 @@ def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _public_value(value: Any) -> Any:
+    """A scorer setting as the card may show it: a path that is not a Hub id becomes its last part."""
+    if isinstance(value, str) and (os.sep in value or "/" in value) and _hub_id_or_none(value) is None:
+        return Path(value).name
+    return value
+
+
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -89,6 +100,8 @@ def memorization_section(
     *,
     model: str = "<output_dir>",
     train_data_dir: str = "<train_data_dir>",
+    lora_weights: str | None = None,
+    dataset_name: str | None = None,
 ) -> str:
     """The model card's memorization section (markdown, starting with a ``##`` heading).
 
@@ -99,24 +112,29 @@ def memorization_section(
             None (or empty) when the model has not been scored.
         model: what ``--model`` is in the scoring command shown when unscored.
         train_data_dir: what ``--train_data_dir`` is in that command.
+        lora_weights: ``--lora_weights`` of that command (LoRA models), or None.
+        dataset_name: a Hub dataset: the command uses ``--dataset_name`` instead.
 
     Returns:
         A table of the scores and a list of the scorer settings, or, when unscored, a line
-        saying so and the exact command to score the model.
+        saying so and the exact command to score the model. The scorer's ``top_matches`` (training
+        captions, file names) and other lists are left out; local paths appear as their last part.
     """
     lines = ["## Memorization", ""]
     if not metrics:
+        weights = f" --lora_weights {lora_weights}" if lora_weights else ""
+        data = f"--dataset_name {dataset_name}" if dataset_name else f"--train_data_dir {train_data_dir}"
         lines += [
             "This model has not been scored for memorization yet. Score it with:",
             "",
             "```bash",
-            f"sd-memfree score --model {model} --train_data_dir {train_data_dir} "
+            f"sd-memfree score --model {model}{weights} {data} "
             "--sscd_model sscd_disc_large --out report/",
             "```",
         ]
         return "\n".join(lines) + "\n"
 
-    flat = _flatten(metrics)
+    flat = {k: _public_value(v) for k, v in _flatten(metrics).items() if not isinstance(v, (list, tuple))}
     settings = {
         k: v
         for k, v in flat.items()
@@ -276,6 +294,9 @@ def write_model_card(
     output_dir.mkdir(parents=True, exist_ok=True)
     hub_base_model = _hub_id_or_none(base_model)
     hub_dataset = _hub_id_or_none(dataset)
+    # A local folder is named by its last part only: the card is public, the machine's paths are not.
+    base_shown = base_model if hub_base_model else f"path/to/{Path(base_model).name}"
+    data_shown = None if dataset is None else dataset if hub_dataset else Path(dataset).name
     card_data = ModelCardData(
         license="creativeml-openrail-m",
         base_model=hub_base_model,
@@ -286,13 +307,15 @@ def write_model_card(
     body = [
         f"# {repo_id}",
         "",
-        f"{'LoRA adapters for' if is_lora else 'A fine-tune of'} `{base_model}`"
-        + (f" on `{dataset}`" if dataset else "")
+        f"{'LoRA adapters for' if is_lora else 'A fine-tune of'} `{base_model if hub_base_model else Path(base_model).name}`"
+        + ("" if hub_base_model else " (a local model folder)")
+        + (f" on `{data_shown}`" + ("" if hub_dataset else " (a local image folder)") if dataset else "")
         + ", trained with sd-memfree, which mitigates memorization of the training images.",
         "",
         _method_description(method_config),
-        memorization_section(metrics, model=str(output_dir), train_data_dir=dataset or "<train_data_dir>"),
-        _usage(repo_id, base_model, is_lora),
+        memorization_section(metrics, model=base_shown if is_lora else repo_id, lora_weights=repo_id if is_lora else None,
+                             train_data_dir=f"path/to/{data_shown}" if data_shown else "<train_data_dir>", dataset_name=hub_dataset),
+        _usage(repo_id, base_shown, is_lora),
         _training_section(training_args, is_lora),
     ]
     if images:
@@ -309,36 +332,101 @@ def write_model_card(
     return path
 
 
-def upload_ignore_patterns(logging_dir: str = "logs") -> list[str]:
-    """Patterns (relative to ``output_dir``) that are never uploaded.
+# Names of arguments that are secrets: never written to train_args.json, a tracker config, a log
+# or a model card.
+SECRET_ARGS = ("hub_token",)
 
-    Checkpoints and temporary checkpoint folders (resume state, not a model), the TensorBoard /
-    W&B logs folder (``--logging_dir``, relative to ``output_dir`` as in the diffusers scripts),
-    intermediate ``step_*`` / ``epoch_*`` saves and partial files. Returns a new list on each
-    call, because ``HfApi.upload_folder`` extends the list it is given.
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# Files of a run's folder that are published (with the pipeline's component folders and the
+# images the card shows). memfree_state.json is not among them: it lists the samples AGC skipped
+# most, i.e. the training images the model found easiest to memorise.
+UPLOADED_FILES = ("README.md", "memfree_config.json", "model_index.json", LORA_WEIGHTS_NAME)
+MEMFREE_STATE_NAME = "memfree_state.json"
+# Even inside an allowed folder: partial writes never go out.
+UPLOAD_IGNORE_PATTERNS = ("*.partial", "*.tmp")
+
+
+class HubError(ValueError):
+    """The Hub refused a request (bad repo id, token or permissions), reported in one line."""
+
+
+def _pipeline_components(folder: Path) -> list[str]:
+    """Component folders named in ``model_index.json`` (``unet``, ``vae``, ...; not the ones set
+    to null, like a removed safety checker)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return []
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return sorted(k for k, v in entries.items()
+                  if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None and (folder / k).is_dir())
+
+
+def _card_images(folder: Path) -> list[str]:
+    """Image files in ``folder`` that ``README.md`` shows (``![...](./name.png)``)."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return []
+    names = re.findall(r"!\[[^\]]*\]\(\./([^)/\\\s]+)\)", card.read_text(encoding="utf-8", errors="replace"))
+    return sorted({n for n in names if Path(n).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and (folder / n).is_file()})
+
+
+def upload_allow_patterns(output_dir: str | os.PathLike, include_memfree_state: bool = False) -> list[str]:
+    """The allow-list of an upload of ``output_dir`` (patterns for ``upload_folder``).
+
+    The model (the pipeline's component folders named in ``model_index.json``, or the LoRA
+    weights file), the model card and the images it shows, ``memfree_config.json``; with
+    ``include_memfree_state`` also ``memfree_state.json``. Nothing else: not checkpoints, logs
+    (wherever ``--logging_dir`` points), ``train_args.json`` (local paths), crash leftovers
+    (``.tmp-*``, ``.old-*``), scorer reports or other files that happen to be in the folder.
     """
-    return [
-        f"{CHECKPOINT_PREFIX}*",
-        f"{TMP_PREFIX}*",
-        f"{Path(logging_dir).as_posix().rstrip('/')}/**",
-        "step_*",
-        "epoch_*",
-        "*.partial",
-    ]
+    folder = Path(output_dir)
+    patterns = [*UPLOADED_FILES, *(f"{c}/*" for c in _pipeline_components(folder)), *_card_images(folder)]
+    if include_memfree_state:
+        patterns.append(MEMFREE_STATE_NAME)
+    return patterns
 
 
-def files_to_upload(output_dir: str | os.PathLike, ignore_patterns: list[str] | None = None) -> list[str]:
+def files_to_upload(output_dir: str | os.PathLike, allow_patterns: list[str] | None = None,
+                    ignore_patterns: list[str] | None = None) -> list[str]:
     """The relative paths ``HfApi.upload_folder`` sends from ``output_dir``, sorted.
 
     Lists files the way ``upload_folder`` does (every file under the folder, POSIX relative
-    paths) and filters them with huggingface_hub's own ``filter_repo_objects``, with the given
-    patterns (default :func:`upload_ignore_patterns`) plus huggingface_hub's default ones.
+    paths) and filters them with huggingface_hub's own ``filter_repo_objects`` with the given
+    allow patterns (default :func:`upload_allow_patterns`), the ignore patterns (default
+    ``UPLOAD_IGNORE_PATTERNS``) and huggingface_hub's default ignore patterns.
     """
     folder = Path(output_dir).expanduser().resolve()
-    patterns = list(upload_ignore_patterns() if ignore_patterns is None else ignore_patterns)
-    patterns += DEFAULT_IGNORE_PATTERNS
+    allow = upload_allow_patterns(folder) if allow_patterns is None else list(allow_patterns)
+    ignore = list(UPLOAD_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns) + DEFAULT_IGNORE_PATTERNS
     relpaths = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
-    return sorted(filter_repo_objects(relpaths, ignore_patterns=patterns))
+    return sorted(filter_repo_objects(relpaths, allow_patterns=allow, ignore_patterns=ignore))
+
+
+def create_repo(repo_id: str, token: str | None = None, api: HfApi | None = None) -> str:
+    """Create the model repo if it does not exist (as the diffusers scripts do at start-up, so a
+    bad repo id or token fails before training) and return its full id.
+
+    Raises:
+        HubError: one line naming the repo and the fix; never the token.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"--hub_model_id {repo_id!r} is not a valid Hub repo id ({str(e).splitlines()[0]}); use 'name' or 'user/name'.") from None
+    api = api or HfApi(token=token)
+    try:
+        repo_url = api.create_repo(repo_id, exist_ok=True)
+    except Exception as e:  # HTTP, auth and offline errors all mean: no upload possible
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if token:
+            reason = reason.replace(token, "***")
+        raise HubError(f"cannot create or reach the Hub repo {repo_id!r} ({type(e).__name__}: {reason}); "
+                       "check --hub_model_id and your login (`hf auth login`), or drop --push_to_hub.") from None
+    # create_repo fills in the user namespace when repo_id has none; upload there.
+    return getattr(repo_url, "repo_id", None) or repo_id
 
 
 def push_to_hub(
@@ -347,9 +435,9 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "End of training",
     api: HfApi | None = None,
-    logging_dir: str = "logs",
+    include_memfree_state: bool = False,
 ) -> str:
-    """Create the repo if needed and upload ``output_dir`` without checkpoints or logs.
+    """Create the repo if needed and upload the allow-list of ``output_dir``.
 
     Args:
         output_dir: the run's output folder (model, README.md, memfree_*.json).
@@ -357,19 +445,18 @@ def push_to_hub(
         token: Hub token; None uses the stored login.
         commit_message: the commit message.
         api: an ``HfApi`` (tests pass a fake); None creates one with ``token``.
-        logging_dir: ``--logging_dir``, excluded from the upload.
+        include_memfree_state: also upload ``memfree_state.json`` (the most-skipped sample ids).
 
     Returns:
         The repo id the Hub returned (with the namespace filled in).
     """
     api = api or HfApi(token=token)
-    repo_url = api.create_repo(repo_id, exist_ok=True)
-    # create_repo fills in the user namespace when repo_id has none; upload there.
-    repo_id = getattr(repo_url, "repo_id", None) or repo_id
+    repo_id = create_repo(repo_id, token=token, api=api)
     api.upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,
         commit_message=commit_message,
-        ignore_patterns=upload_ignore_patterns(logging_dir),
+        allow_patterns=upload_allow_patterns(output_dir, include_memfree_state),
+        ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),
     )
     return repo_id

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hub_fakes import RecordingApi
 from sd_memfree import cli
 
 
@@ -68,25 +69,15 @@ def test_card_states_memorization_scores_and_pushes(tmp_path, monkeypatch):
                                                        "use_lora": True, "learning_rate": 1e-4, "train_data_dir": "./imgs"}))
     MemFreeConfig(num_shards=4, agc_ratio=1.25).save_json(model / "memfree_config.json")
     (tmp_path / "metrics.json").write_text(json.dumps({"sim_95pc": 0.4321, "frac_gt_0.5": 0.0125}))
-    uploads = []
-
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, repo_id, exist_ok=False, **kw):
-            class R:
-                pass
-
-            r = R()
-            r.repo_id = repo_id
-            return r
-
-        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kw):
-            uploads.append((repo_id, hub.files_to_upload(folder_path, ignore_patterns)))
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
-    cli.main(["card", str(model), "--metrics", str(tmp_path / "metrics.json"), "--push_to_hub", "--hub_model_id", "me/sd-private"])
+    for stray in ("report.html", "per_image.jsonl", "metrics.json", "model_card_snippet.md", "generated/00000.png", "00003.png", "memfree_state.json"):
+        (model / stray).parent.mkdir(exist_ok=True)
+        (model / stray).write_text("x")  # a scorer run with --out inside the model folder, per-image files
+    api = RecordingApi()
+    monkeypatch.setattr(hub, "HfApi", api)
+    cli.main(["card", str(model), "--metrics", str(tmp_path / "metrics.json"), "--push_to_hub", "--hub_model_id", "me/sd-private",
+              "--hub_token", "hf_FAKEtoken"])
     card = (model / "README.md").read_text()
     assert "0.4321" in card and "lora" in card
-    assert uploads and uploads[0][0] == "me/sd-private" and "README.md" in uploads[0][1]
+    assert api.calls[1][1]["repo_id"] == "me/sd-private" and api.tokens[-1] == "hf_FAKEtoken"
+    assert api.uploads == [["README.md", "memfree_config.json", "pytorch_lora_weights.safetensors"]]
+    assert "./imgs" not in card and "`imgs` (a local image folder)" in card

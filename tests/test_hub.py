@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from types import SimpleNamespace
 
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
+import pytest
+from huggingface_hub import ModelCard
 from PIL import Image
 
+from hub_fakes import RecordingApi
 from sd_memfree.hub import (
+    HubError,
+    create_repo,
     files_to_upload,
     memorization_section,
     push_to_hub,
-    upload_ignore_patterns,
+    upload_allow_patterns,
     write_model_card,
 )
 
@@ -136,10 +139,6 @@ def test_card_states_scores_when_given(tmp_path):
 def test_card_gives_scoring_command_when_unscored(tmp_path):
     _, text = card(tmp_path, dataset="./my_images")
     assert "has not been scored for memorization yet" in text
-    assert (
-        f"sd-memfree score --model {tmp_path} --train_data_dir ./my_images "
-        "--sscd_model sscd_disc_large --out report/"
-    ) in text
 
 
 def test_memorization_section_order_and_settings():
@@ -161,7 +160,7 @@ def test_local_base_model_and_dataset_stay_out_of_metadata(tmp_path):
     loaded, text = card(out, base_model=str(local_model), dataset=str(local_model), is_lora=True)
     assert loaded.data.base_model is None
     assert loaded.data.datasets is None
-    assert f'from_pretrained("{local_model}"' in text
+    assert 'from_pretrained("path/to/tiny-sd"' in text and str(local_model) not in text
     loaded, _ = card(out, dataset="lambdalabs/naruto-blip-captions")
     assert loaded.data.datasets == ["lambdalabs/naruto-blip-captions"]
 
@@ -174,109 +173,135 @@ def test_validation_images_saved_and_referenced(tmp_path):
         assert Image.open(tmp_path / f"image_{i}.png").getpixel((0, 0)) == color
 
 
-def make_output_dir(root: Path) -> Path:
+def make_output_dir(root: Path, lora: bool = False) -> Path:
+    """A run folder with the model, its card (showing image_0.png) and everything that must stay
+    local: checkpoints, crash leftovers of an interrupted publish, logs in a custom folder, the
+    run's settings, the skip statistics, scorer outputs and stray images."""
+    model = ["pytorch_lora_weights.safetensors"] if lora else [
+        "unet/diffusion_pytorch_model.safetensors", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+        "model_index.json"]
     for rel in (
-        "unet/diffusion_pytorch_model.safetensors",
-        "unet/config.json",
-        "model_index.json",
+        *model,
         "README.md",
         "image_0.png",
+        "image_7.png",  # not shown by the card
         "memfree_config.json",
         "memfree_state.json",
+        "train_args.json",
+        "dropped_samples.json",
         "checkpoint-10/model.safetensors",
         "checkpoint-10/.complete",
         ".tmp-checkpoint-20/random_states_0.pkl",
         ".tmp-checkpoint-30.old/.complete",
+        ".tmp-final/unet/diffusion_pytorch_model.safetensors",
+        ".old-unet/diffusion_pytorch_model.safetensors",
+        ".old-pytorch_lora_weights.safetensors",
         "logs/train/events.out.tfevents.1.host",
+        "tb/run/events.out.tfevents.2.host",
         "step_100/pytorch_lora_weights.safetensors",
-        "epoch_1/pytorch_lora_weights.safetensors",
+        "report/report.html",
+        "report.html",
+        "per_image.jsonl",
+        "metrics.json",
+        "generated/00000.png",
         "unet/diffusion_pytorch_model.safetensors.partial",
         ".git/config",
     ):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("---\nlicense: mit\n---\n" if rel == "README.md" else "x")
+        path.write_text("x")
+    (root / "README.md").write_text("---\nlicense: mit\n---\n\n![image_0](./image_0.png)\n![gone](./image_5.png)\n")
+    if not lora:
+        (root / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None]}))
+        (root / "safety_checker").mkdir()
+        (root / "safety_checker" / "stray.bin").write_text("x")  # null in model_index.json: not part of the model
     return root
 
 
-# Hand-written: model files, card, its image and the memfree files; nothing else.
-EXPECTED_UPLOAD = [
+# Hand-written: model files, card, the image it shows and memfree_config.json; nothing else.
+EXPECTED_FULL = [
     "README.md",
     "image_0.png",
     "memfree_config.json",
-    "memfree_state.json",
     "model_index.json",
+    "scheduler/scheduler_config.json",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
 ]
+EXPECTED_LORA = ["README.md", "image_0.png", "memfree_config.json", "pytorch_lora_weights.safetensors"]
 
 
-def test_files_to_upload_exact_list(tmp_path):
-    assert files_to_upload(make_output_dir(tmp_path)) == EXPECTED_UPLOAD
+def test_files_to_upload_is_an_allow_list(tmp_path):
+    assert files_to_upload(make_output_dir(tmp_path / "full")) == EXPECTED_FULL
+    assert files_to_upload(make_output_dir(tmp_path / "lora", lora=True)) == EXPECTED_LORA
 
 
-def test_files_to_upload_matches_what_hf_api_would_send(tmp_path, monkeypatch):
-    """Cross-check with HfApi's own folder walk and filter (the step upload_folder runs before
-    it uploads; README validation is a network call, so it is stubbed)."""
+def test_memfree_state_only_with_opt_in(tmp_path):
     out = make_output_dir(tmp_path)
-    api = HfApi()
-    monkeypatch.setattr(api, "_validate_yaml", lambda **kwargs: None)
-    ops = api._prepare_upload_folder_additions(out, "", ignore_patterns=upload_ignore_patterns() + DEFAULT_IGNORE_PATTERNS)
-    assert sorted(op.path_in_repo for op in ops) == files_to_upload(out) == EXPECTED_UPLOAD
+    assert files_to_upload(out, upload_allow_patterns(out, include_memfree_state=True)) == sorted(EXPECTED_FULL + ["memfree_state.json"])
 
 
-def test_custom_logging_dir_is_ignored(tmp_path):
-    (tmp_path / "tb" / "run").mkdir(parents=True)
-    (tmp_path / "tb" / "run" / "events").write_text("x")
-    (tmp_path / "model_index.json").write_text("{}")
-    assert "tb/**" in upload_ignore_patterns(logging_dir="tb")
-    assert files_to_upload(tmp_path, upload_ignore_patterns(logging_dir="tb")) == ["model_index.json"]
-    assert files_to_upload(tmp_path) == ["model_index.json", "tb/run/events"]
-
-
-class FakeApi:
-    """Records calls; create_repo fills in a namespace like the Hub does for a bare name."""
-
-    def __init__(self):
-        self.calls = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-
-
-def test_push_to_hub_records_calls_without_network(tmp_path):
-    api = FakeApi()
-    assert push_to_hub(tmp_path, "sd-private", api=api) == "someone/sd-private"
-    assert api.calls == [
-        ("create_repo", "sd-private", {"exist_ok": True}),
-        (
-            "upload_folder",
-            {
-                "repo_id": "someone/sd-private",
-                "folder_path": tmp_path,
-                "commit_message": "End of training",
-                "ignore_patterns": ["checkpoint-*", ".tmp-checkpoint-*", "logs/**", "step_*", "epoch_*", "*.partial"],
-            },
-        ),
-    ]
-
-
-def test_push_to_hub_passes_logging_dir_and_message(tmp_path):
-    api = FakeApi()
-    push_to_hub(tmp_path, "me/x", commit_message="final", api=api, logging_dir="tb")
-    upload = api.calls[1][1]
-    assert upload["commit_message"] == "final"
-    assert "tb/**" in upload["ignore_patterns"] and "logs/**" not in upload["ignore_patterns"]
+@pytest.mark.parametrize("lora", [False, True])
+def test_push_to_hub_sends_exactly_the_listed_files(tmp_path, lora):
+    """What huggingface_hub itself would send with the kwargs push_to_hub passes equals
+    files_to_upload's list and the hand-written one."""
+    out = make_output_dir(tmp_path, lora=lora)
+    api = RecordingApi()
+    assert push_to_hub(out, "sd-private", api=api) == "someone/sd-private"
+    assert api.calls[0] == ("create_repo", "sd-private", {"exist_ok": True})
+    assert api.calls[1][1]["repo_id"] == "someone/sd-private" and api.calls[1][1]["commit_message"] == "End of training"
+    assert api.uploads == [files_to_upload(out)] == [EXPECTED_LORA if lora else EXPECTED_FULL]
+    push_to_hub(out, "me/x", api=api, include_memfree_state=True, commit_message="final")
+    assert api.uploads[-1] == sorted((EXPECTED_LORA if lora else EXPECTED_FULL) + ["memfree_state.json"])
+    assert api.calls[-1][1]["commit_message"] == "final"
 
 
 def test_written_card_and_images_are_uploaded(tmp_path):
-    """Writing the card adds README.md and image_0/1.png to the upload list, nothing else."""
+    """Writing the card shows image_0 and image_1, so both go out; image_7 (not shown) stays."""
     save_dir = make_output_dir(tmp_path)
-    (save_dir / "image_0.png").unlink()
     write_model_card(save_dir, repo_id="me/x", base_model=BASE, method_config=ALL_OFF, training_args=ARGS,
                      is_lora=False, images=[Image.new("RGB", (4, 4))] * 2)
-    assert files_to_upload(save_dir) == sorted(EXPECTED_UPLOAD + ["image_1.png"])
+    assert files_to_upload(save_dir) == sorted(EXPECTED_FULL + ["image_1.png"])
+
+
+def test_create_repo_failure_is_one_line_without_the_token():
+    token = "hf_FAKEtoken0123456789"
+    api = RecordingApi(fail=RuntimeError(f"401 Client Error: Unauthorized for token {token}\nmore detail"))
+    with pytest.raises(HubError) as err:
+        create_repo("me/x", token=token, api=api)
+    msg = str(err.value)
+    assert "\n" not in msg and token not in msg
+    assert "'me/x'" in msg and "hf auth login" in msg
+    with pytest.raises(HubError, match="not a valid Hub repo id"):
+        create_repo("me/x/y", api=RecordingApi())
+
+
+def test_card_has_no_local_paths(tmp_path):
+    """A local base model, dataset and scorer files appear by name only; the scorer's top matches
+    (training captions) are not in the card."""
+    local_model = tmp_path / "secret-place" / "tiny-sd"
+    local_model.mkdir(parents=True)
+    data = tmp_path / "secret-place" / "my-images"
+    metrics = {**METRICS, "sscd_model": str(tmp_path / "secret-place" / "sscd.pt"),
+               "run": {"generated_dir": str(tmp_path / "secret-place" / "gen"), "dataset": str(data)},
+               "top_matches": [{"prompt": "a private caption", "generated_file": "00001.png"}]}
+    out = tmp_path / "out"
+    for is_lora in (False, True):
+        for m in (None, metrics):
+            _, text = card(out, base_model=str(local_model), dataset=str(data), is_lora=is_lora, metrics=m)
+            assert str(tmp_path) not in text and "secret-place" not in text and "a private caption" not in text
+            assert "`tiny-sd` (a local model folder)" in text and "`my-images` (a local image folder)" in text
+    assert "- `sscd_model`: sscd.pt" in text
+
+
+def test_scoring_command_in_unscored_card(tmp_path):
+    """Full model: score the published repo; LoRA: the base model plus --lora_weights; a Hub
+    dataset is passed as --dataset_name."""
+    _, text = card(tmp_path, dataset="./my_images")
+    assert "sd-memfree score --model me/sd-private --train_data_dir path/to/my_images --sscd_model" in text
+    _, text = card(tmp_path, is_lora=True, dataset="lambdalabs/naruto-blip-captions")
+    assert (f"sd-memfree score --model {BASE} --lora_weights me/sd-private --dataset_name lambdalabs/naruto-blip-captions "
+            "--sscd_model sscd_disc_large --out report/") in text

@@ -147,8 +147,8 @@ def test_push_to_hub_uploads_model_not_checkpoints(tiny_model_dir, tiny_data_dir
             r.repo_id = repo_id
             return r
 
-        def upload_folder(self, repo_id, folder_path, commit_message=None, ignore_patterns=None, **kw):
-            calls.append(("upload", repo_id, sorted(hub.files_to_upload(folder_path, ignore_patterns))))
+        def upload_folder(self, repo_id, folder_path, commit_message=None, allow_patterns=None, ignore_patterns=None, **kw):
+            calls.append(("upload", repo_id, sorted(hub.files_to_upload(folder_path, allow_patterns, ignore_patterns))))
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
     out = tmp_path / "pushed"

@@ -116,12 +116,23 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=4, help="The dimension of the LoRA update matrices (with --use_lora).")
     # --- ours -----------------------------------------------------------------------------
     parser.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (as train_text_to_image_lora.py) instead of the full UNet.")
+    parser.add_argument("--hub_upload_memfree_state", action="store_true",
+                        help="With --push_to_hub, also upload memfree_state.json. It lists the samples AGC skipped most, i.e. the training "
+                             "images the model found easiest to memorise (a target list for extraction attacks): kept local by default.")
+    parser.add_argument("--drop_bad_samples", action="store_true",
+                        help="Drop samples whose image does not decode or whose caption is missing/empty (listed in the log and in "
+                             "output_dir/dropped_samples.json) instead of stopping at start-up.")
     MemFreeConfig.add_arguments(parser)
 
     args = parser.parse_args(argv)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        parser.error("--hub_token with --report_to=wandb would expose the token (W&B records the command line); "
+                     "log in with `hf auth login` (or `huggingface-cli login`) and drop --hub_token.")
+    if args.hub_upload_memfree_state and not args.push_to_hub:
+        parser.error("--hub_upload_memfree_state only applies with --push_to_hub; add --push_to_hub or drop the flag.")
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("no training data given: pass --dataset_name (Hub name or local folder) or --train_data_dir (imagefolder).")
     if args.dream_training:
@@ -207,7 +218,7 @@ def main(args) -> dict:
     from sd_memfree import checkpointing, hub
     from sd_memfree.agc import LossBank, SkipStats
     from sd_memfree.data import (IndexedCaptionDataset, ShardBatchSampler, build_image_transforms, check_resolution,
-                                 collate, load_image_caption_dataset)
+                                 check_samples, collate, load_image_caption_dataset)
     from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
     from sd_memfree.proxies import ProxySet, check_spread, schedule_position
     from sd_memfree.shards import ShardAssignment
@@ -253,7 +264,13 @@ def main(args) -> dict:
         dataset, image_column, caption_column = load_image_caption_dataset(
             dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
             cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
-            max_train_samples=args.max_train_samples, seed=args.seed)
+            max_train_samples=args.max_train_samples, seed=args.seed, verify_images=False)
+    # Every image decoded and every caption checked now, so no bad sample stops the run mid-way.
+    dataset, dropped = check_samples(dataset, image_column, caption_column, drop_bad=args.drop_bad_samples,
+                                     progress=accelerator.is_local_main_process)
+    if dropped:
+        log.warning(f"--drop_bad_samples: dropped {len(dropped)} bad sample(s), listed in {output_dir / 'dropped_samples.json'}: "
+                    + "; ".join(f"{d['where']}: {d['problem']}" for d in dropped[:5]))
     num_samples = len(dataset)
     assignment = ShardAssignment(num_samples, K, seed)  # [memfree] raises if K > num_samples
     resume_dir = checkpointing.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
@@ -275,6 +292,10 @@ def main(args) -> dict:
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if dropped:  # local only: it names training files
+            (output_dir / "dropped_samples.json").write_text(json.dumps(dropped, indent=2))
+        if args.push_to_hub:  # as upstream: a bad repo id or token fails now, not after training
+            args.hub_model_id = hub.create_repo(args.hub_model_id or output_dir.name, token=args.hub_token)
 
     # ---- Models -----------------------------------------------------------------------------------
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
@@ -401,7 +422,8 @@ def main(args) -> dict:
         sampler.set_members([assignment.members(k) for k in range(K)], counters.sampler_origin, counters.redistributions)
         log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
 
-    plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    # Secrets (--hub_token) never reach train_args.json, the tracker config or the card.
+    plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
 
     def write_run_config(folder: Path) -> None:
         """The resolved settings, beside the model and in every checkpoint (resume checks them)."""
@@ -609,12 +631,12 @@ def main(args) -> dict:
                 pipe.load_lora_weights(str(output_dir))
                 parts = {"unet": pipe.unet}
             images = log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit, is_final=True)
-        repo_id = args.hub_model_id or output_dir.name
+        repo_id = args.hub_model_id or output_dir.name  # the full id create_repo returned, with --push_to_hub
         hub.write_model_card(output_dir, repo_id=repo_id, base_model=args.pretrained_model_name_or_path, method_config=mf.to_dict(),
                              training_args={k: getattr(args, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "resolution", "mixed_precision", "gradient_accumulation_steps", "seed")},
                              is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir)
         if args.push_to_hub:
-            summary["hub_repo"] = hub.push_to_hub(output_dir, repo_id, token=args.hub_token)
+            summary["hub_repo"] = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, include_memfree_state=args.hub_upload_memfree_state)
     accelerator.end_training()
     return summary
 
@@ -626,7 +648,7 @@ def cli(argv=None) -> None:
     args = parse_args(argv)
     try:
         main(args)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:  # hub.HubError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
