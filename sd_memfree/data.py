@@ -220,12 +220,28 @@ def check_samples(ds, image_column: str, caption_column: str, drop_bad: bool = F
     return ds, dropped
 
 
-def check_resolution(resolution: int, vae_scale_factor: int, unet_downsample: int) -> None:
-    """The VAE and UNet need a resolution divisible by their total downsampling."""
-    factor = vae_scale_factor * unet_downsample
-    if resolution <= 0 or resolution % factor != 0:
-        lo = max(factor, resolution // factor * factor)
-        raise DataError(f"--resolution={resolution} cannot be taken by this model: it must be a multiple of {factor} (e.g. {lo} or {lo + factor}).")
+def check_resolution(resolution: int, vae_scale_factor: int, generates_images: bool = False) -> None:
+    """Accept exactly the resolutions this model trains at (measured in tests/test_resolution.py).
+
+    The VAE encoder halves the image ``len(block_out_channels) - 1`` times with a padded stride-2
+    conv, so the latent has ``resolution // vae_scale_factor`` pixels a side, which must be >= 1.
+    The UNet takes any latent size: when it is not divisible by ``2**num_upsamplers``, diffusers'
+    ``UNet2DConditionModel.forward`` passes ``upsample_size`` so each up block matches its skip
+    connection (``forward_upsample_size``). Generating images (validation prompts) goes through
+    ``StableDiffusionPipeline``, whose ``check_inputs`` requires a multiple of 8.
+
+    Args:
+        resolution: ``--resolution``.
+        vae_scale_factor: ``2 ** (len(vae.config.block_out_channels) - 1)``.
+        generates_images: validation images are generated at this resolution.
+    """
+    if resolution < vae_scale_factor:
+        raise DataError(f"--resolution={resolution} is too small for this model: its VAE downsamples by {vae_scale_factor}, "
+                        f"so use at least {vae_scale_factor}.")
+    if generates_images and resolution % 8 != 0:
+        lo = max(8, resolution // 8 * 8)
+        raise DataError(f"--resolution={resolution} trains, but validation images are generated with StableDiffusionPipeline, "
+                        f"which needs a multiple of 8 (e.g. {lo} or {lo + 8}); pick one or drop the validation prompts.")
 
 
 def build_image_transforms(resolution: int, center_crop: bool, random_flip: bool, interpolation: str = "lanczos"):

@@ -220,8 +220,10 @@ def test_model_folder_missing_or_incomplete(capsys, tiny_model_dir, tiny_data_di
 
 def test_resolution_the_vae_cannot_take(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
     argv = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "o")
-    argv = [a for a in argv if not a.startswith("--resolution")] + ["--resolution=30"]
-    _one_line_error(capsys, argv, r"--resolution=30 .* multiple of 4 \(e\.g\. 28 or 32\)")
+    argv = [a for a in argv if not a.startswith("--resolution")] + ["--resolution=1"]
+    _one_line_error(capsys, argv, r"--resolution=1 is too small for this model: its VAE downsamples by 2, so use at least 2\.")
+    _one_line_error(capsys, argv[:-1] + ["--resolution=30", "--validation_prompt=a ring"],
+                    r"--resolution=30 trains, but .* multiple of 8 \(e\.g\. 24 or 32\)")
 
 
 def test_upstream_options_together_full(tiny_model_dir, tiny_data_dir, tmp_path):

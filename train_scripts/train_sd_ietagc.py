@@ -257,9 +257,9 @@ def main(args) -> dict:
 
     # ---- Validate everything a user can get wrong, before any model loads ----------------------
     check_model_folder(args.pretrained_model_name_or_path)
-    unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision)
     vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
-    check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1), 2 ** (len(unet_config["block_out_channels"]) - 1))
+    check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1),
+                     generates_images=bool(args.validation_prompts or args.validation_prompt))
     with accelerator.main_process_first():
         dataset, image_column, caption_column = load_image_caption_dataset(
             dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
