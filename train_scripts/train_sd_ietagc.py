@@ -244,6 +244,7 @@ def main(args) -> dict:
         raise RunStopped(f"stopped by {name} before training started; nothing was written. Rerun the same command to start again.",
                          SIGNAL_EXIT_CODES.get(e.signum, 128 + e.signum)) from None
     except Exception as e:
+        close_progress_bars()
         if is_disk_full(e):
             raise RunStopped(disk_full_message(e, args.output_dir)) from None
         raise
@@ -257,6 +258,14 @@ def main(args) -> dict:
             lock.release()
             if lock.created_dir and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # a run stopped by bad input leaves no trace
+
+
+def close_progress_bars() -> None:
+    """End open tqdm bars with their newline, so an error message starts a line of its own."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def signal_name(signum: int) -> str:
