@@ -121,19 +121,23 @@ class SkipStats:
         self.seen = torch.zeros(num_proxies, num_buckets, dtype=torch.long, device=device)
         self.skipped = torch.zeros_like(self.seen)
 
-    def update(self, keep: torch.Tensor, timesteps: torch.Tensor, proxy: int) -> None:
+    def update(self, keep: torch.Tensor, timesteps: torch.Tensor, proxy: int, valid: torch.Tensor | None = None) -> None:
         """Count one micro-batch of proxy ``proxy``; no host-device sync.
 
         Args:
             keep: BoolTensor [B] from ``LossBank.keep_mask``.
             timesteps: LongTensor [B], on this object's device.
             proxy: index of the proxy that trained on the batch.
+            valid: BoolTensor [B], False for a sample whose loss is not finite: it is neither seen
+                nor skipped (a diverging run must not read as "everything skipped"; the training
+                script's non-finite check reports it). None counts every sample.
         """
         if not 0 <= proxy < self.num_proxies:
             raise ValueError(f"proxy={proxy} is out of range for {self.num_proxies} proxies.")
         cell = proxy * self.num_buckets + timesteps * self.num_buckets // self.num_timesteps
-        self.seen.view(-1).scatter_add_(0, cell, torch.ones_like(cell))
-        self.skipped.view(-1).scatter_add_(0, cell, (~keep).long())
+        seen = torch.ones_like(cell) if valid is None else valid.long()
+        self.seen.view(-1).scatter_add_(0, cell, seen)
+        self.skipped.view(-1).scatter_add_(0, cell, (~keep).long() * seen)
 
     def summary(self) -> dict[str, float]:
         """Skip rates since the last summary, then reset the counts (this syncs: call it at logging).

@@ -200,8 +200,93 @@ def log_validation(pipeline_parts, args, accelerator, weight_dtype, step, is_fin
     return images
 
 
+def take_run_lock(output_dir: str):
+    """Check ``output_dir`` and take its run lock on the main process; every process learns the outcome.
+
+    Returns the held :class:`~sd_memfree.runlock.RunLock` on the main process, None on the others.
+    Raises the main process's ``OutputDirError`` / ``RunLockHeld`` on every process, so no process
+    starts on a folder the main process could not lock.
+    """
+    from accelerate import PartialState
+
+    from sd_memfree.runlock import OutputDirError, RunLock, RunLockHeld
+
+    state = PartialState()  # the process group only; the Accelerator built later reuses it
+    lock, error, note = None, None, None
+    if state.is_main_process:
+        lock = RunLock(output_dir)
+        try:
+            note = lock.acquire()
+        except (OutputDirError, RunLockHeld) as e:
+            lock, error = None, e
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        outcome = [(type(error).__name__, str(error)) if error is not None else None]
+        broadcast_object_list(outcome, from_process=0)
+        if outcome[0] is not None and error is None:
+            error = {"OutputDirError": OutputDirError}.get(outcome[0][0], RunLockHeld)(outcome[0][1])
+    if error is not None:
+        raise error
+    if note:
+        logger.warning(note)
+    return lock
+
+
 def main(args) -> dict:
-    """Train; returns a summary dict (steps, merges, skip statistics, output paths)."""
+    """Train under ``output_dir``'s run lock; returns a summary dict (steps, merges, skip statistics, output paths).
+
+    Raises:
+        RunStopped: the run stopped early with a one-line reason and an exit code: SIGTERM / SIGINT
+            (after writing a checkpoint of the step in progress), non-finite losses, a full disk.
+        OutputDirError, RunLockHeld: ``--output_dir`` is unusable or in use, before any model loads.
+    """
+    from sd_memfree.stopping import SIGNAL_EXIT_CODES, RunInterrupted, RunStopped, StopSignals, disk_full_message, is_disk_full
+
+    stop = StopSignals().install()  # stops at once until the loop starts, then asks it to stop after a step
+    lock, finished = None, False
+    try:
+        lock = take_run_lock(args.output_dir)
+        summary = train(args, stop)
+        finished = True
+        return summary
+    except RunInterrupted as e:
+        name = signal_name(e.signum)
+        raise RunStopped(f"stopped by {name} before training started; nothing was written. Rerun the same command to start again.",
+                         SIGNAL_EXIT_CODES.get(e.signum, 128 + e.signum)) from None
+    except Exception as e:
+        close_progress_bars()
+        if is_disk_full(e):
+            raise RunStopped(disk_full_message(e, args.output_dir)) from None
+        raise
+    finally:
+        stop.restore()
+        if lock is not None:
+            out = Path(args.output_dir)
+            if not finished:  # a failed final save leaves no staged model behind (the lock says we own it)
+                shutil.rmtree(out / ".tmp-final", ignore_errors=True)
+                (out / "memfree_state.json.partial").unlink(missing_ok=True)
+            lock.release()
+            if lock.created_dir and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run stopped by bad input leaves no trace
+
+
+def close_progress_bars() -> None:
+    """End open tqdm bars with their newline, so an error message starts a line of its own."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def train(args, stop) -> dict:
+    """The training run itself (see :func:`main`); ``stop`` is the run's :class:`~sd_memfree.stopping.StopSignals`."""
     import datasets
     import diffusers
     import transformers
@@ -223,6 +308,7 @@ def main(args) -> dict:
     from sd_memfree.proxies import ProxySet, check_spread, schedule_position
     from sd_memfree.shards import ShardAssignment
     from sd_memfree.state import Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state
+    from sd_memfree.stopping import MAX_NONFINITE_STEPS, SIGNAL_EXIT_CODES, NonFiniteWatch, RunStopped, all_finite
     from sd_memfree.trainable import (add_lora, save_full_pipeline, save_lora, trainable_parameters,
                                       upcast_trainable_)
 
@@ -464,6 +550,33 @@ def main(args) -> dict:
     unet.train()
     loop_start, loop_cpu_start = time.perf_counter(), time.process_time()
     start_step = counters.global_step
+    # Non-finite losses are counted on the device (the step never waits) and read only where the
+    # loop syncs anyway: every LOG_EVERY steps and before a checkpoint (see stop_checks).
+    watch = NonFiniteWatch(accelerator.device)
+
+    def newest_checkpoint() -> str:
+        found = checkpointing.list_checkpoints(output_dir)
+        return str(found[-1][1]) if found else "none was written"
+
+    def stop_checks(checkpoint_due: bool) -> tuple[int, bool]:
+        """One sync, agreed by every process (all-reduce MAX): raise if the run diverged; returns
+        (the signal asking to stop or 0, whether the last step's loss was non-finite)."""
+        weights_bad = ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if checkpoint_due else torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        flags = torch.cat([watch.stats()[:2], weights_bad.long().view(1), torch.tensor([stop.signum or 0], device=accelerator.device)])
+        if world > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        worst, current, weights_nonfinite, signum = flags.tolist()
+        watch.reset()
+        if worst >= MAX_NONFINITE_STEPS or weights_nonfinite:
+            progress.close()
+            what = (f"the loss was NaN/inf in {worst} consecutive optimizer steps (limit {MAX_NONFINITE_STEPS})" if worst >= MAX_NONFINITE_STEPS
+                    else "the trained weights became NaN/inf")
+            raise RunStopped(f"the run diverged at step {counters.global_step * step_unit}: {what}; "
+                             f"nothing non-finite was saved (newest checkpoint: {newest_checkpoint()}); lower --learning_rate "
+                             f"(now {args.learning_rate:g}) or check the data, then resume from a good checkpoint or start again.")
+        return signum, current > 0
+
+    stop.defer()  # from here on SIGTERM / Ctrl-C finish the optimizer step and write a checkpoint
     while counters.global_step < local_max_steps:
         batch = next(data_iter)
         k = current_proxy()
@@ -492,6 +605,7 @@ def main(args) -> dict:
             with accelerator.autocast():
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
             losses = per_sample_loss(model_pred, target)  # [B], before any SNR weighting
+            watch.observe(losses)  # raw losses: AGC never keeps a non-finite one, so it must not hide it
             weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, noise_scheduler.config.prediction_type) if args.snr_gamma is not None else None
             keep = None
             if banks:  # [memfree] AGC: skip abnormally low losses for their timestep, then update the bank
@@ -500,8 +614,9 @@ def main(args) -> dict:
                 if strengths is not None:  # [memfree] loss-aware augmentation strength for the next draw
                     strengths.update(sample_ids, augmentation_strength(detached, timesteps, banks[k].bank, mf.agc_ratio, mf.augment_alpha), keep)
                 banks[k].update(detached, timesteps)
-                skip_stats.update(keep, timesteps, k)
-                run_skip_stats.update(keep, timesteps, k)
+                finite = torch.isfinite(detached)  # a non-finite loss is not a skip: the non-finite watch reports it
+                skip_stats.update(keep, timesteps, k, valid=finite)
+                run_skip_stats.update(keep, timesteps, k, valid=finite)
                 assignment.record_skips(sample_ids, keep)
             loss = masked_mean(losses, keep, weights)
             loss_sum += loss.detach()
@@ -516,6 +631,7 @@ def main(args) -> dict:
             continue
 
         # ---- after each optimizer step ----
+        watch.end_step()
         lr_scheduler.step()
         if ema_unet is not None:
             if args.offload_ema:
@@ -579,8 +695,25 @@ def main(args) -> dict:
                 postfix["skip"] = f"{logs['agc/skip_rate']:.2f}"
             progress.set_postfix(**postfix)
         total = counters.global_step * step_unit  # optimizer steps summed over proxies and processes
-        if total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps and counters.global_step < local_max_steps:
+        checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps and counters.global_step < local_max_steps
+        # Stop checks sync once: at the logging steps and before a checkpoint; a single process
+        # also reacts to a signal at once (its flag is a plain Python attribute, free to read).
+        # Several processes only look at the sync points, so they all stop after the same step.
+        signum, last_step_nonfinite = 0, False
+        if checkpoint_due or counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps \
+                or (world == 1 and stop.signum is not None):
+            signum, last_step_nonfinite = stop_checks(checkpoint_due)
+        stopping = bool(signum) and counters.global_step < local_max_steps  # on the last step the run just finishes
+        if (checkpoint_due or stopping) and last_step_nonfinite:
+            log.warning(f"step {total}: the loss was NaN/inf, so no checkpoint is written for this step.")
+        elif checkpoint_due or stopping:
             save_checkpoint()
+        if stopping:
+            progress.close()
+            accelerator.end_training()
+            saved = f"saved {output_dir / f'{checkpointing.CHECKPOINT_PREFIX}{total}'}" if not last_step_nonfinite else f"newest checkpoint: {newest_checkpoint()}"
+            raise RunStopped(f"stopped by {signal_name(signum)} after step {total} ({saved}); to continue, run the same command "
+                             "with --resume_from_checkpoint latest.", SIGNAL_EXIT_CODES.get(signum, 128 + signum))
         if reload_data:  # membership changed: prefetched batches of the old shards are dropped
             sampler.start = counters.micro_step
             data_iter = iter(loader)
@@ -605,6 +738,10 @@ def main(args) -> dict:
         summary.update(run_skip_stats.summary())
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
+        # Never publish a non-finite model, e.g. one that diverged in its last few steps, under the stop checks' limit.
+        if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
+            raise RunStopped(f"the trained weights are NaN/inf after step {counters.global_step * step_unit}: the final model was not "
+                             f"saved (newest checkpoint: {newest_checkpoint()}); lower --learning_rate (now {args.learning_rate:g}) and resume or start again.")
         staging = output_dir / ".tmp-final"  # written in full first, then renamed into place
         shutil.rmtree(staging, ignore_errors=True)
         if args.use_lora:
@@ -642,15 +779,31 @@ def main(args) -> dict:
 
 
 def cli(argv=None) -> None:
-    """Command-line entry: one-line errors for bad input instead of tracebacks."""
+    """Command-line entry: one-line errors for bad input instead of tracebacks.
+
+    Exit codes: 0 done; 2 bad input (incl. an unusable or locked --output_dir); 1 the run stopped on
+    its own (non-finite loss, disk full); 143 / 130 stopped by SIGTERM / Ctrl-C (128 + signal).
+    """
+    import signal
+
     from sd_memfree.data import DataError
+
+    from sd_memfree.runlock import RunLockHeld
+    from sd_memfree.stopping import EXIT_FAILED, SIGNAL_EXIT_CODES, RunStopped
 
     args = parse_args(argv)
     try:
         main(args)
-    except (DataError, FileNotFoundError, ValueError) as e:  # hub.HubError is a ValueError
+    except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # hub.HubError and OutputDirError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunStopped as e:  # a signal (exit 128 + signal number), divergence or a full disk (exit 1)
+        print(f"error: {e}" if e.exit_code == EXIT_FAILED else str(e), file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was waiting for the step to end
+        print("interrupted without a checkpoint of the current step; run the same command with --resume_from_checkpoint latest "
+              "to continue from the newest one.", file=sys.stderr)
+        raise SystemExit(SIGNAL_EXIT_CODES[signal.SIGINT]) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,297 @@
+"""The training script when a real run goes wrong: a second run on the same folder, SIGTERM and
+Ctrl-C, a diverging loss, a full disk, an unusable --output_dir. Tiny model, CPU, offline."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sd_memfree import checkpointing
+from sd_memfree.runlock import LOCK_NAME
+from sd_memfree.stopping import MAX_NONFINITE_STEPS
+from test_runlock import hold_lock_in_subprocess
+from train_scripts import train_sd_ietagc as train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base_args(model, data, out, *extra, steps=4):
+    return [
+        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
+        "--resolution=32", "--train_batch_size=2", f"--max_train_steps={steps}", "--learning_rate=1e-3",
+        "--lr_warmup_steps=0", "--seed=7", "--report_to=none", "--checkpointing_steps=1000000", *extra,
+    ]
+
+
+def cli_error(capsys, argv, code):
+    """Run the command line; it must exit with ``code`` and end stderr with one line, returned."""
+    with pytest.raises(SystemExit) as exc:
+        train.cli(argv)
+    assert exc.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def complete_steps(out: Path) -> list[int]:
+    return [step for step, _ in checkpointing.list_checkpoints(out)]
+
+
+def assert_no_partial_files(out: Path) -> None:
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-")) or p.name.endswith(".partial")]
+    assert leftovers == []
+
+
+# ---- one run per output_dir ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_second_run_on_a_locked_folder_stops_before_models_load(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch, resume):
+    """A live run holds the folder (a subprocess): a fresh run and a `--resume_from_checkpoint latest`
+    both stop with one line naming the holder, before any model loads, and touch nothing."""
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "busy"
+    holder = hold_lock_in_subprocess(out)
+    try:
+        lock_before = (out / LOCK_NAME).read_text()
+
+        def no_model_loads(*a, **k):
+            raise AssertionError("a model was loaded")
+
+        monkeypatch.setattr(UNet2DConditionModel, "load_config", no_model_loads)
+        monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_model_loads)
+        extra = ["--resume_from_checkpoint=latest"] if resume else []
+        line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, *extra), 2)
+        assert re.search(rf"--output_dir {re.escape(str(out))} is in use by another run: pid {holder.pid} on host ", line), line
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME] and (out / LOCK_NAME).read_text() == lock_before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_is_taken_over_and_released_at_the_end(tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+    out = tmp_path / "stale"
+    holder = hold_lock_in_subprocess(out)
+    holder.kill()  # dies holding the lock
+    holder.wait()
+    summary = train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=1)))
+    assert summary["global_step"] == 1
+    assert f"took over the stale lock {out / LOCK_NAME} of pid {holder.pid}" in caplog.text
+    assert not (out / LOCK_NAME).exists(), "the lock is released when the run ends"
+
+
+def test_lock_released_and_new_folder_removed_when_the_run_fails(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "new"
+    argv = [a for a in base_args(tiny_model_dir, tiny_data_dir, out) if not a.startswith("--resolution")] + ["--resolution=30"]
+    cli_error(capsys, argv, 2)
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    cli_error(capsys, [a.replace(str(out), str(existing)) for a in argv], 2)
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+
+
+def test_output_dir_file_or_unwritable_one_line_before_models_load(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    def no_model_loads(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(UNet2DConditionModel, "load_config", no_model_loads)
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, f), 2)
+    assert line == f"error: --output_dir {f} is a file, not a folder; pass a folder (new or one of an earlier run)."
+    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, f / "run"), 2)
+    assert f"--output_dir {f / 'run'} cannot be created: {f} is a file" in line
+    probe = Path("/sys/sd-memfree-write-probe")
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError:  # also refused to root: a folder nobody may write to
+        line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, probe / "run"), 2)
+        assert re.fullmatch(rf"error: --output_dir {probe / 'run'} is not writable \(.*\); pass a folder you can write to\.", line), line
+
+
+# ---- SIGTERM / Ctrl-C -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_finishes_the_step_checkpoints_and_resume_finishes(tiny_model_dir, tiny_data_dir, tmp_path, signum, code):
+    """The real script in a subprocess with 100000 steps; the signal comes once checkpoint-2 exists.
+    It exits 128 + signal with one line naming the checkpoint it wrote and how to resume, no
+    traceback, no lock left; resuming from it runs to the end."""
+    out = tmp_path / "run"
+    argv = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2" / checkpointing.COMPLETE_MARKER).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    m = re.fullmatch(rf"stopped by {name} after step (\d+) \(saved {re.escape(str(out))}/checkpoint-(\d+)\); "
+                     r"to continue, run the same command with --resume_from_checkpoint latest\.", last)
+    assert m and m.group(1) == m.group(2), last
+    step = int(m.group(1))
+    assert step >= 2 and step in complete_steps(out) and complete_steps(out)[-1] == step
+    assert not (out / LOCK_NAME).exists()
+    assert_no_partial_files(out)
+    if signum == signal.SIGTERM:
+        argv = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2",
+                         "--resume_from_checkpoint=latest", steps=step + 2)
+        summary = train.main(train.parse_args(argv))
+        assert summary["global_step"] == step + 2 and summary["steps_this_run"] == 2
+        assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+# ---- disk full ------------------------------------------------------------------------------------
+
+def test_disk_full_during_a_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """checkpointing_steps=1: checkpoints 1 and 2 are written, the third save hits ENOSPC after
+    writing part of its file. One line, exit 1, checkpoints 1 and 2 complete, no temporary left."""
+    import sd_memfree.state as state
+
+    real, calls = state.save_process_state, []
+
+    def fill_the_disk(folder, *a, **k):
+        calls.append(folder)
+        if len(calls) < 3:
+            return real(folder, *a, **k)
+        target = Path(folder) / "state_rank0.pt"
+        target.write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(state, "save_process_state", fill_the_disk)
+    out = tmp_path / "full"
+    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", steps=5), 1)
+    assert line.startswith(f"error: no space left on device while writing {out}/.tmp-checkpoint-3/state_rank0.pt;"), line
+    assert "--resume_from_checkpoint latest" in line
+    assert complete_steps(out) == [1, 2]
+    assert_no_partial_files(out)
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_disk_full_during_the_final_save(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """The final model's save fails half-way: no .tmp-final, no model published, checkpoint-2 intact."""
+    import sd_memfree.trainable as trainable
+
+    def fill_the_disk(unet, pretrained, staging, **k):
+        (Path(staging) / "unet").mkdir(parents=True)
+        (Path(staging) / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(trainable, "save_full_pipeline", fill_the_disk)
+    out = tmp_path / "full"
+    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=3), 1)
+    assert line.startswith(f"error: no space left on device while writing {out};"), line
+    assert complete_steps(out) == [2] and not (out / "unet").exists()
+    assert_no_partial_files(out)
+
+
+# ---- diverging runs -------------------------------------------------------------------------------
+
+def saved_tensors(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in every safetensors and state file under ``out``."""
+    found = {}
+    for f in out.rglob("*.safetensors"):
+        found.update({f"{f}:{k}": v for k, v in load_file(f).items()})
+    for f in out.rglob("state_rank*.pt"):
+        trainable = torch.load(f, weights_only=False)["objects"]["trainable"]
+        found.update({f"{f}:{k}": v for k, v in trainable.items()})
+    return found
+
+
+@pytest.mark.parametrize("agc", [False, True])
+def test_diverging_run_stops_and_saves_nothing_non_finite(tiny_model_dir, tiny_data_dir, tmp_path, capsys, agc):
+    """--learning_rate 1e3 (the issue's case): the weights blow up within a few steps. The run stops
+    with exit 1 and one line, writes no final model, and every checkpoint it wrote is finite."""
+    out = tmp_path / "nan"
+    argv = [a for a in base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=40)
+            if not a.startswith("--learning_rate")] + ["--learning_rate=1e3"] + (["--agc_ratio=1.25"] if agc else [])
+    line = cli_error(capsys, argv, 1)
+    assert re.fullmatch(r"error: the run diverged at step \d+: .*NaN/inf.*; nothing non-finite was saved \(newest checkpoint: .*\); "
+                        r"lower --learning_rate \(now 1000\).*", line), line
+    assert not (out / "unet").exists() and not (out / "memfree_state.json").exists(), "no final model"
+    assert all(torch.isfinite(t).all() for t in saved_tensors(out).values())
+    assert_no_partial_files(out)
+
+
+def nan_losses_at(monkeypatch, bad_steps: set[int], nan_gradients: bool):
+    """Make the per-sample losses NaN at the given optimizer steps (1-based; one micro-batch a step).
+
+    ``nan_gradients``: ``loss * nan`` (its gradient is NaN even where AGC masks the loss, since
+    0 * nan = nan, as with a real NaN prediction) or ``loss + nan`` (a NaN value whose gradient is
+    finite, so with AGC masking it the weights stay finite and only the loss check can see it)."""
+    import sd_memfree.losses as losses
+
+    real, calls = losses.per_sample_loss, []
+
+    def loss(pred, target):
+        calls.append(1)
+        out = real(pred, target)
+        if len(calls) not in bad_steps:
+            return out
+        return out * float("nan") if nan_gradients else out + float("nan")
+
+    monkeypatch.setattr(losses, "per_sample_loss", loss)
+
+
+def test_agc_does_not_hide_non_finite_losses(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """AGC never keeps a NaN loss; where the weights stay finite (NaN loss values, finite
+    gradients), the old run trained on with 'loss=0.0000 skip=1.00'. NaN from step 3 on, checks at
+    every checkpoint (every 2 steps) and every LOG_EVERY=10 steps: step 2 is finite, checkpoint-2 is
+    written; at steps 4 and 6 the runs of NaN steps are 2 and 4 (below the limit 5), so those
+    checkpoints are not written (their step was NaN) and training goes on; at step 8 the run is
+    6 >= 5: stop."""
+    nan_losses_at(monkeypatch, set(range(3, 100)), nan_gradients=False)
+    out = tmp_path / "agc"
+    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--agc_ratio=1.25", "--use_lora",
+                                       "--checkpointing_steps=2", steps=30), 1)
+    assert MAX_NONFINITE_STEPS == 5
+    assert line.startswith("error: the run diverged at step 8: the loss was NaN/inf in 6 consecutive optimizer steps "
+                           f"(limit 5); nothing non-finite was saved (newest checkpoint: {out}/checkpoint-2)"), line
+    assert complete_steps(out) == [2]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_few_non_finite_steps_are_tolerated_with_agc(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """MAX_NONFINITE_STEPS - 1 NaN steps in a row (as fp16 overflow can give), masked by AGC: the run
+    recovers and finishes, with a finite model."""
+    nan_losses_at(monkeypatch, set(range(2, 2 + MAX_NONFINITE_STEPS - 1)), nan_gradients=False)
+    out = tmp_path / "blip"
+    summary = train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, out, "--agc_ratio=1.25", "--use_lora",
+                                                    steps=MAX_NONFINITE_STEPS + 3)))
+    assert summary["global_step"] == MAX_NONFINITE_STEPS + 3
+    assert all(torch.isfinite(t).all() for t in load_file(out / "pytorch_lora_weights.safetensors").values())
+
+
+def test_final_save_refuses_non_finite_weights(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """Without AGC one NaN step makes the weights NaN; on the last step that is below the
+    consecutive-step limit, so the final save's own check must refuse the model."""
+    nan_losses_at(monkeypatch, {3}, nan_gradients=True)
+    out = tmp_path / "last"
+    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=3), 1)
+    assert line.startswith(f"error: the trained weights are NaN/inf after step 3: the final model was not saved (newest checkpoint: {out}/checkpoint-2)"), line
+    assert not (out / "unet").exists() and complete_steps(out) == [2]
+    assert_no_partial_files(out)
