@@ -163,7 +163,7 @@ def read_process_state(folder: str | Path, rank: int) -> dict:
     Raises:
         ValueError: the files are missing, in the old pickle format, or damaged.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     folder = Path(folder)
     json_path, tensor_path = state_files(folder, rank)
@@ -179,7 +179,7 @@ def read_process_state(folder: str | Path, rank: int) -> dict:
         with safe_open(str(tensor_path), framework="pt", device="cpu") as handle:
             tensors = _TensorFile(handle)
             return {key: _decode(payload[key], tensors, key) for key in ("world_size", "objects", "rng", "extra")}
-    except (OSError, KeyError, ValueError, TypeError, AttributeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as e:
         raise ValueError(f"checkpoint state {json_path} is damaged or not sd_memfree state ({e}); resume from another checkpoint.") from None
 
 
