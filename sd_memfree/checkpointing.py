@@ -62,6 +62,33 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda step_path: step_path[0])
 
 
+# What accelerate's ``save_state`` writes (diffusers' example scripts checkpoint with it).
+_ACCELERATE_STATE_FILES = ("optimizer.bin", "optimizer.safetensors", "scheduler.bin", "random_states_0.pkl", "model.safetensors")
+
+
+def foreign_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-<int>`` folders in ``output_dir`` that this module did not write (no marker),
+    e.g. diffusers' example scripts' checkpoints, oldest step first. They are never resumed,
+    pruned or overwritten."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for entry in output_dir.iterdir():
+        match = _CHECKPOINT_NAME.fullmatch(entry.name)
+        if match and entry.is_dir() and not is_complete(entry):
+            found.append((int(match.group(1)), entry))
+    return [path for _, path in sorted(found, key=lambda step_path: step_path[0])]
+
+
+def describe_foreign(path: str | os.PathLike) -> str:
+    """What an unmarked checkpoint folder looks like, for error messages."""
+    path = Path(path)
+    if any((path / name).exists() for name in _ACCELERATE_STATE_FILES):
+        return "an accelerate save_state checkpoint (as diffusers' train_text_to_image scripts write), not one of sd_memfree"
+    return "not a complete sd_memfree checkpoint (no .complete marker: not written by sd_memfree, or not fully written)"
+
+
 def checkpoint_step(checkpoint: str | os.PathLike) -> int:
     """The optimizer step a complete checkpoint was saved at, read from its marker.
 
@@ -105,8 +132,8 @@ def resolve_resume_checkpoint(
         )
     if not is_complete(candidate):
         raise FileNotFoundError(
-            f"--resume_from_checkpoint: {str(candidate)!r} has no {COMPLETE_MARKER} marker: it was not "
-            f"fully written; pick another checkpoint or 'latest'"
+            f"--resume_from_checkpoint: {str(candidate)!r} is {describe_foreign(candidate)}; it holds no "
+            f"sd_memfree state to resume exactly: pick an sd_memfree checkpoint, or start a new --output_dir from its weights"
         )
     return candidate
 
@@ -160,6 +187,9 @@ def atomic_checkpoint_dir(
     output_dir = Path(output_dir)
     tmp = output_dir / f"{TMP_PREFIX}{step}"
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    if final.exists() and not is_complete(final):
+        # Not ours (e.g. diffusers' script wrote it): replacing it would destroy the user's work.
+        raise FileExistsError(f"{final} exists and is {describe_foreign(final)}; it is never overwritten: move it or choose a new --output_dir")
     if is_main_process:
         # A leftover from a crash at the same step would mix old files into the new checkpoint.
         if tmp.exists():

@@ -3,17 +3,32 @@
 Why not only ``accelerator.save_state``: it writes the optimizer and custom objects from the
 main process alone, but with shard proxies spread over processes every process holds different
 optimizer states, loss banks and live proxies. Each process therefore writes its own
-``state_rank{r}.pt``; a resume needs the same number of processes.
+``state_rank{r}.json`` and ``state_rank{r}.safetensors``; a resume needs the same number of
+processes.
+
+Why not pickle (``torch.save``): loading a pickle runs whatever code the file names, so a
+checkpoint received from someone else (or planted in a shared folder) would run code on resume.
+State is split into tensors, stored with safetensors (raw buffers, no code), and everything else
+(numbers, strings, lists, tuples, dicts with any JSON-able keys, small NumPy arrays), stored as
+JSON with a few tagged objects (``{"__tensor__": name}``, ``{"__tuple__": [...]}``,
+``{"__items__": [[key, value], ...]}`` for dicts whose keys are not plain strings,
+``{"__ndarray__": [...], "dtype": ...}``, ``{"__float__": "inf"}``). An object whose state holds
+anything else cannot be checkpointed (``TypeError`` at save, naming where).
 
 Invariants:
 - ``save_process_state`` followed by ``load_process_state`` restores every object's
-  ``state_dict()`` and the Python, NumPy and torch (CPU and CUDA) RNG states exactly.
+  ``state_dict()`` (tensors bit for bit, dict key types, tuples vs lists) and the Python, NumPy
+  and torch (CPU and CUDA) RNG states exactly.
+- Loading never unpickles: only ``json`` and ``safetensors`` read the files. A folder holding
+  only the old pickle format (``state_rank{r}.pt``) is refused with one line.
 - Files are written to the given (temporary) checkpoint folder only; making the folder visible
   as a complete checkpoint is ``checkpointing.atomic_checkpoint_dir``'s job.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -21,9 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
+STATE_FORMAT = "sd_memfree-state-1"
+_TAGS = ("__tensor__", "__tuple__", "__items__", "__ndarray__", "__float__")
 
-def state_file(folder: str | Path, rank: int) -> Path:
-    return Path(folder) / f"state_rank{rank}.pt"
+
+def state_files(folder: str | Path, rank: int) -> tuple[Path, Path]:
+    """The JSON and safetensors files process ``rank`` writes in a checkpoint folder."""
+    folder = Path(folder)
+    return folder / f"state_rank{rank}.json", folder / f"state_rank{rank}.safetensors"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -41,30 +61,137 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _Encoder:
+    """Turns a state tree into JSON-able data plus a flat ``{name: tensor}`` for safetensors."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._storages: set[int] = set()
+
+    def tensor(self, t: torch.Tensor) -> dict[str, str]:
+        t = t.detach().to("cpu")
+        # safetensors refuses two entries over one storage (views of one buffer): copy the later ones.
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr in self._storages or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        elif ptr is not None:
+            self._storages.add(ptr)
+        name = str(len(self.tensors))
+        self.tensors[name] = t
+        return {"__tensor__": name}
+
+    def __call__(self, obj: Any, where: str) -> Any:
+        if obj is None or isinstance(obj, (bool, int, str)):
+            return obj
+        if isinstance(obj, float):
+            return obj if math.isfinite(obj) else {"__float__": repr(obj)}
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        if isinstance(obj, np.ndarray):
+            return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+        if isinstance(obj, np.generic):
+            return self(obj.item(), where)
+        if isinstance(obj, tuple):
+            return {"__tuple__": [self(v, f"{where}[{i}]") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [self(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+                return {k: self(v, f"{where}.{k}") for k, v in obj.items()}
+            return {"__items__": [[self(k, where), self(v, f"{where}.{k}")] for k, v in obj.items()]}
+        raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {where}: state may hold only tensors, "
+                        "numbers, strings, lists, tuples, dicts and NumPy arrays")
+
+
+class _TensorFile:
+    """A safetensors handle with its names as a set (a checkpoint holds thousands of tensors)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.get_tensor = handle.get_tensor
+        self.names = set(handle.keys())
+
+
+def _decode(obj: Any, tensors: Any, where: str) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors, where) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    tag = next((t for t in _TAGS if t in obj), None)
+    if tag is None:
+        return {k: _decode(v, tensors, where) for k, v in obj.items()}
+    if tag == "__tensor__":
+        if obj["__tensor__"] not in tensors.names:
+            raise ValueError(f"{where} names tensor {obj['__tensor__']!r} that its safetensors file lacks; the checkpoint is damaged")
+        return tensors.get_tensor(obj["__tensor__"])
+    if tag == "__tuple__":
+        return tuple(_decode(v, tensors, where) for v in obj["__tuple__"])
+    if tag == "__items__":
+        return {_decode(k, tensors, where): _decode(v, tensors, where) for k, v in obj["__items__"]}
+    if tag == "__ndarray__":
+        return np.array(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+    return float(obj["__float__"])
+
+
 def save_process_state(folder: str | Path, rank: int, world_size: int, objects: dict[str, Any], extra: dict | None = None) -> Path:
-    """Write ``{name: obj.state_dict()}`` of this process, its RNG states and ``extra`` (plain data)."""
+    """Write ``{name: obj.state_dict()}`` of this process, its RNG states and ``extra`` (plain data).
+
+    Returns:
+        The JSON file written (its tensors are in the ``.safetensors`` file beside it).
+
+    Raises:
+        TypeError: some state holds an object that is neither a tensor nor plain data.
+    """
+    from safetensors.torch import save_file
+
+    encode = _Encoder()
     payload = {
+        "format": STATE_FORMAT,
         "world_size": world_size,
-        "objects": {name: obj.state_dict() for name, obj in objects.items() if obj is not None},
-        "rng": _rng_state(),
-        "extra": extra or {},
+        "objects": {name: encode(obj.state_dict(), name) for name, obj in objects.items() if obj is not None},
+        "rng": encode(_rng_state(), "rng"),
+        "extra": encode(extra or {}, "extra"),
     }
-    path = state_file(folder, rank)
-    torch.save(payload, path)
-    return path
+    json_path, tensor_path = state_files(folder, rank)
+    save_file(encode.tensors, str(tensor_path), metadata={"format": STATE_FORMAT})
+    json_path.write_text(json.dumps(payload, allow_nan=False))
+    return json_path
+
+
+def read_process_state(folder: str | Path, rank: int) -> dict:
+    """Read (without pickle) what ``save_process_state`` wrote: ``world_size``, ``objects``, ``rng``, ``extra``.
+
+    Raises:
+        ValueError: the files are missing, in the old pickle format, or damaged.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    json_path, tensor_path = state_files(folder, rank)
+    if not json_path.is_file():
+        if (folder / f"state_rank{rank}.pt").exists():
+            raise ValueError(f"checkpoint {folder} holds state_rank{rank}.pt, the pickle format of older sd_memfree versions, "
+                             "which is never loaded (unpickling can run code); resume from a newer checkpoint or start a new --output_dir.")
+        raise ValueError(f"{json_path} is missing: the checkpoint was written by fewer processes; resume with the same number of processes.")
+    try:
+        payload = json.loads(json_path.read_text())
+        if payload.get("format") != STATE_FORMAT:
+            raise ValueError(f"format {payload.get('format')!r}, expected {STATE_FORMAT!r}")
+        with safe_open(str(tensor_path), framework="pt", device="cpu") as handle:
+            tensors = _TensorFile(handle)
+            return {key: _decode(payload[key], tensors, key) for key in ("world_size", "objects", "rng", "extra")}
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as e:
+        raise ValueError(f"checkpoint state {json_path} is damaged or not sd_memfree state ({e}); resume from another checkpoint.") from None
 
 
 def load_process_state(folder: str | Path, rank: int, world_size: int, objects: dict[str, Any]) -> dict:
     """Restore what ``save_process_state`` wrote; returns its ``extra``.
 
     Raises:
-        ValueError: the checkpoint was written by a different number of processes, or lacks an
-            object this run needs (it was written with another configuration).
+        ValueError: the checkpoint was written by a different number of processes, lacks an
+            object this run needs (it was written with another configuration), or is not a
+            readable sd_memfree state (e.g. the old pickle format).
     """
-    path = state_file(folder, rank)
-    if not path.exists():
-        raise ValueError(f"{path} is missing: the checkpoint was written by fewer processes; resume with the same number of processes.")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = read_process_state(folder, rank)
     if payload["world_size"] != world_size:
         raise ValueError(
             f"checkpoint {folder} was written by {payload['world_size']} processes but this run has {world_size}; "

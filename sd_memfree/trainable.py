@@ -67,3 +67,35 @@ def save_full_pipeline(unet, pretrained_model_name_or_path: str, output_dir: str
                                                    **kwargs)
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     return Path(output_dir)
+
+
+def save_checkpoint_model(unet, folder: str | Path, is_lora: bool, trainable: list[torch.Tensor] | None = None) -> None:
+    """Write ``unet`` into a checkpoint folder in the final output's form, as diffusers' scripts do:
+    full fine-tuning -> ``folder/unet`` (``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")``),
+    LoRA -> ``folder/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(folder)``).
+
+    Args:
+        trainable: values to write instead of ``trainable_parameters(unet)``, in that order (the
+            merged weights of shard proxies while the live parameters hold a proxy's). Written
+            from views, without copying the model.
+    """
+    from safetensors.torch import save_file
+
+    state = unet.state_dict()
+    if trainable is not None:
+        names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        for name, value in zip(names, trainable, strict=True):
+            state[name] = value.view(state[name].shape).to(state[name].dtype)
+    folder = Path(folder)
+    if is_lora:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state))
+        StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), unet_lora_layers=layers, safe_serialization=True)
+    else:
+        (folder / "unet").mkdir(parents=True, exist_ok=True)
+        unet.save_config(folder / "unet")
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+                  metadata={"format": "pt"})

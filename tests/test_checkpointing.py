@@ -109,8 +109,28 @@ def test_incomplete_folder_ignored_by_list_and_latest_refused_explicitly(tmp_pat
     (tmp_path / "checkpoint-x").mkdir()
     assert list_checkpoints(tmp_path) == [(1, tmp_path / "checkpoint-1")]
     assert resolve_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-1"
-    with pytest.raises(FileNotFoundError, match=r"checkpoint-9.*no \.complete marker.*'latest'"):
+    # the message says what the folder is (not "not fully written") and what to do
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-9.*accelerate save_state checkpoint.*not one of sd_memfree.*new --output_dir"):
         resolve_resume_checkpoint("checkpoint-9", tmp_path)
+    (tmp_path / "checkpoint-10").mkdir()  # unmarked, no accelerate files: could be a crash of ours
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-10.*no \.complete marker"):
+        resolve_resume_checkpoint("checkpoint-10", tmp_path)
+
+
+def test_foreign_checkpoints_listed_and_never_overwritten(tmp_path):
+    """An upstream checkpoint-4 (accelerate layout, no marker) is listed as foreign, oldest step
+    first; saving our step 4 over it raises and leaves its files untouched."""
+    from sd_memfree.checkpointing import foreign_checkpoints
+
+    for step in (4, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "optimizer.bin").write_text("theirs")
+    save(tmp_path, 2)
+    assert foreign_checkpoints(tmp_path) == [tmp_path / "checkpoint-4", tmp_path / "checkpoint-12"]
+    with pytest.raises(FileExistsError, match=r"checkpoint-4 exists .*never overwritten"):
+        save(tmp_path, 4)
+    assert (tmp_path / "checkpoint-4" / "optimizer.bin").read_text() == "theirs"
+    assert names(tmp_path) == ["checkpoint-12", "checkpoint-2", "checkpoint-4"]
 
 
 def test_resolve_none_latest_empty_and_missing(tmp_path):

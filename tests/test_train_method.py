@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sd_memfree.state import read_process_state
 from train_scripts import train_sd_ietagc as train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_augmentation_with_dataloader_workers(model20, tiny_data_dir, tmp_path):
     out = tmp_path / "workers"
     train.main(train.parse_args(method_args(model20, tiny_data_dir, out, *ALL_FEATURES, "--dataloader_num_workers=2",
                                             "--checkpointing_steps=6", steps=8)))
-    state = torch.load(out / "checkpoint-6" / "state_rank0.pt", weights_only=False)
+    state = read_process_state(out / "checkpoint-6", 0)
     assert state["objects"]["strengths"]["values"].max() > 0
 
 
@@ -165,7 +166,7 @@ def test_two_processes_equal_one_process(model20, tiny_data_dir, tmp_path):
         torch.set_num_threads(os.cpu_count() or 1)
     assert_same(unet_weights(mp), unet_weights(sp))
     # Both processes agree on the shard assignment (and with the single-process run).
-    ranks = [torch.load(mp / "checkpoint-8" / f"state_rank{r}.pt", weights_only=False)["objects"]["assignment"] for r in (0, 1)]
+    ranks = [read_process_state(mp / "checkpoint-8", r)["objects"]["assignment"] for r in (0, 1)]
     assert torch.equal(ranks[0]["shard_of"], ranks[1]["shard_of"]) and ranks[0]["moves"] == ranks[1]["moves"]
     assert json.loads((mp / "memfree_state.json").read_text())["moves"] == json.loads((sp / "memfree_state.json").read_text())["moves"]
 
@@ -186,6 +187,6 @@ def test_two_process_data_parallel_plain_run_resumes_exactly(tiny_model_dir, tin
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     launch(tmp_path / "straight", "--checkpointing_steps=2")
-    assert {p.name for p in (tmp_path / "straight" / "checkpoint-2").glob("state_rank*.pt")} == {"state_rank0.pt", "state_rank1.pt"}
+    assert {p.name for p in (tmp_path / "straight" / "checkpoint-2").glob("state_rank*.json")} == {"state_rank0.json", "state_rank1.json"}
     launch(tmp_path / "resumed", f"--resume_from_checkpoint={tmp_path / 'straight' / 'checkpoint-2'}")
     assert_same(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed"))

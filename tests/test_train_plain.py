@@ -121,11 +121,14 @@ def test_resume_equals_straight_run(tiny_model_dir, tiny_data_dir, tmp_path, lor
 def test_checkpoints_total_limit_keeps_newest(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "ckpt"
     run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", "--checkpoints_total_limit=2", steps=4))
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    # the last step (4) falls on --checkpointing_steps, so it is checkpointed too (as upstream)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert not list(out.glob(".tmp-checkpoint-*"))
-    # resume "latest" continues from checkpoint-3 to the same final weights
-    again = run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--resume_from_checkpoint=latest", steps=4))
-    assert again["global_step"] == 4
+    # resume "latest" continues from checkpoint-4 to step 6, still keeping the newest two
+    again = run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", "--checkpoints_total_limit=2",
+                          "--resume_from_checkpoint=latest", steps=6))
+    assert again["global_step"] == 6 and again["steps_this_run"] == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
 
 
 def test_push_to_hub_uploads_model_not_checkpoints(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
@@ -288,7 +291,9 @@ def test_lora_upcast_follows_accelerate_mixed_precision(tiny_model_dir, tiny_dat
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = tmp_path / "bf16"
     run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=1", steps=2))
-    state = torch.load(out / "checkpoint-1" / "state_rank0.pt", weights_only=False)
+    from sd_memfree.state import read_process_state
+
+    state = read_process_state(out / "checkpoint-1", 0)
     trainable = state["objects"]["trainable"]
     assert trainable and all(t.dtype == torch.float32 for t in trainable.values())
     assert load(out / "pytorch_lora_weights.safetensors")
@@ -300,5 +305,5 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_model_dir, tiny_d
     run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", steps=2))
     before = sorted(p.name for p in out.glob("checkpoint-*"))
     _one_line_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=2),
-                    r"already holds checkpoints .*checkpoint-1.*--resume_from_checkpoint=latest")
+                    r"already holds checkpoints .*checkpoint-2.*--resume_from_checkpoint=latest")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == before

@@ -306,11 +306,12 @@ def train(args, stop) -> dict:
                                  check_samples, collate, load_image_caption_dataset)
     from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
     from sd_memfree.proxies import ProxySet, check_spread, schedule_position
+    from sd_memfree.resume import check_same_trajectory, data_fingerprint, trajectory_settings, write_trajectory
     from sd_memfree.shards import ShardAssignment
     from sd_memfree.state import Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state
     from sd_memfree.stopping import MAX_NONFINITE_STEPS, SIGNAL_EXIT_CODES, NonFiniteWatch, RunStopped, all_finite
-    from sd_memfree.trainable import (add_lora, save_full_pipeline, save_lora, trainable_parameters,
-                                      upcast_trainable_)
+    from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
+                                      trainable_parameters, upcast_trainable_)
 
     mf: MemFreeConfig = args.memfree
     output_dir = Path(args.output_dir)
@@ -360,15 +361,19 @@ def train(args, stop) -> dict:
     num_samples = len(dataset)
     assignment = ShardAssignment(num_samples, K, seed)  # [memfree] raises if K > num_samples
     resume_dir = checkpointing.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    # What a resume must match (resume.py), also written into every checkpoint.
+    trajectory = trajectory_settings(args, accelerator.mixed_precision, num_samples,
+                                     data_fingerprint(dataset, image_column, caption_column))
     if resume_dir is not None:
-        saved_cfg = resume_dir / "memfree_config.json"
-        if saved_cfg.exists():
-            MemFreeConfig.load_json(saved_cfg).check_compatible(mf)
-        saved_args = json.loads((resume_dir / "train_args.json").read_text()) if (resume_dir / "train_args.json").exists() else {}
-        if saved_args and bool(saved_args.get("use_lora")) != bool(args.use_lora):
-            raise ValueError(f"checkpoint {resume_dir} was written {'with' if saved_args.get('use_lora') else 'without'} --use_lora; resume with the same setting.")
+        check_same_trajectory(resume_dir, trajectory)
     elif args.resume_from_checkpoint:
         log.info(f"--resume_from_checkpoint={args.resume_from_checkpoint}: no complete checkpoint yet, starting a new run.")
+    foreign = checkpointing.foreign_checkpoints(output_dir)
+    if foreign:
+        # Another script's checkpoints (diffusers' writes checkpoint-N without our marker): never
+        # resume, prune or overwrite them.
+        raise ValueError(f"--output_dir {output_dir} holds {foreign[-1].name}, {checkpointing.describe_foreign(foreign[-1])}; "
+                         "sd_memfree never overwrites it: choose a new --output_dir (or move the other script's checkpoints away).")
     existing = checkpointing.list_checkpoints(output_dir) if resume_dir is None else []
     if existing:
         # A fresh run here would prune the earlier run's checkpoints and mix two runs under 'latest'.
@@ -525,9 +530,18 @@ def train(args, stop) -> dict:
     progress = tqdm(range(total_steps), initial=counters.global_step * step_unit, desc="Steps", disable=not accelerator.is_local_main_process)
 
     def run_state_files(folder: Path) -> None:
+        """A checkpoint: the model in the final output's form (the last merge's weights with shards;
+        ``unet_ema/`` too with EMA, as upstream), plus every process's state for an exact resume."""
         save_process_state(folder, rank, world, stateful)
         if accelerator.is_main_process:
             write_run_config(folder)
+            write_trajectory(folder, trajectory)
+            merged = None
+            if proxies is not None:  # [memfree] the live parameters hold a proxy's weights; publish the merge's
+                merged = torch.split(proxies.state_dict()["merged"], [p.numel() for p in params])
+            save_checkpoint_model(accelerator.unwrap_model(unet), folder, args.use_lora, trainable=merged)
+            if ema_unet is not None:
+                ema_unet.save_pretrained(str(folder / "unet_ema"))
 
     def save_checkpoint() -> None:
         step = counters.global_step * step_unit
@@ -695,7 +709,8 @@ def train(args, stop) -> dict:
                 postfix["skip"] = f"{logs['agc/skip_rate']:.2f}"
             progress.set_postfix(**postfix)
         total = counters.global_step * step_unit  # optimizer steps summed over proxies and processes
-        checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps and counters.global_step < local_max_steps
+        # The last step is checkpointed too when it falls on --checkpointing_steps, as upstream.
+        checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
         # Stop checks sync once: at the logging steps and before a checkpoint; a single process
         # also reacts to a signal at once (its flag is a plain Python attribute, free to read).
         # Several processes only look at the sync points, so they all stop after the same step.

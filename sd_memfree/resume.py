@@ -1,0 +1,116 @@
+"""What a resume must keep equal: the settings that shape the training trajectory, and the data.
+
+A checkpoint holds the state of one trajectory (optimizer moments, loss banks, the shard
+assignment, the position in the round schedule and in the data stream). Resuming it under
+other settings silently trains a different algorithm from a state that does not belong to it
+(e.g. another ``--merge_every`` gives a proxy another proxy's half-trained weights). Each
+checkpoint therefore holds ``trajectory.json``: the values of :data:`TRAJECTORY_FLAGS` and a
+fingerprint of the training data; a resume compares them and stops with one line naming every
+flag that differs, its saved value and its new value.
+
+Not compared, on purpose: ``--max_train_steps`` / ``--num_train_epochs`` (a run may be extended),
+``--checkpointing_steps``, logging, validation, output and hub flags, ``--dataloader_num_workers``
+(batches are a pure function of the step), and paths (a dataset or model folder may move; the
+data fingerprint catches other data).
+
+Invariants:
+- ``check_same_trajectory(saved, now)`` passes iff every key of ``saved`` has the same value in
+  ``now`` (JSON values; floats round-trip exactly through JSON).
+- ``data_fingerprint`` depends on the samples' order, captions, image file names (not folders)
+  and image sizes in bytes; it reads no pixels, so it costs one ``stat`` per image file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+TRAJECTORY_FILE = "trajectory.json"
+
+# Flags of the training script whose value changes what the steps after a resume compute.
+TRAJECTORY_FLAGS = (
+    # the method (every MemFreeConfig field)
+    "num_shards", "merge_every", "proxy_optimizer_state", "agc_ratio", "agc_ema", "redistribute_fraction",
+    "redistribute_at", "loss_aware_augmentation", "augment_max_magnitude", "augment_alpha",
+    # what is trained, and how
+    "use_lora", "rank", "use_ema", "seed", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+    "use_8bit_adam", "max_grad_norm", "snr_gamma", "noise_offset", "input_perturbation", "prediction_type",
+    "mixed_precision", "max_train_samples",
+    # what the model sees
+    "resolution", "center_crop", "random_flip", "image_interpolation_mode", "image_column", "caption_column",
+)
+
+
+def data_fingerprint(dataset: Any, image_column: str, caption_column: str) -> str:
+    """A short hash of a ``datasets.Dataset`` of captioned images, in sample order.
+
+    Per sample: the caption and, for the image, its file name and size in bytes (an image stored
+    in the dataset itself: its byte length). Cheap on 100k images (no decoding, one stat each);
+    it misses an image edited in place to the same byte size, which is acceptable for a guard
+    against resuming on another dataset.
+    """
+    import datasets
+
+    raw = dataset.select_columns([image_column, caption_column])
+    if isinstance(raw.features.get(image_column), datasets.Image):
+        raw = raw.cast_column(image_column, datasets.Image(decode=False))
+    h = hashlib.sha256()
+    h.update(str(len(raw)).encode())
+    for batch in raw.iter(batch_size=1000):
+        for image, caption in zip(batch[image_column], batch[caption_column]):
+            h.update(json.dumps(caption, sort_keys=True, default=str).encode())
+            h.update(_image_identity(image).encode())
+    return h.hexdigest()[:16]
+
+
+def _image_identity(image: Any) -> str:
+    if isinstance(image, dict):  # datasets.Image(decode=False): {"path": ..., "bytes": ...}
+        if image.get("bytes") is not None:
+            return f"|bytes:{len(image['bytes'])}|"
+        path = image.get("path") or ""
+        size = os.path.getsize(path) if path and os.path.exists(path) else -1
+        return f"|{os.path.basename(path)}:{size}|"
+    if isinstance(image, str):
+        return f"|{os.path.basename(image)}|"
+    return f"|{type(image).__name__}|"
+
+
+def trajectory_settings(args: Any, mixed_precision: str, num_samples: int, fingerprint: str) -> dict[str, Any]:
+    """The values a resume must match: :data:`TRAJECTORY_FLAGS` read from ``args`` (the resolved
+    ``--mixed_precision`` from accelerate, which may come from ``accelerate config``) plus the data."""
+    settings = {name: getattr(args, name) for name in TRAJECTORY_FLAGS}
+    settings["mixed_precision"] = mixed_precision
+    settings["data"] = f"{num_samples} samples, fingerprint {fingerprint}"
+    return settings
+
+
+def write_trajectory(folder: str | os.PathLike, settings: dict[str, Any]) -> None:
+    (Path(folder) / TRAJECTORY_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
+def check_same_trajectory(checkpoint: str | os.PathLike, now: dict[str, Any]) -> None:
+    """Raise one line naming every setting in which this run differs from ``checkpoint``'s.
+
+    Raises:
+        ValueError: a setting or the data differ, or the checkpoint has no ``trajectory.json``.
+    """
+    path = Path(checkpoint) / TRAJECTORY_FILE
+    if not path.is_file():
+        raise ValueError(f"checkpoint {checkpoint} has no {TRAJECTORY_FILE} (written by an older sd_memfree); "
+                         "resume with the version that wrote it or start a new --output_dir")
+    saved = json.loads(path.read_text())
+    flags = [n for n in saved if n != "data" and n in now and saved[n] != now[n]]
+    parts = []
+    if flags:
+        was = ", ".join(f"--{n}={saved[n]}" for n in flags)
+        new = ", ".join(f"--{n}={now[n]}" for n in flags)
+        parts.append(f"was written with {was} but this run has {new}; resume with the checkpoint's value(s)")
+    if saved.get("data") != now.get("data"):
+        parts.append(f"was trained on other data ({saved.get('data')}) than this run's ({now.get('data')}); resume with the same "
+                     "--train_data_dir / --dataset_name and --max_train_samples")
+    if parts:
+        raise ValueError(f"checkpoint {checkpoint} " + "; it ".join(parts) + " (or start a new --output_dir)")
