@@ -249,6 +249,21 @@ class ProxySet:
         self._turn_ended[k] = True
         self._copy_into_params(self._merged)
 
+    def end_round(self, steps_in_round: dict[int, int]) -> None:
+        """Ends the round of every local proxy still in it, for a merge when training stops mid-round.
+
+        The live proxy and every paused one (its weights restored first) are folded with their
+        steps; a proxy that has not trained in this round adds nothing.
+
+        Args:
+            steps_in_round: local proxy -> optimizer steps it took in this round
+                (``RoundSchedule.steps_in_round``).
+        """
+        for k in [self._live] + [j for j in self.local_proxies if j != self._live]:
+            if not self._turn_ended[k] and (k == self._live or self._is_paused[k]):
+                self.begin_turn(k)
+                self.end_turn(steps_in_round.get(k, 0))
+
     def merge(self) -> dict[str, float]:
         """Sets ``merged`` (and params) to the weighted mean of this round's proxies; starts a new round.
 

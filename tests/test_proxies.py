@@ -518,3 +518,18 @@ def test_pause_memory_is_one_copy_per_paused_proxy_and_reused():
         proxies.merge()
         assert sorted(slots) == [0, 1, 2] and all(t.numel() == 5 for t in proxies._paused.values())
     assert {k: t.data_ptr() for k, t in proxies._paused.items()} == slots
+
+
+def test_end_round_folds_live_and_paused_proxies_for_a_stop_mid_round():
+    """K=3, equal sizes. Proxy 0 paused after 2 steps at [[3, 3]], 1; proxy 1 live after 1 step at
+    [[6, 0]], 4; proxy 2 never trained. end_round({0: 2, 1: 1}) folds 2 x theta0 + 1 x theta1:
+    weight ([6, 6] + [6, 0]) / 3 = [4, 2], bias (2 + 4) / 3 = 2."""
+    layer = _linear([[1.0, 2.0]], [0.0])
+    proxies = ProxySet(list(layer.parameters()), 3, [1, 1, 1])
+    _set(layer, [[3.0, 3.0]], [1.0])
+    proxies.pause_turn()
+    proxies.begin_turn(1)
+    _set(layer, [[6.0, 0.0]], [4.0])
+    proxies.end_round({0: 2, 1: 1, 2: 0})
+    proxies.merge()
+    assert _values(layer) == ([[4.0, 2.0]], [2.0])
