@@ -125,8 +125,8 @@ class AugmentationStrengths:
 
 class LossAwareAugment:
     """Dataset transform ``(image, sample_id) -> image`` that applies RandAugment at the sample's
-    stored strength with NUM_OPS = 2 operations, on top of the usual resize/crop/flip (apply it
-    before those).
+    stored strength with NUM_OPS = 2 operations, on top of the usual resize/crop/flip: as in the
+    reference, it runs first, on the image as loaded (``IndexedCaptionDataset`` does so).
 
     The magnitude is ``round(s * max_magnitude)`` out of RandAugment's default 31 magnitude bins
     (so the reference m_max = 5 is mild); at magnitude 0 the image is returned unchanged (the

@@ -96,8 +96,11 @@ class MemFreeConfig:
     redistribute_at: str = field(
         default="mid_round",
         metadata={
-            "help": "IET-AGC+: when to redistribute. 'mid_round' (the reference) redistributes "
-            "half-way between two merges; 'merge' right after each merge.",
+            "help": "IET-AGC+: when to redistribute. 'mid_round' (the reference): every proxy takes "
+            "the first half of its --merge_every steps, then the shards are redistributed, then "
+            "every proxy takes its second half; the same for any number of processes (one process "
+            "pauses its proxies half-way, keeping one extra copy of the trainable weights per "
+            "proxy). 'merge': right after each merge.",
             "choices": ("mid_round", "merge"),
         },
     )

@@ -297,9 +297,9 @@ class IndexedCaptionDataset(Dataset):
         image = self.ds[int(sample_id)][self.image_column].convert("RGB")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aug_seed)
-            image = self.geometric(image)
-            if self.augment is not None:
+            if self.augment is not None:  # RandAugment on the image as loaded, before resize/crop/flip (the reference's order)
                 image = self.augment(image, int(sample_id))
+            image = self.geometric(image)
             pixels = self.to_tensor(image)
         caption = self.caption_for(int(sample_id), random.Random(aug_seed))
         ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",

@@ -10,7 +10,8 @@ Why K copies of the weights are never needed: every proxy starts a round from ``
 when a proxy ends its turn its weights are folded into a running weighted sum and the live
 tensors are reset to ``merged``. Weight memory is therefore two copies (``merged`` and the sum),
 whatever K is, held on ``storage_device`` (CPU memory for full fine-tuning, the training device
-for LoRA, whose tensors are small).
+for LoRA, whose tensors are small); only a round split into two turns per proxy (mid-round
+redistribution) adds one copy per paused proxy (``pause_turn``).
 
 Invariants:
 - ``merged`` is what every proxy's turn starts from; after ``end_turn`` and after ``merge`` the
@@ -19,8 +20,12 @@ Invariants:
   ``sum_k n_k s_k theta_k / sum_k n_k s_k`` (n_k the shard size when its turn ended); for
   complete rounds this is the shard-size-weighted mean ``sum_k n_k theta_k / sum_k n_k``. A proxy
   that took no step contributes nothing; if none did, the weights are kept.
-- Each proxy takes at most one turn per round (its weights are not kept between turns);
-  ``end_turn`` refuses a second turn before ``merge``.
+- A proxy's round may be split into several turns: ``pause_turn`` keeps the live proxy's
+  weights (one copy per paused proxy, on ``storage_device``) and the next ``begin_turn`` of that
+  proxy restores them. ``--redistribute_at mid_round`` needs this in a process that trains L > 1
+  proxies (see ``RoundSchedule``): L paused copies at most, allocated on first use and reused.
+- ``end_turn`` ends a proxy's round; it refuses a second one before ``merge``, and ``merge``
+  refuses while a proxy is paused (its weights would be lost).
 - With ``optimizer_state="per_proxy"`` each proxy has its own optimizer state and LR-schedule
   position; the optimizer object always holds the live proxy's state, ``ProxySet`` holds the
   others (tensors on ``storage_device``). A proxy that never trained starts from an empty
@@ -41,31 +46,6 @@ from torch import Tensor
 from .merging import accumulate_
 
 OPTIMIZER_STATE_MODES = ("per_proxy", "shared")
-
-
-def schedule_position(global_step: int, merge_every: int, num_local_proxies: int) -> tuple[int, int, int]:
-    """Where turn-taking stands after ``global_step`` optimizer steps of this process.
-
-    Each local proxy takes ``merge_every`` steps per round, in the order of ``local_proxies``.
-
-    Args:
-        global_step: optimizer steps this process has taken so far (>= 0).
-        merge_every: steps per proxy per round (H).
-        num_local_proxies: proxies this process trains.
-
-    Returns:
-        ``(i, round_index, local_step)``: index into ``local_proxies`` of the proxy whose turn it
-        is, the round, and how many steps that proxy has taken in its current turn. Example with
-        H=3 and 2 local proxies: steps 0-2 -> (0, 0, 0..2), 3-5 -> (1, 0, 0..2), 6 -> (0, 1, 0).
-    """
-    if global_step < 0 or merge_every < 1 or num_local_proxies < 1:
-        raise ValueError(
-            f"schedule_position needs global_step >= 0, merge_every >= 1 and num_local_proxies >= 1, "
-            f"got {global_step}, {merge_every}, {num_local_proxies}."
-        )
-    turn, local_step = divmod(global_step, merge_every)
-    round_index, i = divmod(turn, num_local_proxies)
-    return i, round_index, local_step
 
 
 def check_spread(num_proxies: int, world_size: int) -> None:
@@ -164,6 +144,8 @@ class ProxySet:
         self._total_weight = 0  # sum of n_k * s_k folded into the running sum this round (local)
         self._steps = [0] * num_proxies
         self._turn_ended = [False] * num_proxies
+        self._paused: dict[int, Tensor] = {}  # proxy -> flat weights kept between its turns
+        self._is_paused = [False] * num_proxies
         self._live = self.local_proxies[0]
         self.num_merges = 0
 
@@ -200,12 +182,16 @@ class ProxySet:
     def begin_turn(self, k: int) -> None:
         """Makes proxy k live: swaps optimizer state and schedule position (``"per_proxy"``).
 
-        Parameters are not touched: they already hold ``merged``, which every turn starts from.
+        Parameters hold ``merged``, which a round starts from; if proxy k was paused in this
+        round (``pause_turn``), its own weights are restored instead.
         """
         if k not in self.local_proxies:
             raise ValueError(
                 f"proxy {k} is not trained by process {self.rank} (its proxies: {self.local_proxies})."
             )
+        if self._is_paused[k]:
+            self._copy_into_params(self._views(self._paused[k]))
+            self._is_paused[k] = False
         if k == self._live:
             return
         if self.optimizer_state == "per_proxy" and self.optimizer is not None:
@@ -219,16 +205,37 @@ class ProxySet:
                     group["lr"] = lr
         self._live = k
 
+    def pause_turn(self) -> None:
+        """Ends the live proxy's turn but keeps its weights for a later turn in this round.
+
+        The weights are copied to this proxy's pause slot on ``storage_device`` (allocated on
+        first use, then reused) and params are reset to ``merged``; ``begin_turn`` of the same
+        proxy restores them. Its optimizer state stays its own as for any turn.
+        """
+        k = self._live
+        if self._turn_ended[k]:
+            raise RuntimeError(f"proxy {k} already ended its round; it cannot be paused before merge().")
+        if k not in self._paused:
+            self._paused[k] = torch.empty(self._numel, dtype=torch.float32, device=self.storage_device)
+        with torch.no_grad():
+            for slot, p in zip(self._views(self._paused[k]), self.params):
+                slot.copy_(p, non_blocking=True)
+        self._synchronize_host_copies()
+        self._is_paused[k] = True
+        self._copy_into_params(self._merged)
+
     def end_turn(self, steps_taken: int) -> None:
-        """Folds the live proxy's weights into the running sum, then resets params to ``merged``.
+        """Ends the live proxy's round: folds its weights into the running sum, resets params to ``merged``.
 
         Args:
-            steps_taken: optimizer steps the live proxy took in this turn; its merge weight is
-                ``shard_sizes[live] * steps_taken`` (nothing is added for 0).
+            steps_taken: optimizer steps the live proxy took in this round (all its turns); its
+                merge weight is ``shard_sizes[live] * steps_taken`` (nothing is added for 0).
         """
         k = self._live
         if steps_taken < 0:
             raise ValueError(f"steps_taken must be >= 0, got {steps_taken}.")
+        if self._is_paused[k]:
+            raise RuntimeError(f"proxy {k} is paused; begin_turn({k}) restores its weights before its round can end.")
         if self._turn_ended[k]:
             raise RuntimeError(
                 f"proxy {k} already ended its turn this round; its weights were reset to the merged "
@@ -242,6 +249,21 @@ class ProxySet:
         self._turn_ended[k] = True
         self._copy_into_params(self._merged)
 
+    def end_round(self, steps_in_round: dict[int, int]) -> None:
+        """Ends the round of every local proxy still in it, for a merge when training stops mid-round.
+
+        The live proxy and every paused one (its weights restored first) are folded with their
+        steps; a proxy that has not trained in this round adds nothing.
+
+        Args:
+            steps_in_round: local proxy -> optimizer steps it took in this round
+                (``RoundSchedule.steps_in_round``).
+        """
+        for k in [self._live] + [j for j in self.local_proxies if j != self._live]:
+            if not self._turn_ended[k] and (k == self._live or self._is_paused[k]):
+                self.begin_turn(k)
+                self.end_turn(steps_in_round.get(k, 0))
+
     def merge(self) -> dict[str, float]:
         """Sets ``merged`` (and params) to the weighted mean of this round's proxies; starts a new round.
 
@@ -251,6 +273,9 @@ class ProxySet:
         Returns:
             Logging values: ``merge/index`` (1 for the first merge) and ``merge/total_weight``.
         """
+        paused = [k for k in self.local_proxies if self._is_paused[k]]
+        if paused:
+            raise RuntimeError(f"proxies {paused} are paused mid-round; resume and end their turns (end_turn) before merge().")
         total = float(self._total_weight)
         if self.world_size > 1:
             self._buffer[-1] = total
@@ -291,6 +316,7 @@ class ProxySet:
             "total_weight": self._total_weight,
             "steps": list(self._steps),
             "turn_ended": list(self._turn_ended),
+            "paused": {k: self._paused[k] for k in self.local_proxies if self._is_paused[k]},
             "live": self._live,
             "num_merges": self.num_merges,
             "stashed_optimizer": self._stashed_optimizer,
@@ -322,6 +348,10 @@ class ProxySet:
         self._total_weight = int(state["total_weight"])
         self._steps = list(state["steps"])
         self._turn_ended = list(state["turn_ended"])
+        self._is_paused = [False] * self.num_proxies
+        for k, flat in state.get("paused", {}).items():  # absent in checkpoints of earlier versions: none paused
+            self._paused[int(k)] = flat.to(self.storage_device, dtype=torch.float32).clone()
+            self._is_paused[int(k)] = True
         self._live = int(state["live"])
         self.num_merges = int(state["num_merges"])
         self._stashed_optimizer = {

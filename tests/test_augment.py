@@ -138,3 +138,42 @@ def test_spawned_loader_worker_shares_strengths():
     assert torch.cat(list(loader)).tolist() == [0.0, 0.0]
     store.update(torch.tensor([1]), torch.tensor([0.5]), torch.tensor([True]))
     assert torch.cat(list(loader)).tolist() == [0.0, 0.5]
+
+
+class _Rows(list):
+    """The two things IndexedCaptionDataset reads from a datasets.Dataset: rows and a caption column."""
+
+    def __getitem__(self, key):
+        return [row["text"] for row in self] if key == "text" else list.__getitem__(self, key)
+
+
+class _Tokenizer:
+    model_max_length = 4
+
+    def __call__(self, caption, **kwargs):
+        return type("Encoding", (), {"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+
+
+def test_dataset_augments_the_image_as_loaded_then_resizes_crops_flips():
+    """The reference's order: RandAugment on the 64 px image as loaded, then resize/crop to 32 px.
+    The item equals resize/crop(RandAugment(image)) drawn under the item's seed."""
+    from sd_memfree.data import IndexedCaptionDataset, build_image_transforms
+
+    image, _ = make_tiny_image(0, size=64)
+    store = AugmentationStrengths(1)
+    store.values[0] = 1.0
+    augment = LossAwareAugment(store, max_magnitude=5)
+    seen = []
+
+    def recording_augment(img, sample_id):
+        seen.append(img.size)
+        return augment(img, sample_id)
+
+    geometric, to_tensor = build_image_transforms(32, center_crop=False, random_flip=True)
+    ds = IndexedCaptionDataset(_Rows([{"image": image, "text": "a"}]), "image", "text", _Tokenizer(), geometric, to_tensor,
+                               augment=recording_augment)
+    item = ds[(0, 123)]
+    assert seen == [(64, 64)] and item["pixel_values"].shape == (3, 32, 32)
+    torch.manual_seed(123)
+    expected = to_tensor(geometric(augment(image.convert("RGB"), 0)))
+    assert torch.equal(item["pixel_values"], expected)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sd_memfree.merging import weighted_average
-from sd_memfree.proxies import ProxySet, schedule_position
+from sd_memfree.proxies import ProxySet
 
 
 def _linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:
@@ -424,15 +424,112 @@ def test_single_process_owns_every_proxy_and_refuses_others():
         proxies.begin_turn(4)
 
 
-@pytest.mark.parametrize(
-    ("step", "expected"),
-    [(0, (0, 0, 0)), (2, (0, 0, 2)), (3, (1, 0, 0)), (5, (1, 0, 2)), (6, (0, 1, 0)), (13, (0, 2, 1))],
-)
-def test_schedule_position(step, expected):
-    """H=3, 2 local proxies: a round is 6 steps; step 13 = round 2 (12..17), proxy 0, local step 1."""
-    assert schedule_position(step, 3, 2) == expected
+# -- rounds split into two turns per proxy (mid-round redistribution) -------------------------
 
 
-def test_schedule_position_rejects_bad_input():
-    with pytest.raises(ValueError, match="merge_every >= 1"):
-        schedule_position(0, 0, 2)
+def _split_round_run(split: bool, save_while_paused: bool = False):
+    """K=2, sizes [3, 1], Adam + halving LR, 4 steps per proxy per round, 2 rounds.
+
+    ``split``: each round is 0 0 | 1 1 | 0 0 | 1 1 (two turns per proxy, pause in between) instead
+    of 0 0 0 0 | 1 1 1 1. Each proxy sees the same data at the same local step either way. With
+    ``save_while_paused`` everything is saved and loaded into fresh objects while proxy 0 is paused.
+    """
+    def build():
+        layer = _linear([[0.5, -0.5]], [0.0])
+        optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+        scheduler = _halving_schedule(optimizer)
+        proxies = ProxySet(list(layer.parameters()), 2, [3, 1], optimizer=optimizer, lr_scheduler=scheduler)
+        return layer, optimizer, scheduler, proxies
+
+    layer, optimizer, scheduler, proxies = build()
+    for round_index in range(2):
+        first = 4 * round_index
+        if not split:
+            for k in (0, 1):
+                proxies.begin_turn(k)
+                _train(layer, optimizer, scheduler, k, 4, first_step=first)
+                proxies.end_turn(4)
+        else:
+            for k in (0, 1):
+                proxies.begin_turn(k)
+                _train(layer, optimizer, scheduler, k, 2, first_step=first)
+                proxies.pause_turn()
+                torch.testing.assert_close(layer.weight, proxies._merged[0], rtol=0, atol=0)  # back at merged
+                if save_while_paused and round_index == 1 and k == 1:
+                    buffer = io.BytesIO()
+                    torch.save([o.state_dict() for o in (layer, optimizer, scheduler, proxies)], buffer)
+                    buffer.seek(0)
+                    states = torch.load(buffer, weights_only=False)
+                    layer, optimizer, scheduler, proxies = build()
+                    for obj, state in zip((layer, optimizer, scheduler, proxies), states):
+                        obj.load_state_dict(state)
+            for k in (0, 1):
+                proxies.begin_turn(k)
+                _train(layer, optimizer, scheduler, k, 2, first_step=first + 2)
+                proxies.end_turn(4)
+        proxies.merge()
+    return layer
+
+
+@pytest.mark.parametrize("save_while_paused", [False, True])
+def test_round_split_in_two_turns_equals_one_turn_exactly(save_while_paused):
+    """The paused proxy's float32 weights are stored and restored unchanged, and its optimizer state
+    and LR position travel as in any turn swap, so 2+2 steps == 4 steps, bit for bit (also across a
+    save/load while both proxies are paused)."""
+    whole = _split_round_run(split=False)
+    split = _split_round_run(split=True, save_while_paused=save_while_paused)
+    assert torch.equal(whole.weight, split.weight) and torch.equal(whole.bias, split.bias)
+    assert not torch.equal(whole.weight, _linear([[0.5, -0.5]], [0.0]).weight)  # it trained
+
+
+def test_paused_proxy_cannot_be_lost():
+    """A paused proxy's weights live only in its pause slot: merge and end_turn refuse until it resumes."""
+    layer = _linear([[1.0, 2.0]], [0.0])
+    proxies = ProxySet(list(layer.parameters()), 2, [1, 1])
+    _set(layer, [[3.0, 3.0]], [1.0])
+    proxies.pause_turn()
+    assert _values(layer) == ([[1.0, 2.0]], [0.0])
+    with pytest.raises(RuntimeError, match="proxy 0 is paused"):
+        proxies.end_turn(1)
+    with pytest.raises(RuntimeError, match=r"proxies \[0\] are paused"):
+        proxies.merge()
+    proxies.begin_turn(0)
+    assert _values(layer) == ([[3.0, 3.0]], [1.0])
+    proxies.end_turn(2)
+    proxies.begin_turn(1)
+    proxies.end_turn(2)  # proxy 1 kept the merged weights [1, 2], 0
+    proxies.merge()
+    assert _values(layer) == ([[2.0, 2.5]], [0.5])
+
+
+def test_pause_memory_is_one_copy_per_paused_proxy_and_reused():
+    """K=3 in one process, 5 trainable values: after every proxy paused once, 3 slots of 5; a second
+    round reuses them (no new allocation)."""
+    layer = _linear([[1.0, 2.0, 3.0, 4.0]], [0.0])
+    proxies = ProxySet(list(layer.parameters()), 3, [1, 1, 1])
+    for _ in range(2):
+        for k in range(3):
+            proxies.begin_turn(k)
+            proxies.pause_turn()
+        slots = {k: t.data_ptr() for k, t in proxies._paused.items()}
+        for k in range(3):
+            proxies.begin_turn(k)
+            proxies.end_turn(1)
+        proxies.merge()
+        assert sorted(slots) == [0, 1, 2] and all(t.numel() == 5 for t in proxies._paused.values())
+    assert {k: t.data_ptr() for k, t in proxies._paused.items()} == slots
+
+
+def test_end_round_folds_live_and_paused_proxies_for_a_stop_mid_round():
+    """K=3, equal sizes. Proxy 0 paused after 2 steps at [[3, 3]], 1; proxy 1 live after 1 step at
+    [[6, 0]], 4; proxy 2 never trained. end_round({0: 2, 1: 1}) folds 2 x theta0 + 1 x theta1:
+    weight ([6, 6] + [6, 0]) / 3 = [4, 2], bias (2 + 4) / 3 = 2."""
+    layer = _linear([[1.0, 2.0]], [0.0])
+    proxies = ProxySet(list(layer.parameters()), 3, [1, 1, 1])
+    _set(layer, [[3.0, 3.0]], [1.0])
+    proxies.pause_turn()
+    proxies.begin_turn(1)
+    _set(layer, [[6.0, 0.0]], [4.0])
+    proxies.end_round({0: 2, 1: 1, 2: 0})
+    proxies.merge()
+    assert _values(layer) == ([[4.0, 2.0]], [2.0])

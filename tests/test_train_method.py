@@ -141,29 +141,61 @@ def test_augmentation_with_dataloader_workers(model20, tiny_data_dir, tmp_path):
     assert state["objects"]["strengths"]["values"].max() > 0
 
 
+def test_budget_of_two_and_a_half_rounds_merges_every_shard_equally(model20, tiny_data_dir, tmp_path, monkeypatch, caplog):
+    """K=2, H=2 (4 steps a round), --max_train_steps=11: 2 whole rounds, then 11 - 8 = 3 steps left,
+    3 // 2 = 1 step for each proxy and 1 step dropped (logged once). Every merge, the last included,
+    gives both proxies the same steps: [2, 2], [2, 2], [1, 1] (not [2, 2], [2, 2], [2, 1])."""
+    from sd_memfree.proxies import ProxySet
+
+    steps_at_merge = []
+    original = ProxySet.merge
+
+    def recording_merge(self):
+        steps_at_merge.append(list(self._steps))
+        return original(self)
+
+    monkeypatch.setattr(ProxySet, "merge", recording_merge)
+    with caplog.at_level("WARNING"):
+        summary = train.main(train.parse_args(method_args(model20, tiny_data_dir, tmp_path / "o", *ALL_FEATURES, steps=11)))
+    assert steps_at_merge == [[2, 2], [2, 2], [1, 1]]
+    assert summary["global_step"] == 10 and summary["num_merges"] == 3
+    warnings = [r.getMessage() for r in caplog.records if "not a whole number of rounds" in r.getMessage()]
+    assert len(warnings) == 1 and "shortened to 1 step(s) per proxy" in warnings[0] and "runs 10 steps (1 " in warnings[0]
+
+
+def test_budget_below_one_step_per_proxy_stops(model20, tiny_data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.cli(method_args(model20, tiny_data_dir, tmp_path / "o", steps=1))
+    assert "--max_train_steps=1 gives no step" in capsys.readouterr().err
+
+
 @pytest.mark.multiprocess
-def test_two_processes_equal_one_process(model20, tiny_data_dir, tmp_path):
-    """2 processes (gloo, one proxy each) == 1 process taking turns, bit for bit.
+@pytest.mark.parametrize(("redistribute_at", "merge_every", "steps"), [("merge", 2, 11), ("mid_round", 4, 20)])
+def test_two_processes_equal_one_process(model20, tiny_data_dir, tmp_path, redistribute_at, merge_every, steps):
+    """2 processes (gloo, one proxy each) == 1 process taking turns, bit for bit, with a budget of
+    2.5 rounds (shortened last round) and with redistribution at merges or half-way through rounds.
 
     Tolerance: exact (atol 0). Every proxy owns its RNG stream and data stream, so the proxies
     compute identical weights wherever they run, and the merge adds unfused per-proxy terms, so
     the all-reduce sum equals the single-process sum. (With more proxies than processes the
-    sums associate differently and agree to ~1 ulp per merge instead.) Redistribution runs at
-    merges here: 'mid_round' is half-way through a turn only when proxies run concurrently.
+    sums associate differently and agree to ~1 ulp per merge instead.) With 'mid_round' the one
+    process runs every proxy's first half, redistributes, then every second half, pausing the
+    proxies in between (RoundSchedule), which is what the two processes do concurrently.
     """
-    extra = [*ALL_FEATURES, "--redistribute_at=merge", "--checkpointing_steps=8"]
+    extra = [*ALL_FEATURES, f"--redistribute_at={redistribute_at}", f"--merge_every={merge_every}", "--checkpointing_steps=8"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     mp = tmp_path / "mp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "train_scripts" / "train_sd_ietagc.py"), *method_args(model20, tiny_data_dir, mp, *extra)]
+           str(REPO / "train_scripts" / "train_sd_ietagc.py"), *method_args(model20, tiny_data_dir, mp, *extra, steps=steps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sp = tmp_path / "sp"
     torch.set_num_threads(1)
     try:
-        train.main(train.parse_args(method_args(model20, tiny_data_dir, sp, *extra)))
+        summary = train.main(train.parse_args(method_args(model20, tiny_data_dir, sp, *extra, steps=steps)))
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
+    assert summary["num_merges"] == 3 and summary["moves"], summary
     assert_same(unet_weights(mp), unet_weights(sp))
     # Both processes agree on the shard assignment (and with the single-process run).
     ranks = [read_process_state(mp / "checkpoint-8", r)["objects"]["assignment"] for r in (0, 1)]
@@ -190,3 +222,24 @@ def test_two_process_data_parallel_plain_run_resumes_exactly(tiny_model_dir, tin
     assert {p.name for p in (tmp_path / "straight" / "checkpoint-2").glob("state_rank*.json")} == {"state_rank0.json", "state_rank1.json"}
     launch(tmp_path / "resumed", f"--resume_from_checkpoint={tmp_path / 'straight' / 'checkpoint-2'}")
     assert_same(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed"))
+
+
+@pytest.mark.multiprocess
+def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(model20, tiny_data_dir, tmp_path):
+    """K=1, AGC and loss-aware augmentation, data-parallel over 2 processes (batch 4 each): each
+    process updates its loss bank and strengths from the whole global batch of 8, so after 4
+    steps both processes hold the same bank and the same strengths (otherwise each bank would
+    have seen only its own half, and a sample's strength would be read by a process that never
+    wrote it)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    out = tmp_path / "dp"
+    argv = method_args(model20, tiny_data_dir, out, "--num_shards=1", "--loss_aware_augmentation", "--checkpointing_steps=4", steps=6)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [torch.load(out / "checkpoint-4" / f"state_rank{r}.pt", weights_only=False)["objects"] for r in (0, 1)]
+    banks = [s["loss_bank_0"]["bank"] for s in states]
+    strengths = [s["strengths"]["values"] for s in states]
+    assert (banks[0] > 0).sum() > 0 and strengths[0].max() > 0
+    assert torch.equal(banks[0], banks[1]) and torch.equal(strengths[0], strengths[1])

@@ -305,8 +305,9 @@ def train(args, stop) -> dict:
     from sd_memfree.data import (IndexedCaptionDataset, ShardBatchSampler, build_image_transforms, check_resolution,
                                  check_samples, collate, load_image_caption_dataset)
     from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
-    from sd_memfree.proxies import ProxySet, check_spread, schedule_position
+    from sd_memfree.proxies import ProxySet, check_spread
     from sd_memfree.resume import check_same_trajectory, data_fingerprint, trajectory_settings, write_trajectory
+    from sd_memfree.schedule import RoundSchedule
     from sd_memfree.shards import ShardAssignment
     from sd_memfree.state import Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state
     from sd_memfree.stopping import MAX_NONFINITE_STEPS, SIGNAL_EXIT_CODES, NonFiniteWatch, RunStopped, all_finite
@@ -444,11 +445,21 @@ def train(args, stop) -> dict:
     steps_per_epoch = max(1, math.ceil(num_samples / samples_per_step))
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    total_steps = args.max_train_steps  # [memfree] summed over proxies
+    # [memfree] The round schedule (sd_memfree/schedule.py) says, from the step count alone, which
+    # proxy trains and when turns end, merges and redistributions are due; the sampler reads it too.
+    # Every proxy takes the same number of steps, so every shard weighs the same in the final merge.
+    schedule = RoundSchedule(K, mf.merge_every, local, args.max_train_steps,
+                             redistribute_at=mf.redistribute_at if mf.redistribution_enabled else None,
+                             gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if schedule.total_steps != args.max_train_steps or schedule.last_round_steps:
+        log.warning(f"--max_train_steps={args.max_train_steps} is not a whole number of rounds ({K} proxies x --merge_every={mf.merge_every}): "
+                    f"the last round is shortened to {schedule.last_round_steps} step(s) per proxy so that every shard weighs the same "
+                    f"in the final merge; training runs {schedule.total_steps} steps ({schedule.dropped_steps} that cannot be shared equally dropped).")
+    total_steps = schedule.total_steps  # [memfree] summed over proxies
     step_unit = world if proxies_spread else 1  # optimizer steps of all processes per local step
-    local_max_steps = math.ceil(total_steps / step_unit)
+    local_max_steps = schedule.local_steps
     # [memfree] Every proxy has its own LR schedule position: its schedule spans its own steps.
-    per_proxy_steps = math.ceil(total_steps / K) if mf.proxy_optimizer_state == "per_proxy" else local_max_steps
+    per_proxy_steps = schedule.steps_per_proxy if mf.proxy_optimizer_state == "per_proxy" else local_max_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=per_proxy_steps)
 
@@ -465,10 +476,7 @@ def train(args, stop) -> dict:
     gas = args.gradient_accumulation_steps
 
     def shard_at(micro_step: int) -> int:  # [memfree] which shard feeds this micro-step
-        if K == 1:
-            return 0
-        i, _, _ = schedule_position(micro_step // gas, H, len(local))
-        return local[i]
+        return schedule.proxy_at_micro(micro_step)
 
     sampler = ShardBatchSampler([assignment.members(k) for k in range(K)], args.train_batch_size, seed, shard_at,
                                 data_rank=data_rank, data_world=data_world)
@@ -625,9 +633,14 @@ def train(args, stop) -> dict:
             if banks:  # [memfree] AGC: skip abnormally low losses for their timestep, then update the bank
                 detached = losses.detach()
                 keep = banks[k].keep_mask(detached, timesteps)
+                seen_losses, seen_t, seen_ids, seen_keep = detached, timesteps, sample_ids, keep
+                if data_world > 1:  # [memfree] data-parallel: every process's bank and strengths take the whole global batch
+                    seen = accelerator.gather(torch.stack([detached.double(), timesteps.double(), sample_ids.double()], dim=1))
+                    seen_losses, seen_t, seen_ids = seen[:, 0].float(), seen[:, 1].long(), seen[:, 2].long()
+                    seen_keep = banks[k].keep_mask(seen_losses, seen_t)
                 if strengths is not None:  # [memfree] loss-aware augmentation strength for the next draw
-                    strengths.update(sample_ids, augmentation_strength(detached, timesteps, banks[k].bank, mf.agc_ratio, mf.augment_alpha), keep)
-                banks[k].update(detached, timesteps)
+                    strengths.update(seen_ids, augmentation_strength(seen_losses, seen_t, banks[k].bank, mf.agc_ratio, mf.augment_alpha), seen_keep)
+                banks[k].update(seen_losses, seen_t)
                 finite = torch.isfinite(detached)  # a non-finite loss is not a skip: the non-finite watch reports it
                 skip_stats.update(keep, timesteps, k, valid=finite)
                 run_skip_stats.update(keep, timesteps, k, valid=finite)
@@ -654,43 +667,38 @@ def train(args, stop) -> dict:
             if args.offload_ema:
                 ema_unet.to("cpu", non_blocking=True)
         counters.global_step += 1
-        counters.turn_steps += 1
         progress.update(step_unit)
         reload_data = False
         if K > 1:
-            _, round_idx, step_in_turn = schedule_position(counters.global_step, H, len(local))
-            turn_done = step_in_turn == 0
-            round_done = turn_done and counters.global_step % (H * len(local)) == 0
-            if turn_done:  # [memfree] the live proxy has taken H steps: bank its weights, restart from merged
-                proxies.end_turn(counters.turn_steps)
-                counters.turn_steps = 0
-                if round_done:
-                    info = proxies.merge()  # [memfree] one all-reduce across processes
-                    accelerator.log({**info, **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
-                if counters.global_step < local_max_steps:
-                    proxies.begin_turn(current_proxy())
-            if mf.redistribution_enabled:  # [memfree] IET-AGC+ redistribution on its schedule
-                round_len = H * len(local)
-                pos = counters.global_step % round_len
-                due = (pos == round_len // 2) if mf.redistribute_at == "mid_round" else (pos == 0)
-                if due and counters.global_step < local_max_steps:
-                    counts = assignment.skip_counts.clone()
-                    if proxies_spread:  # every process decides from the same global counts
-                        torch.distributed.all_reduce(counts)
-                        if strengths is not None:  # each sample's strength comes from the process that trained it
-                            strengths.flush()
-                            owned = torch.isin(assignment.shard_of, torch.tensor(local)).to(strengths.values.dtype)
-                            synced = strengths.values * owned
-                            torch.distributed.all_reduce(synced)
-                            strengths.values.copy_(synced)
-                    moves = assignment.redistribute(mf.redistribute_fraction, counters.global_step * step_unit, counts=counts)
-                    proxies.shard_sizes = assignment.sizes()
-                    counters.redistributions += 1
-                    counters.sampler_origin = counters.micro_step
-                    sampler.set_members([assignment.members(j) for j in range(K)], counters.sampler_origin, counters.redistributions)
-                    reload_data = True
-                    accelerator.log({"redistribution/moved": sum(len(m["sample_ids"]) for m in moves),
-                                     **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
+            event = schedule.after_step(counters.global_step - 1)  # [memfree] what the step just taken completes
+            if event.turn_ends:
+                if event.round_done_for_proxy:  # its H steps are done: bank its weights, restart from merged
+                    proxies.end_turn(event.steps_in_round)
+                elif event.next_proxy != event.proxy:  # half-way: keep its weights for its second half
+                    proxies.pause_turn()
+            if event.merge:
+                info = proxies.merge()  # [memfree] one all-reduce across processes
+                accelerator.log({**info, **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
+            if event.redistribute:  # [memfree] IET-AGC+ redistribution on its schedule
+                counts = assignment.skip_counts.clone()
+                if proxies_spread:  # every process decides from the same global counts
+                    torch.distributed.all_reduce(counts)
+                    if strengths is not None:  # each sample's strength comes from the process that trained it
+                        strengths.flush()
+                        owned = torch.isin(assignment.shard_of, torch.tensor(local)).to(strengths.values.dtype)
+                        synced = strengths.values * owned
+                        torch.distributed.all_reduce(synced)
+                        strengths.values.copy_(synced)
+                moves = assignment.redistribute(mf.redistribute_fraction, counters.global_step * step_unit, counts=counts)
+                proxies.shard_sizes = assignment.sizes()
+                counters.redistributions += 1
+                counters.sampler_origin = counters.micro_step
+                sampler.set_members([assignment.members(j) for j in range(K)], counters.sampler_origin, counters.redistributions)
+                reload_data = True
+                accelerator.log({"redistribution/moved": sum(len(m["sample_ids"]) for m in moves),
+                                 **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
+            if event.turn_ends and event.next_proxy is not None:
+                proxies.begin_turn(event.next_proxy)  # a paused proxy gets its own weights back
         if strengths is not None:
             strengths.flush()
         if counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps:
@@ -740,12 +748,12 @@ def train(args, stop) -> dict:
     loop_seconds, loop_cpu_seconds = time.perf_counter() - loop_start, time.process_time() - loop_cpu_start
 
     # ---- Final merge and save --------------------------------------------------------------------
-    if proxies is not None:
-        if counters.global_step % (H * len(local)) != 0:  # [memfree] final merge of an incomplete round
-            if counters.turn_steps > 0:
-                proxies.end_turn(counters.turn_steps)  # weights by steps actually taken
-                counters.turn_steps = 0
-            proxies.merge()
+    # [memfree] The budget ends with a merge (see RoundSchedule). Only a run stopped mid-round
+    # merges here, with every local proxy weighted by the steps it took in that round.
+    taken = schedule.steps_in_round(counters.global_step) if proxies is not None else {}
+    if taken:
+        proxies.end_round(taken)
+        proxies.merge()
     accelerator.wait_for_everyone()
     summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir),
                "train_loop_seconds": loop_seconds, "train_loop_cpu_seconds": loop_cpu_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
