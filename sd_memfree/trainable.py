@@ -58,13 +58,15 @@ def save_lora(unet, output_dir: str | Path) -> Path:
 
 def save_full_pipeline(unet, pretrained_model_name_or_path: str, output_dir: str | Path, revision=None, variant=None,
                        text_encoder=None, vae=None) -> Path:
-    """Save a complete pipeline folder whose UNet is ``unet`` (other parts from the base model)."""
+    """Save a complete pipeline folder whose UNet is ``unet``; every other part comes from the base
+    model as it is, the safety checker and feature extractor included when the base has them (as
+    upstream's script saves it: a fine-tune must not silently drop a base model's safety checker).
+    """
     from diffusers import StableDiffusionPipeline
 
     kwargs = {k: v for k, v in {"text_encoder": text_encoder, "vae": vae}.items() if v is not None}
     pipe = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, unet=unet, revision=revision,
-                                                   variant=variant, safety_checker=None, requires_safety_checker=False,
-                                                   **kwargs)
+                                                   variant=variant, **kwargs)
     pipe.save_pretrained(str(output_dir), safe_serialization=True)
     return Path(output_dir)
 

@@ -307,3 +307,192 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_model_dir, tiny_d
     _one_line_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=2),
                     r"already holds checkpoints .*checkpoint-2.*--resume_from_checkpoint=latest")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == before
+
+
+# ---- the plain path against upstream, point by point (issue 10) ---------------------------------
+
+def _scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the TensorBoard tracker wrote under out/logs: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for run_dir in sorted({p.parent for p in (out / "logs").rglob("events.out.tfevents.*")}):  # hparams go in a sub-run
+        acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return scalars
+
+
+def test_lora_default_output_dir_is_upstreams():
+    """Each upstream script's default: sd-model-finetuned (full), sd-model-finetuned-lora (LoRA)."""
+    a = ["--pretrained_model_name_or_path=x", "--train_data_dir=y"]
+    assert train.parse_args(a).output_dir == "sd-model-finetuned"
+    assert train.parse_args(a + ["--use_lora"]).output_dir == "sd-model-finetuned-lora"
+    assert train.parse_args(a + ["--use_lora", "--output_dir=mine"]).output_dir == "mine"
+
+
+def test_train_loss_logged_for_every_optimizer_step(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    """12 steps x 2 micro-batches: the tracker holds train_loss at steps 1..12 (flushed at 10 and
+    12), each the mean of that step's two micro-batch losses, as upstream's
+    ``train_loss += loss / gradient_accumulation_steps``; the progress bar shows step_loss and lr."""
+    from sd_memfree import losses
+
+    micro = []
+    real = losses.masked_mean
+
+    def spy(*a, **k):
+        loss = real(*a, **k)
+        micro.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(losses, "masked_mean", spy)
+    out = tmp_path / "logged"
+    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--gradient_accumulation_steps=2",
+                  "--lr_scheduler=linear", "--lr_warmup_steps=4", "--report_to=tensorboard", steps=12))
+    assert len(micro) == 24
+    scalars = _scalars(out)
+    logged = scalars["train_loss"]
+    assert [s for s, _ in logged] == list(range(1, 13))
+    for step, value in logged:
+        assert value == pytest.approx((micro[2 * step - 2] + micro[2 * step - 1]) / 2, rel=1e-6), step
+    # lr after each step: warm-up 1e-3 * s / 4 to step 4, then linear decay to 0 at step 12
+    want = [1e-3 * s / 4 if s <= 4 else 1e-3 * (12 - s) / 8 for s in range(1, 13)]
+    assert [s for s, _ in scalars["lr"]] == list(range(1, 13))
+    assert [v for _, v in scalars["lr"]] == pytest.approx(want, abs=1e-9)
+    err = capsys.readouterr().err
+    assert "step_loss=" in err and "lr=" in err
+
+
+def test_lr_schedule_waits_when_loss_scaling_skips_the_step(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """Warm-up over 4 steps at lr 1e-3: step 1 skipped, so the LR after steps 1..4 is
+    [0, 0.25, 0.5, 0.75] x 1e-3 (upstream's prepared scheduler does not step either), where a
+    scheduler stepping regardless would give [0.25, 0.5, 0.75, 1.0] x 1e-3.
+
+    On CPU accelerate makes no GradScaler, so the test gives it torch's (scale 1) and writes an
+    inf into one gradient of step 1, as an fp16 overflow would: the unscale, overflow check and
+    skip are torch's and accelerate's real code; fp16 autocast itself is not exercised."""
+    import accelerate
+
+    skipped = []
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # before prepare(): the optimizer wrapper takes it
+            self.backward_calls = 0
+
+        def backward(self, loss, **kwargs):
+            super().backward(loss, **kwargs)
+            self.backward_calls += 1
+            if self.backward_calls == 1:
+                grads = [p.grad for g in self._optimizers[0].optimizer.param_groups for p in g["params"] if p.grad is not None]
+                grads[0].view(-1)[0] = float("inf")
+
+        @property
+        def optimizer_step_was_skipped(self):
+            value = super().optimizer_step_was_skipped
+            skipped.append(value)
+            return value
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    out = tmp_path / "scaled"
+    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--lr_scheduler=constant_with_warmup",
+                  "--lr_warmup_steps=4", "--report_to=tensorboard", steps=4))
+    assert skipped == [True, False, False, False], "the overflow must skip step 1 only"
+    assert [v for _, v in _scalars(out)["lr"]] == pytest.approx([0.0, 0.25e-3, 0.5e-3, 0.75e-3], rel=1e-6, abs=1e-12)  # TensorBoard keeps float32
+
+
+def test_validation_uses_the_ema_weights_and_training_goes_on_from_its_own(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """12 images, batch 2: an epoch is 6 steps, so validation runs after epoch 0 (step 6, as
+    upstream's ``epoch % validation_epochs == 0``) with the EMA weights swapped in; afterwards the
+    training weights come back, so the final model equals a run without validation."""
+    from diffusers.training_utils import EMAModel
+
+    emas, seen = [], []
+    real_step, real_validation = EMAModel.step, train.log_validation
+
+    def ema_step(self, parameters):
+        if not emas:
+            emas.append(self)
+        return real_step(self, parameters)
+
+    def validation(parts, args, accelerator, weight_dtype, step, is_final=False):
+        if not is_final:
+            ema = emas[0]
+            weights = [p.detach().clone() for p in parts["unet"].parameters()]
+            seen.append((step, all(torch.equal(w, s.to(w.device)) for w, s in zip(weights, ema.shadow_params)),
+                         any(not torch.equal(w, t.to(w.device)) for w, t in zip(weights, ema.temp_stored_params))))
+        return real_validation(parts, args, accelerator, weight_dtype, step, is_final)
+
+    monkeypatch.setattr(EMAModel, "step", ema_step)
+    monkeypatch.setattr(train, "log_validation", validation)
+    validated = tmp_path / "validated"
+    run(base_args(tiny_model_dir, tiny_data_dir, validated, "--use_ema", "--validation_epochs=1",
+                  "--validation_prompts", "a red circle", steps=8))
+    assert seen == [(6, True, True)], "one validation after epoch 0, on the EMA weights, which differ from the training weights"
+    plain = tmp_path / "plain"
+    run(base_args(tiny_model_dir, tiny_data_dir, plain, "--use_ema", steps=8))
+    a, b = _final_tensors(validated, False), _final_tensors(plain, False)
+    assert all(torch.equal(a[k], b[k]) for k in a), "validation must hand the training weights back"
+
+
+def _base_with_safety_checker(src: Path, dst: Path) -> Path:
+    """The tiny model plus a (tiny, random) StableDiffusionSafetyChecker and CLIPImageProcessor."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    layer = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=dict(layer, vocab_size=100), projection_dim=8,
+                                                      vision_config=dict(layer, image_size=32, patch_size=16)))
+    pipe.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                                       crop_size={"height": 32, "width": 32}))
+    pipe.register_to_config(requires_safety_checker=True)
+    pipe.save_pretrained(dst)
+    return dst
+
+
+def test_saved_pipeline_keeps_the_base_safety_checker(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A base with a safety checker gives a fine-tuned pipeline with the same checker (as
+    upstream's save); a base without one gives none (the tiny model has none)."""
+    base = _base_with_safety_checker(tiny_model_dir, tmp_path / "base")
+    out = tmp_path / "checked"
+    run(base_args(base, tiny_data_dir, out, steps=1))
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert index["feature_extractor"][1] == "CLIPImageProcessor"
+    b = load_file(base / "safety_checker" / "model.safetensors")
+    a = load_file(out / "safety_checker" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    from sd_memfree.trainable import save_full_pipeline
+    from diffusers import UNet2DConditionModel
+
+    bare = save_full_pipeline(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"), str(tiny_model_dir), tmp_path / "bare")
+    assert json.loads((bare / "model_index.json").read_text())["safety_checker"] == [None, None]
+    assert not (bare / "safety_checker").exists()
+
+
+def test_final_lora_validation_honours_revision_and_variant(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """A base saved only as variant "v1" (file names *.v1.safetensors) cannot load without
+    --variant; every pipeline the run builds, the final LoRA validation's included, gets the
+    run's --revision and --variant."""
+    from diffusers import StableDiffusionPipeline
+
+    base = tmp_path / "variant-base"
+    StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False).save_pretrained(base, variant="v1")
+    calls = []
+    real = StableDiffusionPipeline.from_pretrained.__func__
+
+    def spy(cls, path, **kwargs):
+        calls.append((kwargs.get("revision"), kwargs.get("variant")))
+        return real(cls, path, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(spy))
+    out = tmp_path / "lora-variant"
+    run(base_args(base, tiny_data_dir, out, "--use_lora", "--rank=2", "--variant=v1", "--revision=main",
+                  "--validation_prompt=a red circle", "--num_validation_images=1", steps=1))
+    assert len(calls) >= 2 and set(calls) == {("main", "v1")}
+    assert (out / "pytorch_lora_weights.safetensors").exists()

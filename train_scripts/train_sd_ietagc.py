@@ -59,7 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_validation_images", type=int, default=4, help="Number of images generated for --validation_prompt.")
     parser.add_argument("--validation_epochs", type=int, default=None,
                         help="Run validation every X epochs (upstream default: 5 for full fine-tuning, 1 for LoRA).")
-    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the model and checkpoints are written.")
+    parser.add_argument("--output_dir", type=str, default=None,
+                        help="Where the model and checkpoints are written (upstream default: sd-model-finetuned, or sd-model-finetuned-lora with --use_lora).")
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
     parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     parser.add_argument("--resolution", type=int, default=512, help="Input images are resized to this resolution.")
@@ -141,6 +142,8 @@ def parse_args(argv=None):
         parser.error(f"--prediction_type={args.prediction_type} is unknown; use epsilon or v_prediction (or leave it unset).")
     if args.validation_epochs is None:
         args.validation_epochs = 1 if args.use_lora else 5
+    if args.output_dir is None:  # each upstream script's own default
+        args.output_dir = "sd-model-finetuned-lora" if args.use_lora else "sd-model-finetuned"
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     try:
@@ -187,7 +190,7 @@ def log_validation(pipeline_parts, args, accelerator, weight_dtype, step, is_fin
     images = []
     for prompt in prompts:
         with accelerator.autocast():
-            images.append(pipe(prompt, num_inference_steps=20, generator=generator, height=args.resolution, width=args.resolution).images[0])
+            images.append(pipe(prompt, num_inference_steps=30 if args.use_lora else 20, generator=generator, height=args.resolution, width=args.resolution).images[0])
     phase = "test" if is_final else "validation"
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -309,6 +312,7 @@ def train(args, stop) -> dict:
     from sd_memfree.resume import check_same_trajectory, data_fingerprint, trajectory_settings, write_trajectory
     from sd_memfree.schedule import RoundSchedule
     from sd_memfree.shards import ShardAssignment
+    from sd_memfree.steplog import StepLossLog
     from sd_memfree.state import Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state
     from sd_memfree.stopping import MAX_NONFINITE_STEPS, SIGNAL_EXIT_CODES, NonFiniteWatch, RunStopped, all_finite
     from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
@@ -567,8 +571,32 @@ def train(args, stop) -> dict:
         proxies.begin_turn(current_proxy())
     sampler.start = counters.micro_step
     data_iter = iter(loader)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count = 0
+    # train_loss of every optimizer step, read from the device in one sync per flush (StepLossLog).
+    step_log = StepLossLog(LOG_EVERY, gas, device=accelerator.device)
+
+    def flush_logs() -> None:
+        """Log train_loss and lr of each step since the last flush under its own step number,
+        then the method's counters and the progress bar. Called at the same steps on every
+        process (the loss is gathered), and before any other tracker log, so steps only grow."""
+        rows = step_log.flush(accelerator.gather if world > 1 else None)
+        if not rows:
+            return
+        for step, value, lr in rows[:-1]:
+            accelerator.log({"train_loss": value, "lr": lr}, step=step)
+        step, value, lr = rows[-1]
+        logs = {"train_loss": value, "lr": lr}
+        if skip_stats is not None:
+            logs.update(skip_stats.summary())
+        if strengths is not None:
+            logs["augment/mean_strength"] = strengths.mean()
+        accelerator.log(logs, step=step)
+        postfix = {"step_loss": value, "lr": lr}
+        if K > 1:
+            postfix.update(proxy=current_proxy() if counters.global_step < local_max_steps else "-", round=counters.global_step // (H * len(local)))
+        if "agc/skip_rate" in logs:
+            postfix["skip"] = f"{logs['agc/skip_rate']:.2f}"
+        progress.set_postfix(**postfix)
+
     unet.train()
     loop_start, loop_cpu_start = time.perf_counter(), time.process_time()
     start_step = counters.global_step
@@ -646,8 +674,7 @@ def train(args, stop) -> dict:
                 run_skip_stats.update(keep, timesteps, k, valid=finite)
                 assignment.record_skips(sample_ids, keep)
             loss = masked_mean(losses, keep, weights)
-            loss_sum += loss.detach()
-            loss_count += 1
+            step_log.add(loss)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)  # a list: really clips (upstream passes an exhausted iterator for LoRA)
@@ -659,7 +686,8 @@ def train(args, stop) -> dict:
 
         # ---- after each optimizer step ----
         watch.end_step()
-        lr_scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skipped the update: the LR waits (as upstream's prepared scheduler)
+            lr_scheduler.step()
         if ema_unet is not None:
             if args.offload_ema:
                 ema_unet.to(accelerator.device, non_blocking=True)
@@ -667,6 +695,7 @@ def train(args, stop) -> dict:
             if args.offload_ema:
                 ema_unet.to("cpu", non_blocking=True)
         counters.global_step += 1
+        step_log.end_step(counters.global_step * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
         progress.update(step_unit)
         reload_data = False
         if K > 1:
@@ -678,6 +707,7 @@ def train(args, stop) -> dict:
                     proxies.pause_turn()
             if event.merge:
                 info = proxies.merge()  # [memfree] one all-reduce across processes
+                flush_logs()  # earlier steps first: trackers such as wandb drop steps that go back
                 accelerator.log({**info, **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
             if event.redistribute:  # [memfree] IET-AGC+ redistribution on its schedule
                 counts = assignment.skip_counts.clone()
@@ -695,30 +725,18 @@ def train(args, stop) -> dict:
                 counters.sampler_origin = counters.micro_step
                 sampler.set_members([assignment.members(j) for j in range(K)], counters.sampler_origin, counters.redistributions)
                 reload_data = True
+                flush_logs()
                 accelerator.log({"redistribution/moved": sum(len(m["sample_ids"]) for m in moves),
                                  **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
             if event.turn_ends and event.next_proxy is not None:
                 proxies.begin_turn(event.next_proxy)  # a paused proxy gets its own weights back
         if strengths is not None:
             strengths.flush()
-        if counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps:
-            logs = {"train_loss": (loss_sum / max(1, loss_count)).item(), "lr": lr_scheduler.get_last_lr()[0]}
-            loss_sum.zero_()
-            loss_count = 0
-            if skip_stats is not None:
-                logs.update(skip_stats.summary())
-            if strengths is not None:
-                logs["augment/mean_strength"] = strengths.mean()
-            accelerator.log(logs, step=counters.global_step * step_unit)
-            postfix = {"loss": f"{logs['train_loss']:.4f}"}
-            if K > 1:
-                postfix.update(proxy=current_proxy() if counters.global_step < local_max_steps else "-", round=counters.global_step // (H * len(local)))
-            if "agc/skip_rate" in logs:
-                postfix["skip"] = f"{logs['agc/skip_rate']:.2f}"
-            progress.set_postfix(**postfix)
         total = counters.global_step * step_unit  # optimizer steps summed over proxies and processes
         # The last step is checkpointed too when it falls on --checkpointing_steps, as upstream.
         checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
+        if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps or checkpoint_due:
+            flush_logs()  # a checkpoint's logs are complete up to its step
         # Stop checks sync once: at the logging steps and before a checkpoint; a single process
         # also reacts to a signal at once (its flag is a plain Python attribute, free to read).
         # Several processes only look at the sync points, so they all stop after the same step.
@@ -740,10 +758,20 @@ def train(args, stop) -> dict:
         if reload_data:  # membership changed: prefetched batches of the old shards are dropped
             sampler.start = counters.micro_step
             data_iter = iter(loader)
-        if accelerator.is_main_process and (args.validation_prompts or args.validation_prompt) and counters.global_step < local_max_steps \
-                and (counters.global_step % (steps_per_epoch * args.validation_epochs) == 0):
-            parts = {"unet": accelerator.unwrap_model(unet), "text_encoder": text_encoder, "vae": vae}
-            log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit)
+        # Validation after epoch e (0-based) when e % --validation_epochs == 0, as upstream; the
+        # last step is left to the final validation.
+        if (args.validation_prompts or args.validation_prompt) and counters.global_step < local_max_steps \
+                and counters.global_step % steps_per_epoch == 0 and (counters.global_step // steps_per_epoch - 1) % args.validation_epochs == 0:
+            flush_logs()  # on every process: the flush gathers
+            if accelerator.is_main_process:
+                if ema_unet is not None:  # validate the EMA weights, as upstream; training goes on from its own
+                    ema_unet.store(unet.parameters())
+                    ema_unet.copy_to(unet.parameters())
+                parts = {"unet": accelerator.unwrap_model(unet), "text_encoder": text_encoder, "vae": vae}
+                log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit)
+                if ema_unet is not None:
+                    ema_unet.restore(unet.parameters())
+    flush_logs()  # steps of a loop left early
     progress.close()
     loop_seconds, loop_cpu_seconds = time.perf_counter() - loop_start, time.process_time() - loop_cpu_start
 
@@ -787,7 +815,8 @@ def train(args, stop) -> dict:
                 # validation with the LoRA weights just saved, loaded the way users load them
                 from diffusers import StableDiffusionPipeline
 
-                pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False, torch_dtype=weight_dtype)
+                pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+                                                               safety_checker=None, requires_safety_checker=False, torch_dtype=weight_dtype)
                 pipe.load_lora_weights(str(output_dir))
                 parts = {"unet": pipe.unet}
             images = log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit, is_final=True)
