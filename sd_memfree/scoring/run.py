@@ -221,7 +221,7 @@ def main(args: argparse.Namespace) -> dict:
     magnitudes = [r.noise_magnitude for r in records]
     if all(m is not None for m in magnitudes):
         copies = pixel_per_image["copy"] if pixel_per_image is not None else None
-        steps = generate.DETECTION_STEPS if not args.generated_dir else None
+        steps = min(generate.DETECTION_STEPS, args.num_inference_steps) if not args.generated_dir else None
         result["noise_magnitude"] = metrics.noise_magnitude_stats(np.array(magnitudes), copies, steps)
 
     # 6. Training-time risk: how often training skipped the images the model copies most.
