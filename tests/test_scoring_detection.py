@@ -3,6 +3,8 @@ statistics that validate it (ROC AUC) and join training skip counts to copies (S
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,18 @@ def test_risk_table_orders_by_copy_similarity():
     assert got["most_copied"][0]["skip_rank"] == 1.5 and got["most_copied"][1]["skip_rank"] == 3
     assert got["total_skips"] == 16 and got["samples_ever_skipped"] == 3
     assert got["spearman_skip_vs_similarity"] == pytest.approx(3.0 / 22.5**0.5)
+
+
+def test_detection_auc_table_over_benchmark_runs(tmp_path, capsys):
+    """Two seeds of one model: seed 0 scores its copy highest (AUC 1), seed 1 lowest (AUC 0);
+    pooled, copies {5, 1} vs others {2, 3, 4, 6}: pairs won 3 (5 beats 2, 3, 4) + 0 = 3 of 8 -> 0.375."""
+    from benchmarks import detection_auc
+
+    for seed, rows in ((0, [(5, True), (2, False), (3, False)]), (1, [(1, True), (4, False), (6, False)])):
+        d = tmp_path / f"seed{seed}" / "plain-800" / "score"
+        d.mkdir(parents=True)
+        (d / "per_image.jsonl").write_text("".join(json.dumps({"noise_magnitude": s, "pixel_copy": c}) + "\n" for s, c in rows))
+    got = detection_auc.main([str(tmp_path)])["models"]
+    assert len(got) == 1 and got[0]["method"] == "plain" and got[0]["steps"] == 800 and got[0]["copies"] == 2
+    assert got[0]["auc_per_seed"] == {0: 1.0, 1: 0.0} and got[0]["auc_pooled"] == pytest.approx(0.375)
+    assert "| plain | 800 | 6 | 2 | 1.000, 0.000 | 0.375 |" in capsys.readouterr().out
