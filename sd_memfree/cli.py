@@ -50,7 +50,7 @@ def _recipe(module: str, entry: str = "cli"):
 def _score(argv: list[str]) -> None:
     from sd_memfree.scoring import run
 
-    run.main(run.parse_args(argv))
+    run.cli(argv)
 
 
 def _card(argv: list[str]) -> None:

@@ -48,6 +48,8 @@ class ShardAssignment:
             self.shard_of[order[start:end]] = k
             start = end
         self.skip_counts = torch.zeros(num_samples, dtype=torch.long)
+        # Whole-run counts: never reset by redistribution (memfree_skip_counts.json, the scorer's join).
+        self.total_skip_counts = torch.zeros(num_samples, dtype=torch.long)
         self.moves: list[dict] = []
 
     def members(self, k: int) -> list[int]:
@@ -61,6 +63,7 @@ class ShardAssignment:
     def to(self, device: torch.device | str) -> "ShardAssignment":
         """Keep the skip counts on ``device`` (the training device, so counting never syncs)."""
         self.skip_counts = self.skip_counts.to(device)
+        self.total_skip_counts = self.total_skip_counts.to(device)
         return self
 
     def record_skips(self, sample_ids: torch.Tensor, keep: torch.Tensor) -> None:
@@ -72,7 +75,9 @@ class ShardAssignment:
         """
         device = self.skip_counts.device
         ids = sample_ids.to(device, non_blocking=True)
-        self.skip_counts.index_add_(0, ids, (~keep).to(device, non_blocking=True).long())
+        skipped = (~keep).to(device, non_blocking=True).long()
+        self.skip_counts.index_add_(0, ids, skipped)
+        self.total_skip_counts.index_add_(0, ids, skipped)
 
     def redistribute(self, fraction: float, step: int, counts: torch.Tensor | None = None) -> list[dict]:
         """Move each shard's most-skipped samples to the next shard, then reset the skip counts.
@@ -119,6 +124,7 @@ class ShardAssignment:
         return {
             "shard_of": self.shard_of.clone(),
             "skip_counts": self.skip_counts.clone(),
+            "total_skip_counts": self.total_skip_counts.clone(),
             "moves": [dict(m, sample_ids=list(m["sample_ids"])) for m in self.moves],
             "num_shards": self.num_shards,
             "seed": self.seed,
@@ -139,6 +145,9 @@ class ShardAssignment:
             )
         self.shard_of = state_dict["shard_of"].to(dtype=torch.long, device="cpu").clone()
         self.skip_counts = state_dict["skip_counts"].to(dtype=torch.long, device=self.skip_counts.device).clone()
+        # Checkpoints written before whole-run counts existed: start them from the current counts.
+        total = state_dict.get("total_skip_counts", state_dict["skip_counts"])
+        self.total_skip_counts = total.to(dtype=torch.long, device=self.skip_counts.device).clone()
         self.moves = [dict(m, sample_ids=list(m["sample_ids"])) for m in state_dict["moves"]]
         self.seed = state_dict["seed"]
 

@@ -346,11 +346,16 @@ class TinyBaseConfig:
     unet_steps: int = 500
     unet_lr: float = 1e-3
     batch_size: int = 16
+    # Fraction of pretraining captions replaced by "" (SD trains the same way): the base gets a
+    # meaningful unconditional prediction, so classifier-free guidance and the detection score
+    # ||eps(x_t, prompt) - eps(x_t, "")|| mean something.
+    caption_dropout: float = 0.1
 
     def key(self) -> str:
         import hashlib
 
-        return "tiny-base-v1-" + hashlib.sha256(repr(self).encode()).hexdigest()[:12]
+        # v2: caption dropout (a v1 cache was built without it and must not be reused).
+        return "tiny-base-v2-" + hashlib.sha256(repr(self).encode()).hexdigest()[:12]
 
 
 # Index ranges of the images the base was built from; fine-tuning and held-out sets use 0..9999.
@@ -431,6 +436,8 @@ def build_tiny_base(out_dir: str | os.PathLike, config: TinyBaseConfig | None = 
         ids = tokenizer([c for _, c in shapes], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         text = torch.cat([text_encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
+        empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        empty = text_encoder(empty_ids)[0]  # [1, 77, D]: the unconditional embedding the pipeline uses
     sched = pipe.scheduler
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr)
     unet.train()
@@ -441,7 +448,9 @@ def build_tiny_base(out_dir: str | os.PathLike, config: TinyBaseConfig | None = 
         lat = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * vae.config.scaling_factor
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        loss = F.mse_loss(unet(sched.add_noise(lat, noise, t), t, text[idx]).sample, noise)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        cond = torch.where(drop[:, None, None], empty, text[idx])
+        loss = F.mse_loss(unet(sched.add_noise(lat, noise, t), t, cond).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

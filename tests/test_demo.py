@@ -39,9 +39,28 @@ def test_demo_writes_one_report_with_both_runs(demo_run, capsys):
 
 
 @pytest.mark.slow
+def test_demo_report_leads_with_offline_signal_and_leaves_out_the_standin(demo_run):
+    """The table starts with the pixel copy rate, then the detection score and the held-out
+    denoising loss (all informative offline); with the stand-in SSCD no SSCD figure is shown and
+    the page says why. IET-AGC+ ran AGC, so training's skip counts were joined by the scorer."""
+    out, result = demo_run
+    for h in result["headline"].values():
+        assert h["detection_score_mean"] > 0 and h["heldout_denoising_loss"] > 0
+    page = (out / "report.html").read_text()
+    rows = re.findall(r'<tr><th title="[^"]*">([a-z_0-9.]+)</th>', page)
+    assert rows[:3] == ["copy_frac", "distinct_copied", "detection_score_mean"] and "heldout_denoising_loss" in rows
+    assert not any(r.startswith("sscd_") for r in rows) and not re.search(r"SSCD sim \d", page)
+    assert "SSCD similarity left out" in page and "stand-in" in page
+    plus = json.loads((out / "ietagc_plus" / "score" / "metrics.json").read_text())
+    assert plus["training_risk"]["num_train"] == 6 and plus["noise_magnitude"]["count"] == 6
+    assert json.loads((out / "plain" / "score" / "metrics.json").read_text())["training_risk"] is None
+
+
+@pytest.mark.slow
 def test_demo_report_rows_and_image_count(demo_run):
     """One row per distinct caption (4), each with generated + nearest training image per run
-    (2 runs x 2 = 4 images), plus 2 histograms: 4 * 4 + 2 = 18 embedded images, none external."""
+    (2 runs x 2 = 4 images), plus 2 detection-score histograms: 4 * 4 + 2 = 18 embedded images,
+    none external."""
     out, _ = demo_run
     page = (out / "report.html").read_text()
     srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)

@@ -89,6 +89,15 @@ def test_generate_mode_writes_outputs(generated_run, tiny_data_dir):
     assert len(result["top_matches"]) == 2 and result["top_matches"][0]["similarity"] == pytest.approx(max(sims))
     snippet = (out / "model_card_snippet.md").read_text()
     assert "## Memorization" in snippet and f"{result['gen_vs_train']['sim_95pc']:.4f}" in snippet
+    # The detection score: one positive number per generation, kept in the generations' metadata
+    # (so --generated_dir re-scores keep it) and summarised in metrics.json.
+    mags = [p["noise_magnitude"] for p in per_image]
+    assert all(m > 0 for m in mags) and [m["noise_magnitude"] for m in meta] == mags
+    nm = result["noise_magnitude"]
+    assert nm["count"] == 3 and nm["mean"] == pytest.approx(sum(mags) / 3) and nm["max"] == pytest.approx(max(mags))
+    assert nm["steps"] == 2  # min(DETECTION_STEPS, the 2 sampling steps)
+    assert json.loads((out / "metrics.json").read_text())["noise_magnitude"] == nm
+    assert "Detection score" in (out / "report.html").read_text()
 
 
 def test_generated_dir_copies_score_one_and_reuse_cache(generated_run, copies_run):
@@ -101,7 +110,7 @@ def test_generated_dir_copies_score_one_and_reuse_cache(generated_run, copies_ru
     assert new_calls == 0 and result["run"]["embedding_cache_hit"] is True
     assert result["gen_vs_train"]["mean"] == pytest.approx(1.0, abs=1e-4)
     assert result["gen_vs_train"]["frac_gt_0.5"] == 1.0
-    assert result["pixel"]["pixel_copy_frac"] == 1.0 and result["pixel"]["pixel_ratio_min"] == pytest.approx(0.0, abs=1e-6)
+    assert result["pixel"]["pixel_copy_frac"] == 1.0 and result["pixel"]["pixel_ratio_min"] == 0.0
     text_of = {r["text"] for r in rows}
     for m in result["top_matches"]:
         assert rows[m["train"]]["text"] == m["prompt"] and m["prompt"] in text_of

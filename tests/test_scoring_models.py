@@ -49,9 +49,12 @@ def test_sscd_preprocessing_keeps_aspect_ratio_in_sub_batches(sscd_file, images)
 
 
 def test_known_sscd_name_missing_says_where(tmp_path, monkeypatch, sscd_file):
-    """A known name not in the cache: the error names the URL and the destination; once the file
-    is at that destination, the name resolves to it."""
+    """Offline, a known name not in the cache: the error names the URL and the destination; once
+    the file is at that destination, the name resolves to it. A path that does not exist gets a
+    message about that path, even when its file name is a known model's."""
     monkeypatch.setenv("SD_MEMFREE_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SD_MEMFREE_SSCD_BASE_URL", raising=False)
     with pytest.raises(sscd.MissingWeightsError) as e:
         sscd.resolve_sscd_path("sscd_disc_large")
     msg = str(e.value)
@@ -61,8 +64,12 @@ def test_known_sscd_name_missing_says_where(tmp_path, monkeypatch, sscd_file):
     dest.parent.mkdir()
     dest.write_bytes(sscd_file.read_bytes())
     assert sscd.resolve_sscd_path("sscd_disc_large") == dest
-    with pytest.raises(sscd.MissingWeightsError, match="neither a file nor a known SSCD name"):
+    with pytest.raises(sscd.MissingWeightsError, match=f"--sscd_model {tmp_path / 'nope.pt'}: no such file"):
         sscd.resolve_sscd_path(str(tmp_path / "nope.pt"))
+    elsewhere = tmp_path / "other" / "sscd_disc_large.torchscript.pt"
+    with pytest.raises(sscd.MissingWeightsError) as e:
+        sscd.resolve_sscd_path(str(elsewhere))
+    assert str(elsewhere) in str(e.value) and "no such file" in str(e.value) and str(dest) not in str(e.value)
 
 
 def test_embedding_cache_computes_once(tmp_path):

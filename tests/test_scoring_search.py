@@ -106,3 +106,29 @@ def test_pixel_copy_metrics_hand_made():
 def test_distinct_rows_keeps_first_occurrence():
     x = np.array([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4]], dtype=np.float32)
     assert metrics.distinct_rows(x).tolist() == [0, 1, 3]
+
+
+def test_neg_sq_l2_exact_copy_is_zero_on_any_cpu():
+    """A key that equals the query is at distance exactly 0.0, whatever the vector size and the
+    CPU's float32 kernels (2 q.x - |q|^2 - |x|^2 in float32 leaves about +-5e-4 against |q|^2 ~ 1000
+    for 3072 pixels); other keys keep their exact float64 distance |q - x|^2 and their order."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(40, 3072, generator=g)
+    queries = torch.cat([train[[3, 17]], train[[5]] + 0.01])  # two copies, one near copy
+    got = search.topk_search(queries, train, k=3, metric="neg_sq_l2", query_chunk=2, key_chunk=7)
+    assert got.values[0, 0].item() == 0.0 and got.values[1, 0].item() == 0.0
+    assert got.indices[:, 0].tolist() == [3, 17, 5]
+    want = -(queries.double()[:, None] - train.double()[None]).square().sum(-1)
+    want_v, want_i = want.topk(3, dim=1)
+    assert torch.equal(got.indices, want_i)
+    # Exact up to float32 storage of the float64 result: relative 1e-7, not absolute 5e-4.
+    torch.testing.assert_close(got.values.double(), want_v, rtol=1e-6, atol=0)
+    assert got.values[2, 0].item() == pytest.approx(-0.01**2 * 3072, rel=1e-5)
+
+
+def test_pixel_copy_ratio_of_copies_is_exactly_zero():
+    """Generations equal to training images: d_1 = 0 exactly, so pixel_ratio_min is 0.0 (not 1e-6)."""
+    rng = np.random.default_rng(0)
+    train = rng.random((10, 32, 32, 3), dtype=np.float32)
+    got = metrics.pixel_copy_metrics(train[[1, 4]], train)
+    assert got["pixel_ratio_min"] == 0.0 and got["pixel_ratio_mean"] == 0.0 and got["pixel_copy_frac"] == 1.0

@@ -37,19 +37,42 @@ def test_landscape_dataset_duplicates_and_heldout_range(tmp_path):
         make_tiny_dataset(tmp_path / "x", num_images=2, kind="faces")
 
 
-def test_tiny_base_builds_once_and_loads(tmp_path):
+def test_tiny_base_builds_once_and_loads(tmp_path, monkeypatch):
     """A 2-step build: the folder loads with from_pretrained, base_info.json records the VAE's
     reconstruction error, the scaling factor is 1/std of the latents (set, so not SD's 0.18215),
-    and a second call returns the cached folder without rebuilding (same mtime)."""
-    from diffusers import StableDiffusionPipeline
+    and a second call returns the cached folder without rebuilding (same mtime). Pretraining
+    drops captions: with caption_dropout 0.5 some UNet inputs are the empty prompt's embedding
+    (what the pipeline uses as the unconditional input), the others are not."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    cfg = TinyBaseConfig(vae_steps=2, unet_steps=2, vae_images=8, unet_images=8)
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.append(encoder_hidden_states.detach().clone())
+        return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    cfg = TinyBaseConfig(vae_steps=2, unet_steps=2, vae_images=8, unet_images=8, caption_dropout=0.5)
     path = tiny_base_model(tmp_path, cfg, progress=False)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
     info = json.loads((path / "base_info.json").read_text())
     assert 0 < info["vae_recon_mse"] < 1 and info["vae_recon_psnr_db"] == pytest.approx(-10 * np.log10(info["vae_recon_mse"]))
     pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
     assert pipe.vae.config.scaling_factor == pytest.approx(info["vae_scaling_factor"]) and info["vae_scaling_factor"] != pytest.approx(0.18215)
+    with torch.no_grad():
+        empty = pipe.encode_prompt("", "cpu", 1, False)[0][0]
+    dropped = [bool(torch.equal(row, empty)) for batch in seen for row in batch]
+    assert len(dropped) == 2 * cfg.batch_size and 0 < sum(dropped) < len(dropped)
     assert pipe.unet.config.block_out_channels == list(cfg.unet_channels) or tuple(pipe.unet.config.block_out_channels) == cfg.unet_channels
     mtime = (path / "base_info.json").stat().st_mtime
     assert tiny_base_model(tmp_path, cfg, progress=False) == path
     assert (path / "base_info.json").stat().st_mtime == mtime
+
+
+def test_base_cache_key_changes_with_the_recipe():
+    """The cache key covers every build setting (caption dropout included) and the recipe version,
+    so a base built by older code or other settings is never reused."""
+    assert TinyBaseConfig().key().startswith("tiny-base-v2-")
+    assert TinyBaseConfig(caption_dropout=0.0).key() != TinyBaseConfig().key()

@@ -787,6 +787,9 @@ def train(args, stop) -> dict:
                "train_loop_seconds": loop_seconds, "train_loop_cpu_seconds": loop_cpu_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
     if run_skip_stats is not None:  # whole-run skip rates (this process's proxies)
         summary.update(run_skip_stats.summary())
+    total_skips = assignment.total_skip_counts.clone()  # [memfree] whole-run skips per sample, all processes
+    if world > 1:  # each process counted the samples it trained on
+        torch.distributed.all_reduce(total_skips)
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         # Never publish a non-finite model, e.g. one that diverged in its last few steps, under the stop checks' limit.
@@ -807,6 +810,12 @@ def train(args, stop) -> dict:
         tmp = output_dir / "memfree_state.json.partial"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, output_dir / "memfree_state.json")
+        if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
+            from sd_memfree.scoring.generate import caption_text
+            from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts
+
+            captions = [caption_text(c) for c in dataset[caption_column]]
+            write_skip_counts(output_dir / SKIP_COUNTS_FILE, total_skips.cpu().tolist(), captions, sample_file_names(dataset, image_column))
         summary.update(state)
         images = []
         if args.validation_prompts or args.validation_prompt:

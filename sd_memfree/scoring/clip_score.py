@@ -2,9 +2,11 @@
 
 Scale: a raw cosine (about 0.30 for SD 2.1 on LAION captions), not torchmetrics' ``100 * max(cos, 0)``.
 
-Weights are never downloaded: ``pretrained`` is either a local file (passed to
-``open_clip.create_model_and_transforms(..., pretrained=<file>)``) or an open_clip tag whose file
-is already in open_clip's caches (the Hugging Face cache or ``~/.cache/clip``).
+``pretrained`` is either a local file (passed to
+``open_clip.create_model_and_transforms(..., pretrained=<file>)``) or an open_clip tag: its file is
+taken from open_clip's caches (the Hugging Face cache or ``~/.cache/clip``) or, when missing and
+online, fetched by open_clip's own ``download_pretrained`` (the path ``pretrained=<tag>`` takes).
+Offline (``HF_HUB_OFFLINE=1``) or without a network, one line says what to fetch.
 
 Invariants:
 - ``clip_scores`` returns one float per (image, prompt) pair, in input order, in [-1, 1].
@@ -21,7 +23,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from sd_memfree.scoring.sscd import MissingWeightsError
+from sd_memfree.scoring.sscd import MissingWeightsError, offline
 
 DEFAULT_CLIP_MODEL = "ViT-B-16"
 DEFAULT_CLIP_PRETRAINED = "openai"
@@ -49,8 +51,9 @@ def _cached_tag_file(cfg: dict) -> str | None:
     return None
 
 
-def resolve_clip_weights(model_name: str, pretrained: str) -> tuple[str, dict]:
-    """``(weights file, open_clip keyword overrides)`` for a local file or a cached tag.
+def resolve_clip_weights(model_name: str, pretrained: str, download: bool = True) -> tuple[str, dict]:
+    """``(weights file, open_clip keyword overrides)`` for a local file or a tag (cached, or
+    fetched by open_clip when ``download`` and online).
 
     Raises:
         MissingWeightsError: neither a file nor a cached tag; the message says what to fetch.
@@ -66,10 +69,16 @@ def resolve_clip_weights(model_name: str, pretrained: str) -> tuple[str, dict]:
             f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'})."
         )
     path = _cached_tag_file(cfg)
+    where = cfg.get("hf_hub") or cfg.get("url")
+    if path is None and download and not offline():
+        try:
+            path = open_clip.download_pretrained(cfg) or None
+        except Exception as e:  # network, HTTP or disk errors from huggingface_hub / urllib
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise MissingWeightsError(f"could not fetch CLIP weights {model_name}/{pretrained} from {where} ({first}); fetch them on a machine with a network, pass the file to --clip_pretrained, or use --no_clip_score.") from None
     if path is None:
-        where = cfg.get("hf_hub") or cfg.get("url")
         raise MissingWeightsError(
-            f"CLIP weights {model_name}/{pretrained} are not cached: on a machine with a network run "
+            f"CLIP weights {model_name}/{pretrained} are not cached{' and HF_HUB_OFFLINE is set' if offline() else ''}: on a machine with a network run "
             f"`python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{pretrained}')\"` "
             f"(fetches {where}) and copy the Hugging Face cache here, or pass the file to --clip_pretrained "
             f"(or use --no_clip_score)."

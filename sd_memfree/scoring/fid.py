@@ -1,8 +1,9 @@
 """FID of generations against the training images: torchmetrics' ``FrechetInceptionDistance``.
 
 That is torch-fidelity's TF-ported Inception-v3 (the weights of the original FID code) behind
-torchmetrics' streaming mean/covariance. The Inception weights are never downloaded here: they are
-read from ``--fid_weights`` or from the file torch-fidelity itself would have cached.
+torchmetrics' streaming mean/covariance. The Inception weights are read from ``--fid_weights`` or
+from torch-fidelity's cache; when that is empty and we are online, torch-fidelity's own loader
+fetches them there (no download code of ours). Offline, one line says what to fetch.
 
 Invariants:
 - Images are centre-cropped square and resized to 299 px with PIL bicubic before Inception (which
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sd_memfree.scoring.sscd import MissingWeightsError
+from sd_memfree.scoring.sscd import MissingWeightsError, offline
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -35,19 +36,33 @@ def default_inception_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
-def resolve_inception_weights(path: str | None) -> Path:
-    """The given file, else torch-fidelity's cached file.
+def resolve_inception_weights(path: str | None, download: bool = True) -> Path:
+    """The given file, else torch-fidelity's cached file (fetched by torch-fidelity when
+    ``download``, no explicit ``path`` and online).
 
     Raises:
         MissingWeightsError: with the download URL and where to put the file.
     """
-    candidate = Path(path).expanduser() if path else default_inception_path()
+    if path:
+        candidate = Path(path).expanduser()
+        if candidate.is_file():
+            return candidate
+        raise MissingWeightsError(f"--fid_weights {candidate}: no such file (or omit it to use torch-fidelity's cache, or use --no_fid).")
+    candidate = default_inception_path()
     if candidate.is_file():
         return candidate
-    raise MissingWeightsError(
-        f"FID Inception weights not found at {candidate}: download {INCEPTION_URL} to {default_inception_path()} "
-        f"or pass the file to --fid_weights (or use --no_fid)."
-    )
+    manual = f"download {INCEPTION_URL} to {candidate} or pass the file to --fid_weights (or use --no_fid)"
+    if download and not offline():
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+            FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], verbose=True)  # torch-fidelity downloads into torch hub's cache
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise MissingWeightsError(f"could not fetch the FID Inception weights ({first}): {manual}.") from None
+        if candidate.is_file():
+            return candidate
+    raise MissingWeightsError(f"FID Inception weights not found at {candidate}{' and HF_HUB_OFFLINE is set' if offline() else ''}: {manual}.")
 
 
 def to_uint8_batch(images: Iterable[Image.Image], size: int = INCEPTION_SIZE) -> torch.Tensor:

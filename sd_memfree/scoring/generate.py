@@ -10,6 +10,10 @@ Invariants:
   ``random.Random(seed)``.
 - Generated image ``g`` (0-based, prompt-major) uses its own ``torch.Generator`` seeded
   ``seed + g``, so an image does not depend on the batch size or on which batch it fell in.
+- The detection score (``NoiseMagnitudeProbe``, Wen et al., ICLR 2024) of generation ``g`` is
+  ``mean over the first DETECTION_STEPS sampling steps of ||eps(x_t, prompt) - eps(x_t, "")||_2``
+  on that generation's own trajectory; with classifier-free guidance both predictions are the
+  pipeline's own UNet outputs (no extra work), without it one extra UNet call per early step.
 """
 
 from __future__ import annotations
@@ -35,6 +39,76 @@ class Generation:
     text: str
     seed: int | None = None
     train_index: int | None = None
+    noise_magnitude: float | None = None
+
+
+# Wen et al. average the first sampling steps; the text-conditional signal is strongest early.
+DETECTION_STEPS = 5
+
+
+class NoiseMagnitudeProbe:
+    """Records the memorization detection score of Wen et al. (ICLR 2024, "Detecting, Explaining,
+    and Mitigating Memorization in Diffusion Models") from the pipeline's own UNet calls.
+
+    A forward hook on ``pipe.unet``: under classifier-free guidance the UNet batch is
+    ``[uncond; text]`` (diffusers' order), so ``||eps_text - eps_uncond||`` comes for free; without
+    guidance the hook adds one UNet call with the empty prompt's embedding. Only the first
+    ``steps`` calls of each ``begin`` are used.
+
+    Usage::
+
+        with NoiseMagnitudeProbe(pipe) as probe:
+            probe.begin(batch_size)
+            pipe(...)
+            scores = probe.result()  # [batch_size] float, or None if no step ran
+    """
+
+    def __init__(self, pipe, steps: int = DETECTION_STEPS):
+        self.pipe, self.steps = pipe, steps
+        self._values: list[torch.Tensor] = []
+        self._batch = 0
+        self._inside = False
+        self._empty: torch.Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> "NoiseMagnitudeProbe":
+        self._handle = self.pipe.unet.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def begin(self, batch: int) -> None:
+        self._values, self._batch = [], batch
+
+    def _empty_embeds(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        if self._empty is None:
+            with torch.no_grad():
+                self._empty = self.pipe.encode_prompt("", like.device, 1, False)[0]
+        return self._empty.to(like.dtype).expand(batch, -1, -1)
+
+    @torch.no_grad()
+    def _hook(self, module, args, kwargs, output):
+        if self._inside or len(self._values) >= self.steps:
+            return
+        eps = output[0] if isinstance(output, tuple) else output.sample
+        if eps.shape[0] == 2 * self._batch:
+            uncond, text = eps.chunk(2)
+        else:
+            text = eps
+            sample = args[0] if args else kwargs["sample"]
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            rest = {k: v for k, v in kwargs.items() if k not in ("sample", "timestep", "encoder_hidden_states")}
+            self._inside = True  # the extra call must not be recorded by this hook
+            try:
+                out = module(sample, t, encoder_hidden_states=self._empty_embeds(sample.shape[0], text), **rest)
+            finally:
+                self._inside = False
+            uncond = out[0] if isinstance(out, tuple) else out.sample
+        self._values.append((text.float() - uncond.float()).flatten(1).norm(dim=1).cpu())
+
+    def result(self) -> torch.Tensor | None:
+        return torch.stack(self._values).mean(0) if self._values else None
 
 
 def caption_text(caption) -> str:
@@ -83,8 +157,10 @@ def generate_images(
     resolution: int | None = None,
     batch_size: int = 8,
     seed: int = 42,
+    detection_steps: int = DETECTION_STEPS,
 ) -> list[Generation]:
-    """Generate ``images_per_prompt`` images per prompt into ``out_dir`` (PNG + ``metadata.jsonl``)."""
+    """Generate ``images_per_prompt`` images per prompt into ``out_dir`` (PNG + ``metadata.jsonl``),
+    recording each generation's detection score (``NoiseMagnitudeProbe``) as ``noise_magnitude``."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -92,46 +168,67 @@ def generate_images(
     jobs = [(g, idx, text) for g, (idx, text) in enumerate((p for p in prompts for _ in range(images_per_prompt)))]
     device = pipe.device
     records: list[Generation] = []
-    for b0 in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch"):
-        batch = jobs[b0 : b0 + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(seed + g) for g, _, _ in batch]
-        images = pipe(
-            prompt=[t for _, _, t in batch],
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=gens,
-        ).images
-        for (g, idx, text), im in zip(batch, images):
-            name = f"{g:05d}.png"
-            im.save(out_dir / name)
-            records.append(Generation(name, text, seed + g, idx))
+    with NoiseMagnitudeProbe(pipe, detection_steps) as probe:
+        for b0 in tqdm(range(0, len(jobs), batch_size), desc="generate", unit="batch"):
+            batch = jobs[b0 : b0 + batch_size]
+            gens = [torch.Generator(device="cpu").manual_seed(seed + g) for g, _, _ in batch]
+            probe.begin(len(batch))
+            images = pipe(
+                prompt=[t for _, _, t in batch],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                generator=gens,
+            ).images
+            scores = probe.result()
+            for j, ((g, idx, text), im) in enumerate(zip(batch, images)):
+                name = f"{g:05d}.png"
+                im.save(out_dir / name)
+                records.append(Generation(name, text, seed + g, idx, float(scores[j]) if scores is not None else None))
     with open(out_dir / "metadata.jsonl", "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r.__dict__) + "\n")
     return records
 
 
+class GeneratedDirError(ValueError):
+    """A ``--generated_dir`` that cannot be scored; the message names the folder or line and the fix."""
+
+
 def read_generated_dir(folder: str | Path) -> list[Generation]:
-    """Read a generations folder (image files + ``metadata.jsonl`` with ``file_name`` and ``text``)."""
+    """Read a generations folder (image files + ``metadata.jsonl`` with ``file_name`` and ``text``).
+
+    Raises:
+        GeneratedDirError: missing folder or metadata, bad JSON, missing keys or files, no rows.
+    """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise GeneratedDirError(f"--generated_dir {folder} is not a folder; pass the folder of images to score (with a metadata.jsonl).")
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
-        raise FileNotFoundError(f"{meta} not found: --generated_dir needs a metadata.jsonl with one {{\"file_name\", \"text\"}} row per image.")
+        raise GeneratedDirError(f"{meta} not found: --generated_dir needs a metadata.jsonl with one {{\"file_name\", \"text\"}} row per image.")
     out = []
-    with open(meta, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        with open(meta, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError:
+        raise GeneratedDirError(f"{meta} is not UTF-8 text; write it as UTF-8 JSON lines.") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            if "file_name" not in row or "text" not in row:
-                raise ValueError(f"{meta}:{lineno} needs 'file_name' and 'text'.")
-            if not (folder / row["file_name"]).is_file():
-                raise FileNotFoundError(f"{folder / row['file_name']} listed in {meta}:{lineno} is missing.")
-            out.append(Generation(row["file_name"], caption_text(row["text"]), row.get("seed"), row.get("train_index")))
+        except json.JSONDecodeError as e:
+            raise GeneratedDirError(f"{meta}:{lineno} is not valid JSON ({e.msg}); fix that line.") from None
+        if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
+            raise GeneratedDirError(f"{meta}:{lineno} needs 'file_name' and 'text'.")
+        if not (folder / row["file_name"]).is_file():
+            raise GeneratedDirError(f"{folder / row['file_name']} listed in {meta}:{lineno} is missing; add it or remove that row.")
+        nm = row.get("noise_magnitude")
+        out.append(Generation(row["file_name"], caption_text(row["text"]), row.get("seed"), row.get("train_index"), float(nm) if nm is not None else None))
     if not out:
-        raise ValueError(f"{meta} lists no images.")
+        raise GeneratedDirError(f"{meta} lists no images; --generated_dir needs at least one.")
     return out
 
 

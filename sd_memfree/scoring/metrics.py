@@ -59,9 +59,9 @@ def distinct_rows(x: np.ndarray) -> np.ndarray:
     return np.sort(first)
 
 
-def pixel_copy_metrics(
+def pixel_copy_details(
     generated: np.ndarray, train: np.ndarray, n_nearest: int = 50, copy_ratio: float = 1 / 3, **search_kwargs
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Pixel-space memorization of from-scratch models (Carlini et al. 2023; CIFAR-style).
 
     For each generation, squared L2 ``d`` to every distinct training image (pixels in [0, 1]):
@@ -72,25 +72,54 @@ def pixel_copy_metrics(
         generated: ``[Q, ...]`` float arrays in [0, 1]; train: ``[N, ...]`` of the same shape.
 
     Returns:
-        ``pixel_ratio_mean``, ``pixel_ratio_min``, ``pixel_copy_frac`` (fraction passing the copy
-        test), ``pixel_distinct_train`` and ``pixel_n_nearest`` (the ``m`` used).
+        ``(summary, per_image)``. summary: ``pixel_ratio_mean``, ``pixel_ratio_min``,
+        ``pixel_copy_frac`` (fraction passing the copy test), ``pixel_distinct_train`` and
+        ``pixel_n_nearest`` (the ``m`` used). per_image: ``[Q]`` arrays ``copy`` (bool), ``d1``,
+        ``d2``, ``ratio`` and ``nearest`` (row of ``train``: the first of identical rows).
     """
-    train = train[distinct_rows(train)]
+    keep = distinct_rows(train)
+    train = train[keep]
     m = min(n_nearest, train.shape[0])
     if m < 2:
         raise ValueError("pixel metrics need at least 2 distinct training images.")
     q = torch.from_numpy(generated.reshape(generated.shape[0], -1).astype(np.float32))
     x = torch.from_numpy(train.reshape(train.shape[0], -1).astype(np.float32))
-    d = (-topk_search(q, x, k=m, metric="neg_sq_l2", **search_kwargs).values).double().clamp_min(0)
+    top = topk_search(q, x, k=m, metric="neg_sq_l2", **search_kwargs)
+    d = (-top.values).double().clamp_min(0)
     d1, d2 = d[:, 0], d[:, 1]
     mean_m = d.mean(1)
     # 0/0 (a generation that equals every near neighbour) counts as ratio 1, not a copy.
     ratio = torch.where(mean_m > 0, d1 / mean_m, torch.ones_like(d1))
     copy = d1 < copy_ratio * d2  # d_1 / d_2 < 1/3 without dividing by a zero d_2
-    return {
+    summary = {
         "pixel_ratio_mean": float(ratio.mean()),
         "pixel_ratio_min": float(ratio.min()),
         "pixel_copy_frac": float(copy.double().mean()),
         "pixel_distinct_train": int(train.shape[0]),
         "pixel_n_nearest": int(m),
+    }
+    per_image = {"copy": copy.numpy(), "d1": d1.numpy(), "d2": d2.numpy(), "ratio": ratio.numpy(), "nearest": keep[top.indices[:, 0].numpy()]}
+    return summary, per_image
+
+
+def pixel_copy_metrics(generated: np.ndarray, train: np.ndarray, n_nearest: int = 50, copy_ratio: float = 1 / 3, **search_kwargs) -> dict[str, float]:
+    """The summary of ``pixel_copy_details``."""
+    return pixel_copy_details(generated, train, n_nearest, copy_ratio, **search_kwargs)[0]
+
+
+def noise_magnitude_stats(scores: np.ndarray, copies: np.ndarray | None, steps: int) -> dict:
+    """Summary of the per-generation detection score (Wen et al., ICLR 2024) for ``metrics.json``.
+
+    ``auc_vs_pixel_copy``: ROC AUC of the score for telling generations that pass the pixel copy
+    test from the rest (1 = perfect, 0.5 = chance; None when all or none are copies).
+    """
+    from sd_memfree.scoring.risk import roc_auc
+
+    s = np.asarray(scores, dtype=np.float64)
+    q = np.quantile(s, [0.5, 0.9, 0.95])
+    return {
+        "mean": float(s.mean()), "median": float(q[0]), "p90": float(q[1]), "p95": float(q[2]), "max": float(s.max()),
+        "count": int(s.size), "steps": steps,
+        "auc_vs_pixel_copy": roc_auc(s, copies) if copies is not None else None,
+        "num_pixel_copies": int(np.sum(copies)) if copies is not None else None,
     }

@@ -54,6 +54,33 @@ def histogram_png(gen_sim: torch.Tensor, train_sim: torch.Tensor | None, thresho
     return buf.getvalue()
 
 
+def noise_magnitude_png(magnitudes, copies) -> bytes:
+    """Histogram of the detection score, split into pixel copies and the rest when known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(magnitudes, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    bins = np.linspace(m.min(), m.max() + 1e-9, 31)
+    if copies is not None and 0 < int(np.sum(copies)) < len(m):
+        c = np.asarray(copies, dtype=bool)
+        ax.hist(m[~c], bins=bins, alpha=0.6, label=f"not a pixel copy (n={int((~c).sum())})")
+        ax.hist(m[c], bins=bins, alpha=0.6, label=f"pixel copy (n={int(c.sum())})")
+    else:
+        ax.hist(m, bins=bins, alpha=0.7, label=f"generations (n={len(m)})")
+    ax.set_xlabel("||eps(x_t, prompt) - eps(x_t, '')||, mean of the first sampling steps")
+    ax.set_ylabel("generations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
@@ -70,15 +97,37 @@ def write_html(
     train_sim: torch.Tensor | None,
     pairs: Sequence[dict],
     pair_images: Sequence[tuple[Image.Image, Image.Image]],
+    magnitudes: Sequence[float] | None = None,
+    copies=None,
+    risk_images: Sequence[Image.Image] = (),
 ) -> Path:
-    """Write ``report.html``: metric tables, the histogram, the most similar pairs with scores.
+    """Write ``report.html``: metric tables, the histograms, the most similar pairs with scores,
+    the detection score and the training skip counts of the most copied images.
 
     Args:
         pairs: ``top_matches`` rows (plus ``prompt``), most similar first.
         pair_images: ``(generated, training)`` PIL images, one per row of ``pairs``.
+        magnitudes: per-generation detection scores (``metrics["noise_magnitude"]`` summarises them).
+        copies: per-generation pixel copy flags, to split the detection-score histogram.
+        risk_images: the training images of ``metrics["training_risk"]["most_copied"]``, in order.
     """
     hist = base64.b64encode(histogram_png(gen_sim, train_sim, metrics["threshold"])).decode()
-    sections = [f"<h2>Generated vs training (SSCD, preprocess <code>{html.escape(metrics['preprocess'])}</code>)</h2>", _table(metrics["gen_vs_train"])]
+    sections = []
+    nm = metrics.get("noise_magnitude")
+    if nm:
+        auc = nm.get("auc_vs_pixel_copy")
+        sections += [
+            "<h2>Detection score (model only, Wen et al. ICLR 2024)</h2>"
+            "<p>Per generation, the size of the text-conditional noise prediction "
+            "<code>||eps(x_t, prompt) - eps(x_t, \"\")||</code> averaged over the first sampling steps: memorized prompts "
+            "pull much harder than the rest. It needs no similarity model. "
+            + (f"ROC AUC for finding the pixel copies of this run: <b>{auc:.3f}</b> (0.5 = chance)." if auc is not None else "")
+            + "</p>",
+            _table({k: v for k, v in nm.items() if v is not None}),
+        ]
+        if magnitudes is not None:
+            sections.append(f'<img class="hist" alt="detection score histogram" src="data:image/png;base64,{base64.b64encode(noise_magnitude_png(magnitudes, copies)).decode()}">')
+    sections += [f"<h2>Generated vs training (SSCD, preprocess <code>{html.escape(metrics['preprocess'])}</code>)</h2>", _table(metrics["gen_vs_train"])]
     if metrics.get("train_vs_train"):
         sections += ["<h2>Background: train vs train (nearest other image)</h2>", _table(metrics["train_vs_train"])]
     quality = {k: metrics[k] for k in ("clip_score", "fid") if metrics.get(k) is not None}
@@ -96,6 +145,28 @@ def write_html(
             f'{html.escape(p.get("prompt", ""))}</figcaption></figure>'
         )
     sections.append(f"<h2>Most similar pairs (generated | training)</h2><div class=\"grid\">{''.join(cells)}</div>")
+    tr = metrics.get("training_risk")
+    if tr:
+        def rho(v):
+            return "n/a (constant)" if v is None else f"{v:+.3f}"
+
+        rows = "".join(
+            f'<tr><td><img alt="training {r["train"]}" src="{png_data_uri(im, 96)}"></td><td>#{r["train"]}</td><td>{r["similarity"]:.3f}</td>'
+            + (f'<td>{r["pixel_distance"]:.4g}</td>' if "pixel_distance" in r else "")
+            + f'<td><b>{r["skip_count"]}</b></td><td>{r["skip_rank"]:g} / {tr["num_train"]}</td><td>{html.escape(r["text"])}</td></tr>'
+            for r, im in zip(tr["most_copied"], risk_images)
+        )
+        has_px = bool(tr["most_copied"]) and "pixel_distance" in tr["most_copied"][0]
+        sections.append(
+            "<h2>Training-time risk: how often training flagged the most copied images</h2>"
+            f"<p>AGC skip counts from <code>{html.escape(Path(tr['skip_counts_file']).name)}</code> (written by training, kept local): "
+            f"{tr['samples_ever_skipped']} of {tr['num_train']} training images were skipped at least once, {tr['total_skips']} skips in all. "
+            f"Spearman rank correlation of skip count with copy similarity (SSCD): <b>{rho(tr['spearman_skip_vs_similarity'])}</b>"
+            + (f", with pixel closeness: <b>{rho(tr['spearman_skip_vs_pixel_closeness'])}</b>" if has_px else "")
+            + ".</p><table><tr><th>training image</th><th>row</th><th>best SSCD sim of any generation</th>"
+            + ("<th>nearest generation, squared pixel L2</th>" if has_px else "")
+            + "<th>skip count</th><th>skip rank</th><th>caption</th></tr>" + rows + "</table>"
+        )
     sections += ["<h2>Run</h2>", _table(metrics["run"])]
     doc = (
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>sd-memfree memorization report</title><style>"

@@ -3,13 +3,15 @@
     python eval/score_memorization.py --model sd-private --train_data_dir ./my_images \
         --sscd_model sscd_disc_large --num_prompts 4000 --out report/
 
-1. Load the training set with the training script's loader; check every weights file is on disk
-   (SSCD, CLIP, Inception) before spending time on generation.
-2. Sample prompts from the training captions (seed 42 by default) and generate, or read
-   ``--generated_dir``.
+1. Check every input before the expensive work: ``--generated_dir``, the training set (with the
+   training script's loader), every weights file (SSCD fetched and verified, CLIP, Inception),
+   the skip counts. Bad input stops with one line (``cli``), never a traceback.
+2. Sample prompts from the training captions (seed 42 by default) and generate, recording each
+   generation's detection score (Wen et al.), or read ``--generated_dir``.
 3. Embed training images (cached on disk) and generations with SSCD; exact chunked search.
-4. Statistics, CLIP score, FID, pixel-space copy test; ``metrics.json``, ``report.html``,
-   ``model_card_snippet.md`` and ``per_image.jsonl`` in ``--out``.
+4. Statistics, CLIP score, FID, pixel-space copy test, the detection score's summary, training
+   skip counts joined to the copies; ``metrics.json``, ``report.html``, ``model_card_snippet.md``
+   and ``per_image.jsonl`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import gc
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sd_memfree.scoring import cache as cache_lib
-from sd_memfree.scoring import clip_score, fid, generate, metrics, report, search, sscd
+from sd_memfree.scoring import clip_score, fid, generate, metrics, report, risk, search, sscd
 
 logger = logging.getLogger("sd_memfree.score")
 
@@ -44,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--caption_column", default="text", help="Caption column of the dataset.")
     data.add_argument("--cache_dir", default=None, help="datasets cache folder.")
     sim = p.add_argument_group("similarity (SSCD)")
-    sim.add_argument("--sscd_model", default="sscd_disc_large", help=f"SSCD TorchScript file, or a known name looked up in $SD_MEMFREE_CACHE/sscd/ ({', '.join(sscd.KNOWN_SSCD_MODELS)}).")
+    sim.add_argument("--sscd_model", default="sscd_disc_large", help=f"SSCD TorchScript file, or a known name looked up in $SD_MEMFREE_CACHE/sscd/ and fetched there on first use ({', '.join(sscd.KNOWN_SSCD_MODELS)}).")
     sim.add_argument("--preprocess", choices=sscd.PREPROCESSINGS, default="dcr", help="dcr: resize 256, centre crop 224, mean/std 0.5 (the papers). sscd: short side 288, ImageNet normalisation (the SSCD authors).")
     sim.add_argument("--threshold", type=float, default=0.5, help="Report the fraction of generations with similarity above this (0.5 in the papers; SSCD's authors call > 0.75 a copy).")
     sim.add_argument("--num_pairs", type=int, default=16, help="Most similar generated/training pairs shown in the report.")
@@ -64,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     qual.add_argument("--fid_weights", default=None, help=f"torch-fidelity Inception weights file (default: {fid.default_inception_path()}).")
     qual.add_argument("--no_fid", action="store_true", help="Skip FID.")
     qual.add_argument("--pixel_size", type=int, default=32, help="Side in pixels for the pixel-space copy test (d_min/mean(50 nearest), d1/d2 < 1/3); 0 skips it.")
+    p.add_argument("--skip_counts", default=None, help=f"Training's {risk.SKIP_COUNTS_FILE} (per-sample AGC skips) to join to the copies; default: the one in --model's folder, if any.")
     p.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     p.add_argument("--out", required=True, help="Output folder: metrics.json, report.html, model_card_snippet.md, per_image.jsonl (and generated/).")
     args = p.parse_args(argv)
@@ -107,30 +111,51 @@ def _pixels(images, count: int, size: int) -> np.ndarray:
     return out
 
 
+def _skip_counts_path(args) -> Path | None:
+    """``--skip_counts``, else the file training wrote next to the model in ``--model``'s folder."""
+    if args.skip_counts:
+        path = Path(args.skip_counts)
+        if not path.is_file():
+            raise risk.SkipCountsError(f"--skip_counts {path}: no such file (training writes {risk.SKIP_COUNTS_FILE} in its output_dir when AGC is on).")
+        return path
+    for folder in (args.model, args.lora_weights):
+        if folder and (Path(folder) / risk.SKIP_COUNTS_FILE).is_file():
+            return Path(folder) / risk.SKIP_COUNTS_FILE
+    return None
+
+
 def main(args: argparse.Namespace) -> dict:
     """Score; returns the metrics written to ``<out>/metrics.json``."""
-    from sd_memfree.data import load_image_caption_dataset
+    from sd_memfree.data import DataError, load_image_caption_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Data and every weights file first: a missing file must stop us before hours of generation.
+    # 1. Every input first: bad input must stop us with one line before hours of generation.
+    if args.model and not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") != 1):
+        raise sscd.MissingWeightsError(f"--model {args.model}: no such folder (pass a pipeline folder or a Hub id such as org/name).")
+    records = generate.read_generated_dir(args.generated_dir) if args.generated_dir else None
     train, image_col, caption_col = load_image_caption_dataset(
         dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
         cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
     )
+    if len(train) == 0:
+        raise DataError(f"the training set {args.dataset_name or args.train_data_dir} has no images; pass the data the model was trained on.")
     sscd_path = sscd.resolve_sscd_path(args.sscd_model)
+    sscd.load_sscd(str(sscd_path), "cpu")  # TorchScript, finite non-zero [B, D] rows on a probe batch
     if not args.no_clip_score:
         clip_score.resolve_clip_weights(args.clip_model, args.clip_pretrained)
     if not args.no_fid:
         fid.resolve_inception_weights(args.fid_weights)
+    skip_path = _skip_counts_path(args)
+    train_captions = [generate.caption_text(c) for c in train[caption_col]]
+    skip_counts = risk.read_skip_counts(skip_path, train_captions, risk.sample_file_names(train, image_col)) if skip_path else None
+    out.mkdir(parents=True, exist_ok=True)
 
     # 2. Generations: sampled training captions through the pipeline, or an existing folder.
     if args.generated_dir:
         gen_dir = Path(args.generated_dir)
-        records = generate.read_generated_dir(gen_dir)
     else:
         prompts = generate.sample_prompts(list(train[caption_col]), args.num_prompts, args.seed)
         pipe = generate.load_pipeline(args.model, args.lora_weights, device)
@@ -148,13 +173,14 @@ def main(args: argparse.Namespace) -> dict:
     # 3. SSCD embeddings. The training side is cached: keyed by model bytes, preprocessing, data.
     model = sscd.load_sscd(str(sscd_path), device)
     model_sha = sscd.file_sha256(sscd_path)
+    source = f"SSCD file {sscd_path}"
     key = cache_lib.cache_key(model_sha, args.preprocess, cache_lib.dataset_fingerprint(train), image_col, len(train))
     emb_cache = cache_lib.EmbeddingCache(args.embedding_cache_dir or sscd.cache_root() / "embeddings")
     train_emb, hit = emb_cache.get_or_compute(
-        key, lambda: sscd.embed_dataset_images(model, train, image_col, args.preprocess, args.batch_size, device)
+        key, lambda: sscd.embed_dataset_images(model, train, image_col, args.preprocess, args.batch_size, device, source=source)
     )
     logger.info("training embeddings: %s (%d images)", "cache hit" if hit else "computed and cached", len(train_emb))
-    gen_emb = sscd.embed_images(model, gen_images, args.preprocess, args.batch_size, device, total=len(gen_images), desc="SSCD embed (generated)")
+    gen_emb = sscd.embed_images(model, gen_images, args.preprocess, args.batch_size, device, total=len(gen_images), desc="SSCD embed (generated)", source=source)
     del model
 
     # Exact search: each generation's best training match; each training image's nearest other.
@@ -172,6 +198,8 @@ def main(args: argparse.Namespace) -> dict:
         "clip_score": None,
         "fid": None,
         "pixel": None,
+        "noise_magnitude": None,
+        "training_risk": None,
     }
     pairs = metrics.top_matches(gen_sim, nearest, args.num_pairs)
     for p in pairs:
@@ -193,10 +221,29 @@ def main(args: argparse.Namespace) -> dict:
             meter.update(gen_images[i : i + args.batch_size], real=False)
         result["fid"] = meter.compute()
         del meter
+    pixel_per_image = None
     if args.pixel_size:
         train_px = _pixels((row[image_col] for row in train.select_columns([image_col])), len(train), args.pixel_size)
         gen_px = _pixels(iter(gen_images), len(gen_images), args.pixel_size)
-        result["pixel"] = {"pixel_size": args.pixel_size, **metrics.pixel_copy_metrics(gen_px, train_px, device=device)}
+        summary, pixel_per_image = metrics.pixel_copy_details(gen_px, train_px, device=device)
+        result["pixel"] = {"pixel_size": args.pixel_size, **summary}
+
+    # 5. The model-only detection score (Wen et al.), and how well it finds the pixel copies.
+    magnitudes = [r.noise_magnitude for r in records]
+    if all(m is not None for m in magnitudes):
+        copies = pixel_per_image["copy"] if pixel_per_image is not None else None
+        steps = min(generate.DETECTION_STEPS, args.num_inference_steps) if not args.generated_dir else None
+        result["noise_magnitude"] = metrics.noise_magnitude_stats(np.array(magnitudes), copies, steps)
+
+    # 6. Training-time risk: how often training skipped the images the model copies most.
+    if skip_counts is not None:
+        # Per training image: the closest any generation comes to it (SSCD, and pixels if measured).
+        reverse = search.topk_search(train_emb, gen_emb, k=1, metric="dot", device=device).best.numpy()
+        pixel_distance = None
+        if args.pixel_size:
+            pixel_distance = (-search.topk_search(torch.from_numpy(train_px.reshape(len(train_px), -1)), torch.from_numpy(gen_px.reshape(len(gen_px), -1)),
+                                                  k=1, metric="neg_sq_l2", device=device).best).double().numpy()
+        result["training_risk"] = {"skip_counts_file": str(skip_path), **risk.risk_table(skip_counts, reverse, train_captions, args.num_pairs, pixel_distance)}
 
     result["top_matches"] = pairs
     result["run"] = {
@@ -210,14 +257,33 @@ def main(args: argparse.Namespace) -> dict:
         "embedding_cache_hit": hit, "device": str(device),
     }
 
-    # 5. Outputs.
+    # 7. Outputs.
     with open(out / "per_image.jsonl", "w", encoding="utf-8") as f:
-        for r, s, n in zip(records, gen_sim.tolist(), nearest.tolist()):
-            f.write(json.dumps({"file_name": r.file_name, "text": r.text, "similarity": s, "train_index": n}) + "\n")
+        for g, (r, s, n) in enumerate(zip(records, gen_sim.tolist(), nearest.tolist())):
+            row = {"file_name": r.file_name, "text": r.text, "similarity": s, "train_index": n, "noise_magnitude": r.noise_magnitude}
+            if pixel_per_image is not None:
+                row.update(pixel_copy=bool(pixel_per_image["copy"][g]), pixel_d1_d2=float(pixel_per_image["d1"][g] / max(pixel_per_image["d2"][g], 1e-12)),
+                           pixel_nearest=int(pixel_per_image["nearest"][g]))
+            f.write(json.dumps(row) + "\n")
     report.write_metrics_json(out / "metrics.json", result)
     pair_images = [(gen_images[p["generated"]], train[p["train"]][image_col]) for p in pairs]
-    report.write_html(out / "report.html", result, gen_sim, background, pairs, pair_images)
+    risk_images = [train[row["train"]][image_col] for row in result["training_risk"]["most_copied"]] if result["training_risk"] else []
+    report.write_html(out / "report.html", result, gen_sim, background, pairs, pair_images,
+                      magnitudes=magnitudes if result["noise_magnitude"] else None,
+                      copies=pixel_per_image["copy"] if pixel_per_image is not None else None, risk_images=risk_images)
     (out / "model_card_snippet.md").write_text(report.model_card_snippet(result), encoding="utf-8")
     g = result["gen_vs_train"]
     logger.info("sim_95pc=%.4f mean=%.4f %s=%.4f -> %s", g["sim_95pc"], g["mean"], metrics.threshold_key(args.threshold), g[metrics.threshold_key(args.threshold)], out)
     return result
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Command-line entry: bad input ends in one line naming the problem and exit status 2."""
+    from sd_memfree.data import DataError
+
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (DataError, sscd.MissingWeightsError, sscd.SSCDError, generate.GeneratedDirError, risk.SkipCountsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

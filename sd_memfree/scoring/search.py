@@ -7,6 +7,11 @@ Invariants:
   results, never ``[Q, N]``.
 - With ``exclude_self`` (queries are the keys), row ``i`` never matches key ``i``: the
   train-vs-train background is "each image against its nearest *other* image".
+- ``neg_sq_l2`` values are exact: blocks rank candidates with the fast ``2 q.x - |q|^2 - |x|^2``
+  (float32 round-off of about 1e-6 of ``|q|^2``: +-5e-4 for 3072 pixels), then the kept
+  candidates' distances are recomputed as ``sum((q - x)^2)`` in float64, so an exact copy is at
+  distance 0.0 on every CPU, and a ranking error can only come from keys within round-off of the
+  k-th best (a margin of extra candidates is kept for them).
 """
 
 from __future__ import annotations
@@ -44,6 +49,21 @@ def _scores(q: torch.Tensor, keys: torch.Tensor, metric: str, key_sq: torch.Tens
     return s
 
 
+def _exact_l2(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute ``-|q - x|^2`` of each query's candidate keys directly, in float64; keep the best ``k``.
+
+    One candidate column at a time, so the extra memory is one ``[Q, D]`` block.
+    """
+    q = q.to(device, torch.float64)
+    exact = torch.empty(cand.shape, dtype=torch.float64, device=device)
+    for j in range(cand.shape[1]):
+        x = keys[cand[:, j].to(keys.device)].to(device, torch.float64)
+        exact[:, j] = -(q - x).square().sum(1)
+    # -inf candidates (excluded self pairs that were never replaced) cannot occur: m <= available.
+    v, sel = exact.topk(k, dim=1)
+    return v.float(), cand.gather(1, sel)
+
+
 @torch.no_grad()
 def topk_search(
     queries: torch.Tensor,
@@ -76,11 +96,13 @@ def topk_search(
     if exclude_self and queries.shape[0] != n:
         raise ValueError("exclude_self needs queries and keys to be the same rows.")
     device = torch.device(device) if device is not None else queries.device
+    # L2 keeps extra candidates whose exact distances are recomputed at the end (see invariants).
+    m = min(available, 2 * k + 8) if metric == "neg_sq_l2" else k
     out_v, out_i = [], []
     for q0 in range(0, queries.shape[0], query_chunk):
         q = queries[q0 : q0 + query_chunk].to(device, torch.float32)
-        best_v = torch.full((q.shape[0], k), float("-inf"), device=device)
-        best_i = torch.full((q.shape[0], k), -1, dtype=torch.long, device=device)
+        best_v = torch.full((q.shape[0], m), float("-inf"), device=device)
+        best_i = torch.full((q.shape[0], m), -1, dtype=torch.long, device=device)
         for k0 in range(0, n, key_chunk):
             x = keys[k0 : k0 + key_chunk].to(device, torch.float32)
             key_sq = (x * x).sum(1)[None] if metric == "neg_sq_l2" else None
@@ -91,13 +113,15 @@ def topk_search(
                 if lo < hi:
                     r = torch.arange(lo, hi, device=device)
                     s[r - q0, r - k0] = float("-inf")
-            kk = min(k, x.shape[0])
+            kk = min(m, x.shape[0])
             v, i = s.topk(kk, dim=1)
-            # Merge this block's best with the running best: 2k candidates -> k.
+            # Merge this block's best with the running best: 2m candidates -> m.
             cand_v = torch.cat([best_v, v], 1)
             cand_i = torch.cat([best_i, i + k0], 1)
-            best_v, sel = cand_v.topk(k, dim=1)
+            best_v, sel = cand_v.topk(m, dim=1)
             best_i = cand_i.gather(1, sel)
+        if metric == "neg_sq_l2":
+            best_v, best_i = _exact_l2(queries[q0 : q0 + query_chunk], keys, best_i, k, device)
         out_v.append(best_v.cpu())
         out_i.append(best_i.cpu())
     return TopK(torch.cat(out_v), torch.cat(out_i))

@@ -1,0 +1,144 @@
+"""Training-time risk joined to what the model copies: AGC skip counts per training image.
+
+Training writes ``memfree_skip_counts.json`` in its ``output_dir`` (local only, never uploaded:
+it ranks the training images the model found easiest to memorise). The scorer joins it to the
+training set it compares against and reports, for the most copied training images, how often
+training flagged them, and the Spearman rank correlation between skip count and copy similarity.
+
+File format (version 1)::
+
+    {"version": 1, "num_samples": N, "samples": [{"sample_id": i, "skip_count": c,
+      "file_name": "00003.png" | null, "text": "caption"}, ...]}
+
+Invariants:
+- ``sample_id`` is the row of the training dataset (the training script's sample id); a join
+  is made only when the scorer's training set has the same number of rows and the same caption
+  (and file name, when both sides know it) on every row, so counts never attach to the wrong image.
+- Rank statistics use average ranks for ties; a constant input has no correlation (``None``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+SKIP_COUNTS_FILE = "memfree_skip_counts.json"
+
+
+class SkipCountsError(ValueError):
+    """A skip-counts file that cannot be read or does not belong to the scored training set."""
+
+
+def sample_file_names(dataset, image_column: str) -> list[str | None]:
+    """Base file names of a ``datasets`` image column without decoding images (None if unknown)."""
+    try:
+        from datasets import Image as ImageFeature
+
+        paths = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
+        return [os.path.basename(p["path"]) if isinstance(p, dict) and p.get("path") else None for p in paths]
+    except Exception:  # an in-memory or non-image column: no names to record
+        return [None] * len(dataset)
+
+
+def write_skip_counts(path: str | os.PathLike, counts: Sequence[int], captions: Sequence[str], file_names: Sequence[str | None]) -> Path:
+    """Write the whole-run per-sample skip counts (atomically: temp file + rename)."""
+    if not len(counts) == len(captions) == len(file_names):
+        raise ValueError(f"{len(counts)} counts, {len(captions)} captions and {len(file_names)} file names: one each per sample.")
+    path = Path(path)
+    rows = [{"sample_id": i, "skip_count": int(c), "file_name": f, "text": t} for i, (c, t, f) in enumerate(zip(counts, captions, file_names))]
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps({"version": 1, "num_samples": len(rows), "samples": rows}, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_skip_counts(path: str | os.PathLike, captions: Sequence[str], file_names: Sequence[str | None]) -> np.ndarray:
+    """Skip count of every row of the scored training set, from a file written by training.
+
+    Raises:
+        SkipCountsError: unreadable file, or rows that do not match the training set.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = data["samples"]
+        counts = np.array([int(r["skip_count"]) for r in rows], dtype=np.int64)
+        ids = [int(r["sample_id"]) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SkipCountsError(f"--skip_counts {path} is not a skip-counts file written by training ({type(e).__name__}: {e}).") from None
+    if ids != list(range(len(rows))) or len(rows) != len(captions):
+        raise SkipCountsError(f"--skip_counts {path} covers {len(rows)} samples but the training set has {len(captions)} rows; pass the data the model was trained on.")
+    for i, (r, cap, name) in enumerate(zip(rows, captions, file_names)):
+        if r.get("text") != cap or (r.get("file_name") and name and r["file_name"] != name):
+            raise SkipCountsError(f"--skip_counts {path} row {i} is {r.get('file_name')!r} / {r.get('text')!r} but the training set's row {i} is {name!r} / {cap!r}; pass the data the model was trained on.")
+    return counts
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of their positions: ``[10, 20, 20, 5] -> [2, 3.5, 3.5, 1]``."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson correlation of average ranks); None if either side is constant."""
+    ra, rb = average_ranks(np.asarray(a)), average_ranks(np.asarray(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else None
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``labels`` (Mann-Whitney U / (n_pos n_neg), ties
+    count one half); None when one class is empty."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = average_ranks(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def risk_table(skip_counts: np.ndarray, copy_similarity: np.ndarray, captions: Sequence[str], n: int = 16,
+               pixel_distance: np.ndarray | None = None) -> dict:
+    """The join of training-time risk and copies, for ``metrics.json`` and the report.
+
+    Args:
+        skip_counts: ``[N]`` whole-run AGC skips per training row.
+        copy_similarity: ``[N]`` per training row, the best SSCD similarity of any generation to it.
+        pixel_distance: ``[N]`` per training row, the smallest squared pixel distance of any
+            generation to it (optional; smaller is a closer copy).
+
+    Returns:
+        ``spearman_skip_vs_similarity``, ``spearman_skip_vs_pixel_closeness`` (closeness = minus the
+        distance), totals, and ``most_copied``: the ``n`` training rows with the highest copy
+        similarity, each with its skip count and skip-count rank (1 = most skipped).
+    """
+    skip_counts = np.asarray(skip_counts)
+    order = np.argsort(-np.asarray(copy_similarity), kind="stable")[:n]
+    skip_rank = len(skip_counts) + 1 - average_ranks(skip_counts)
+    rows = [{"train": int(i), "similarity": float(copy_similarity[i]), "skip_count": int(skip_counts[i]),
+             "skip_rank": float(skip_rank[i]), "text": captions[i],
+             **({"pixel_distance": float(pixel_distance[i])} if pixel_distance is not None else {})} for i in order]
+    return {
+        "num_train": int(len(skip_counts)),
+        "total_skips": int(skip_counts.sum()),
+        "samples_ever_skipped": int((skip_counts > 0).sum()),
+        "spearman_skip_vs_similarity": spearman(skip_counts, copy_similarity),
+        "spearman_skip_vs_pixel_closeness": spearman(skip_counts, -np.asarray(pixel_distance)) if pixel_distance is not None else None,
+        "most_copied": rows,
+    }
