@@ -181,6 +181,32 @@ def check_dependencies() -> list[str]:
     return missing
 
 
+def wheel_requirements() -> list[str]:
+    """``name==version`` of every installed distribution the check needs besides torch: the
+    dependency closure of diffusers, transformers, accelerate, peft and pytest, without torch,
+    torchvision, triton, the nvidia-* runtime wheels and numpy (they come with a torch install).
+    For ``pip download`` on a machine with a network, to install offline where there is none."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    skip = {"torch", "torchvision", "triton", "numpy"}
+    todo = ["diffusers", "transformers", "accelerate", "peft", "safetensors", "Pillow", "pytest", "pytest-timeout"]
+    found: dict[str, str] = {}
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in found or key in skip or key.startswith("nvidia-"):
+            continue
+        dist = md.distribution(name)
+        found[key] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return [f"{k}=={v}" for k, v in sorted(found.items())]
+
+
 def environment(device) -> dict:
     import accelerate
     import diffusers
@@ -629,6 +655,8 @@ def parse_args(argv=None):
     p.add_argument("--tests_timeout", type=float, default=90, help="Seconds for the pytest -m gpu subprocess.")
     p.add_argument("--no_tests", action="store_true", help="Skip the pytest -m gpu run.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print_wheel_requirements", action="store_true",
+                   help="Print name==version of the dependencies to pip download for an offline GPU machine, and exit.")
     args = p.parse_args(argv)
     small = args.dry_run
     for name, full, tiny in (("batch_size", 4, 2), ("resolution", 512, 32), ("steps", 20, 2), ("warmup", 4, 1),
@@ -659,6 +687,9 @@ def estimate_seconds(done: dict, mode: str, name: str, dry_run: bool) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.print_wheel_requirements:
+        print(" ".join(wheel_requirements()))
+        return 0
     out = Path(args.out)
     report = Report(out, Path(args.log) if args.log else out.with_suffix(".log"))
     data = report.data

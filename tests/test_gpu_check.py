@@ -120,3 +120,12 @@ def test_budget_skips_configurations_that_do_not_fit_and_says_so(tmp_path):
 def test_bad_lists_are_one_line_errors():
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--modes", "full,qlora"])
+
+
+def test_wheel_requirements_pin_what_is_installed_and_leave_torch_out():
+    import importlib.metadata as md
+
+    reqs = dict(r.split("==") for r in gpu_check.wheel_requirements())
+    assert reqs["diffusers"] == md.version("diffusers") and reqs["peft"] == md.version("peft")
+    assert {"transformers", "accelerate", "pytest", "pytest-timeout", "huggingface-hub", "safetensors"} <= set(reqs)
+    assert not {"torch", "torchvision", "numpy"} & set(reqs) and not any(r.startswith("nvidia-") for r in reqs)
