@@ -60,9 +60,12 @@ def test_strengths_state_dict_round_trip_in_place():
 def test_strengths_from_device_are_applied_at_next_update_or_flush():
     store = AugmentationStrengths(4)
     cuda = torch.device("cuda")
+    # Built before the sync check: torch.tensor(..., device=cuda) is itself a blocking copy.
+    ids, strengths, keep = torch.tensor([1, 2]), torch.tensor([0.5, 0.9], device=cuda), torch.tensor([True, False], device=cuda)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        store.update(torch.tensor([1, 2]), torch.tensor([0.5, 0.9], device=cuda), torch.tensor([True, False], device=cuda))
+        store.update(ids, strengths, keep)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     store.flush()

@@ -1,0 +1,849 @@
+#!/usr/bin/env python
+"""GPU check: what only a GPU can tell about IET-AGC / IET-AGC+ training (issue 13).
+
+One command, no downloads, a hard time budget. On one CUDA device it measures, for an SD-1.5
+sized UNet (built from runwayml/stable-diffusion-v1-5's UNet config, random weights, ~860M
+parameters) at 512 px (64x64 latents), batch 4:
+
+- full fine-tuning and LoRA, plain vs IET-AGC (``--num_shards 4 --agc_ratio 1.25``) vs IET-AGC+
+  (``+ --redistribute_fraction 0.25 --loss_aware_augmentation``), in fp16 and bf16 mixed
+  precision (accelerate's: fp32 master weights + autocast for full fine-tuning, GradScaler for
+  fp16; frozen half-precision base + fp32 LoRA tensors for LoRA): steps/s and
+  ``torch.cuda.max_memory_allocated``, and their ratios to plain;
+- the turn-boundary costs of K=4 proxies (``ProxySet.end_turn`` / ``begin_turn`` with the
+  per-proxy AdamW states swapped to CPU memory, ``merge``), each against one optimizer step, and
+  the steps/s ratio amortised over a round at ``--merge_every`` 2000 (the default) and 500;
+- xformers attention where it imports and works, else PyTorch SDPA (recorded);
+- the CUDA-only tests (``pytest -m gpu``), their summary line.
+
+What drives the training: not the training script itself (loading and saving a 4 GB pipeline
+per configuration does not fit the budget, and the script is changing) but a loop that calls the
+library exactly as ``train_scripts/train_sd_ietagc.py``'s step does (``step()`` below mirrors its
+loop body: accelerate's autocast/backward/clip/optimizer, ``per_sample_loss``, ``LossBank``,
+``SkipStats``, ``AugmentationStrengths``, ``ShardAssignment``, ``ProxySet``). The VAE and the
+CLIP text encoder are real-shape modules built from their SD-1.5 configs (random weights) and run
+every step, as in the script; the images are random tensors of the real shape (the CPU-side data
+pipeline, and IET-AGC+'s RandAugment in it, is timed separately per image).
+
+Timing: warm-up steps excluded; ``torch.cuda.synchronize`` around every timed region; the
+steady-state window has no turn change; turn changes and merges are timed one by one.
+
+    python benchmarks/gpu_check.py --out $OUT/gpu_check.json --max_seconds 280
+    python benchmarks/gpu_check.py --dry_run --out /tmp/gpu_check.json   # tiny model, CPU, < 1 min
+
+The JSON (every figure) is rewritten after each configuration, so a run cut short keeps what it
+measured; the last line printed is the same JSON. A human-readable log goes to ``--log``
+(default: the ``--out`` path with ``.log``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Modules the check imports (import name -> pip name); a missing one stops the run before any work.
+REQUIRED = {"torch": "torch", "torchvision": "torchvision", "diffusers": "diffusers", "transformers": "transformers",
+            "accelerate": "accelerate", "peft": "peft", "safetensors": "safetensors", "PIL": "Pillow", "numpy": "numpy"}
+
+# The method's settings as the training script's flags (parsed by MemFreeConfig, so they are
+# validated exactly as the script validates them).
+CONFIG_FLAGS = {
+    "plain": [],
+    "iet_agc": ["--num_shards=4", "--agc_ratio=1.25"],
+    "iet_agc_plus": ["--num_shards=4", "--agc_ratio=1.25", "--redistribute_fraction=0.25", "--loss_aware_augmentation"],
+}
+PRECISIONS = ("bf16", "fp16")
+MODES = ("full", "lora")
+GOAL_TIME_RATIO = 0.97  # IET-AGC (K=4, full) steps/s over plain, issue 13
+GOAL_TIME_RATIO_PLUS = 0.95  # IET-AGC+ over plain (the CPU benchmark's floor, issue 4)
+GOAL_MEMORY_RATIO = 1.10  # IET-AGC (K=4, full) peak GPU memory over plain
+AMORTISE_MERGE_EVERY = (2000, 500)  # --merge_every values the round overhead is spread over
+LOG_EVERY = 10  # as the training script: host reads for logging every 10 optimizer steps
+
+# runwayml/stable-diffusion-v1-5: unet/config.json, vae/config.json, text_encoder/config.json
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
+    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2,
+    pad_token_id=1,
+)
+# --dry_run: the same block types at toy widths (VAE with 2 blocks: latents are pixels / 2).
+TINY_UNET = dict(SD15_UNET, sample_size=16, block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                 cross_attention_dim=32, attention_head_dim=4)
+TINY_VAE = dict(SD15_VAE, block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=32)
+TINY_TEXT = dict(SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 projection_dim=32)
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, prediction_type="epsilon", steps_offset=1)
+
+
+ALARM_GRACE_S = 15  # a configuration still running this long after --max_seconds is stopped
+
+
+class BudgetExceeded(Exception):
+    """Raised by the SIGALRM safety net when a configuration runs far past --max_seconds."""
+
+
+@contextlib.contextmanager
+def budget_alarm(seconds: float):
+    """Raise BudgetExceeded in this (main) thread after ``seconds``: a hung configuration still
+    leaves the JSON of the others. No-op where there is no SIGALRM."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def _alarm(signum, frame):
+        raise BudgetExceeded(f"a configuration ran more than {ALARM_GRACE_S}s past --max_seconds; stopped")
+
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(max(1, int(seconds)))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# -- recording ------------------------------------------------------------------------------------
+
+
+class Report:
+    """The JSON of every figure (rewritten atomically after each change) and a readable log."""
+
+    def __init__(self, out: Path, log: Path) -> None:
+        self.out, self.log_path = out, log
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "w", encoding="utf-8")
+        self.data: dict = {"script": "benchmarks/gpu_check.py", "complete": False, "errors": [], "skipped": []}
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def log(self, msg: str) -> None:
+        line = f"[{self.elapsed():7.1f}s] {msg}"
+        print(line, flush=True)
+        self._log.write(line + "\n")
+        self._log.flush()
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(self.elapsed(), 2)
+        tmp = self.out.with_name(self.out.name + ".partial")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str), encoding="utf-8")
+        os.replace(tmp, self.out)
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def check_dependencies() -> list[str]:
+    """Pip names of the required packages that do not import (import errors are named too)."""
+    missing = []
+    for module, pip_name in REQUIRED.items():
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - a broken install is as missing as an absent one
+            missing.append(f"{pip_name} ({type(e).__name__}: {e})")
+    try:
+        importlib.import_module("sd_memfree.proxies")
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"sd_memfree from {REPO} ({type(e).__name__}: {e})")
+    return missing
+
+
+def wheel_requirements() -> list[str]:
+    """``name==version`` of every installed distribution the check needs besides torch: the
+    dependency closure of diffusers, transformers, accelerate, peft and pytest, without torch,
+    torchvision, triton, the nvidia-* runtime wheels and numpy (they come with a torch install).
+    For ``pip download`` on a machine with a network, to install offline where there is none."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    skip = {"torch", "torchvision", "triton", "numpy"}
+    todo = ["diffusers", "transformers", "accelerate", "peft", "safetensors", "Pillow", "pytest", "pytest-timeout"]
+    found: dict[str, str] = {}
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in found or key in skip or key.startswith("nvidia-"):
+            continue
+        dist = md.distribution(name)
+        found[key] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return [f"{k}=={v}" for k, v in sorted(found.items())]
+
+
+def environment(device) -> dict:
+    import accelerate
+    import diffusers
+    import peft
+    import torch
+    import transformers
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "torch": torch.__version__, "torch_cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+           "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": peft.__version__,
+           "device": str(device)}
+    try:
+        import xformers
+
+        env["xformers"] = xformers.__version__
+    except Exception as e:  # noqa: BLE001
+        env["xformers"] = f"not importable ({type(e).__name__})"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(torch_threads=torch.get_num_threads(), gpu=props.name, gpu_memory_bytes=props.total_memory, cudnn=torch.backends.cudnn.version(),
+                   capability=f"{props.major}.{props.minor}")
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            env["nvidia_smi"] = smi.stdout.strip()
+        except Exception:  # noqa: BLE001
+            pass
+    return env
+
+
+# -- the CUDA-only tests --------------------------------------------------------------------------
+
+
+def run_gpu_tests(timeout: float) -> dict:
+    """``pytest -m gpu`` on the test files that hold gpu-marked tests, in a subprocess.
+
+    Only those files are collected, so a test module that needs a package this machine lacks
+    (unrelated to the GPU tests) cannot stop the run. ``addopts`` is cleared because it names
+    ``--timeout`` (pytest-timeout), which a bare machine may not have.
+    """
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                   if "mark.gpu" in p.read_text(encoding="utf-8"))
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider", "-o", "addopts=", *files]
+    res = {"command": " ".join(cmd[1:]), "files": files}
+    try:
+        importlib.import_module("pytest")
+    except ImportError:
+        return {**res, "summary": "not run: pytest is not installed", "rc": None}
+    t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**res, "summary": f"timed out after {timeout:.0f}s", "rc": None, "seconds": round(time.perf_counter() - t0, 1)}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    summary = next((ln for ln in reversed(lines) if re.search(r"\b(passed|failed|skipped|deselected|error|no tests ran)\b", ln)), "")
+    outcomes = [ln for ln in lines if re.match(r"^(PASSED|FAILED|SKIPPED|ERROR)\b", ln)]
+    failures = proc.stdout[-4000:] if proc.returncode not in (0, 5) else ""
+    return {**res, "summary": summary.strip("= "), "rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+            "outcomes": outcomes, "failure_output": failures}
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+
+def build_unet(spec: dict, device, seed: int):
+    """The UNet from its config with seeded random weights, created directly on ``device`` in fp32."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**spec)
+    return unet
+
+
+def build_encoders(vae_spec: dict, text_spec: dict, device, dtype, seed: int):
+    """Frozen VAE and CLIP text encoder of the given configs, on ``device`` in ``dtype`` (as the script)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed + 1)
+    with torch.device(device):
+        vae = AutoencoderKL(**vae_spec)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_spec))
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    return vae.to(device, dtype=dtype), text_encoder.to(device, dtype=dtype)
+
+
+def setup_attention(unet, want: str) -> str:
+    """xformers if wanted and working, else the default processor (SDPA with torch 2). Returns its name."""
+    if want in ("auto", "xformers"):
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if is_xformers_available():
+            try:
+                unet.enable_xformers_memory_efficient_attention()
+            except Exception as e:  # noqa: BLE001 - e.g. an xformers build for another torch
+                if want == "xformers":
+                    raise
+                return f"sdpa (xformers failed: {type(e).__name__}: {str(e)[:200]})"
+        elif want == "xformers":
+            raise RuntimeError("--attention xformers: xformers is not available; use --attention auto or sdpa.")
+    names = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+    return ",".join(names)
+
+
+def reset_accelerate() -> None:
+    """accelerate's state is a process-wide singleton; each configuration sets its own precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def free_device_memory(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# -- one configuration ------------------------------------------------------------------------------
+
+
+def run_config(ctx: dict, precision: str, mode: str, name: str) -> dict:
+    """Train one configuration and time it; see the module docstring for the schedule."""
+    import torch
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from sd_memfree.agc import LossBank, SkipStats
+    from sd_memfree.config import MemFreeConfig
+    from sd_memfree.losses import masked_mean, per_sample_loss
+    from sd_memfree.proxies import ProxySet
+    from sd_memfree.shards import ShardAssignment
+    from sd_memfree.state import ProxyGenerators
+    from sd_memfree.trainable import add_lora, trainable_parameters, upcast_trainable_
+
+    a = ctx["args"]
+    device, seed = ctx["device"], a.seed
+    parser = argparse.ArgumentParser()
+    MemFreeConfig.add_arguments(parser)
+    mf = MemFreeConfig.from_args(parser.parse_args(CONFIG_FLAGS[name] + [f"--merge_every={AMORTISE_MERGE_EVERY[0]}"]))
+    K = mf.num_shards
+    use_lora = mode == "lora"
+
+    reset_accelerate()
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae, text_encoder = ctx["encoders"]
+    noise_scheduler = DDPMScheduler(**SCHEDULER)
+
+    # ---- model, as the training script sets it up ----
+    unet = build_unet(ctx["unet_spec"], device, seed)
+    if use_lora:
+        unet.to(device, dtype=weight_dtype)  # frozen base in half precision, as upstream
+        add_lora(unet, a.rank)
+        if accelerator.mixed_precision in ("fp16", "bf16"):
+            upcast_trainable_(unet)
+    else:
+        unet.train()
+    attention = setup_attention(unet, a.attention)
+    params = trainable_parameters(unet)
+    optimizer = torch.optim.AdamW(params, lr=1e-4 if use_lora else 1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
+
+    N = a.num_samples
+    assignment = ShardAssignment(N, K, seed)
+    strengths = None
+    if mf.loss_aware_augmentation:
+        from sd_memfree.augment import AugmentationStrengths, augmentation_strength
+
+        strengths = AugmentationStrengths(N)
+    T = noise_scheduler.config.num_train_timesteps
+    banks = [LossBank(T, ratio=mf.agc_ratio, ema=mf.agc_ema, device=device) for _ in range(K)] if mf.agc_enabled else []
+    skip_stats = SkipStats(T, num_proxies=K, device=device) if mf.agc_enabled else None
+    run_skip_stats = SkipStats(T, num_proxies=K, device=device) if mf.agc_enabled else None
+    if mf.agc_enabled:
+        assignment.to(device)
+    proxies = None
+    if K > 1:
+        proxies = ProxySet(params, K, assignment.sizes(), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                           optimizer_state=mf.proxy_optimizer_state, storage_device="cpu" if not use_lora else device)
+    if K == 1:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    else:
+        unet.to(device)
+        optimizer = accelerator.prepare(optimizer)
+    rng = ProxyGenerators([seed * 1000 + k for k in range(K)] if K > 1 else [seed * 1000], device=device)
+    members = [assignment.members(k) for k in range(K)]
+    cursor = [0] * K
+    host_pixels, host_ids = ctx["host_pixels"], ctx["host_input_ids"]
+    B = a.batch_size
+    state = {"micro": 0, "global": 0, "skipped": 0}
+    loss_sum = torch.zeros((), device=device)
+    loss_count = [0]
+
+    def next_batch(k: int) -> dict:
+        """What the script's DataLoader yields: host tensors (pixels fp32 in [-1, 1], ids, sample ids)."""
+        ids = [members[k][(cursor[k] + i) % len(members[k])] for i in range(B)]
+        cursor[k] += B
+        j = state["micro"] % len(host_pixels)
+        return {"pixel_values": host_pixels[j], "input_ids": host_ids[j], "sample_ids": torch.tensor(ids)}
+
+    def step(k: int) -> None:
+        """One optimizer step: the body of train_sd_ietagc.py's loop (gradient accumulation 1)."""
+        batch = next_batch(k)
+        g = rng[k if K > 1 else 0]
+        with accelerator.accumulate(unet):
+            pixel_values = batch["pixel_values"].to(device, dtype=weight_dtype, non_blocking=True)
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            sample_ids = batch["sample_ids"].to(device, non_blocking=True)
+            with torch.no_grad():
+                latents = vae.encode(pixel_values).latent_dist.sample(generator=g) * vae.config.scaling_factor
+                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+            bsz = latents.shape[0]
+            timesteps = torch.randint(0, T, (bsz,), generator=g, device=latents.device).long()
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = noise
+            with accelerator.autocast():
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            losses = per_sample_loss(model_pred, target)
+            keep = None
+            if banks:  # [memfree] AGC
+                detached = losses.detach()
+                keep = banks[k].keep_mask(detached, timesteps)
+                if strengths is not None:
+                    strengths.update(sample_ids, augmentation_strength(detached, timesteps, banks[k].bank, mf.agc_ratio, mf.augment_alpha), keep)
+                banks[k].update(detached, timesteps)
+                skip_stats.update(keep, timesteps, k)
+                run_skip_stats.update(keep, timesteps, k)
+                assignment.record_skips(sample_ids, keep)
+            loss = masked_mean(losses, keep, None)
+            loss_sum.add_(loss.detach())
+            loss_count[0] += 1
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        state["skipped"] += bool(optimizer.step_was_skipped)
+        state["micro"] += 1
+        lr_scheduler.step()
+        state["global"] += 1
+        if strengths is not None:
+            strengths.flush()
+        if state["global"] % LOG_EVERY == 0:  # the script's logging reads (host syncs)
+            logs = {"train_loss": (loss_sum / max(1, loss_count[0])).item()}
+            loss_sum.zero_()
+            loss_count[0] = 0
+            if skip_stats is not None:
+                logs.update(skip_stats.summary())
+            if strengths is not None:
+                logs["augment/mean_strength"] = strengths.mean()
+            state["last_logs"] = logs
+
+    def timed(fn, *args_) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        fn(*args_)
+        sync(device)
+        return time.perf_counter() - t0
+
+    def run_steps(k: int, n: int) -> None:
+        for _ in range(n):
+            step(k)
+
+    free_device_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    res: dict = {"flags": CONFIG_FLAGS[name], "attention": attention, "precision": accelerator.mixed_precision,
+                 "grad_scaler": accelerator.scaler is not None, "trainable_params": sum(p.numel() for p in params),
+                 "resident_bytes_before": resident}
+    t_cfg = time.perf_counter()
+
+    # 1. warm-up, then the steady-state window (the live proxy only, no turn change)
+    warm = timed(run_steps, 0, a.warmup)
+    window = timed(run_steps, 0, a.steps)
+    res.update(warmup_s=round(warm, 4), window_s=round(window, 4), steps=a.steps, step_s=window / a.steps,
+               steps_per_s=a.steps / window)
+    if device.type == "cuda":
+        res["peak_bytes_steady"] = torch.cuda.max_memory_allocated(device)
+
+    # 2. K > 1: a full round of turns and a merge, then the first turn of the next round, each timed
+    if proxies is not None:
+        m = a.turn_steps
+        end_turn, begin_turn, after_swap, redistribute = [], [], [], None
+        turn_steps = a.warmup + a.steps
+        for k in range(1, K):
+            end_turn.append(timed(proxies.end_turn, turn_steps))
+            begin_turn.append(timed(proxies.begin_turn, k))
+            if mf.redistribution_enabled and k == K // 2:  # [memfree] mid-round, as --redistribute_at mid_round
+
+                def _redistribute() -> None:
+                    counts = assignment.skip_counts.clone()
+                    assignment.redistribute(mf.redistribute_fraction, state["global"], counts=counts)
+                    proxies.shard_sizes = assignment.sizes()
+                    members[:] = [assignment.members(j) for j in range(K)]
+
+                redistribute = timed(_redistribute)
+            after_swap.append(timed(run_steps, k, m))
+            turn_steps = m
+        end_turn.append(timed(proxies.end_turn, turn_steps))
+        merge = timed(proxies.merge)
+        # Round 2: the first swap still allocates host (pinned) memory for proxy K-1's state; from
+        # the second on, a stash reuses what the previous restore freed: that is the steady cost.
+        begin_turn.append(timed(proxies.begin_turn, 0))
+        after_swap.append(timed(run_steps, 0, m))
+        end_turn.append(timed(proxies.end_turn, m))
+        swap_full = timed(proxies.begin_turn, 1)  # stashes proxy 0's state, restores proxy 1's
+        after_swap.append(timed(run_steps, 1, m))
+        step_s = res["step_s"]
+        # The median turn end: the first one also allocates the pinned staging memory it reuses later.
+        end_s = statistics.median(end_turn)
+        # A round: K turn ends, K full swaps, one merge (+ one redistribution for IET-AGC+).
+        round_overhead = K * (end_s + swap_full) + merge + (redistribute or 0.0)
+        res.update(
+            end_turn_s=[round(x, 4) for x in end_turn], begin_turn_first_s=[round(x, 4) for x in begin_turn],
+            begin_turn_full_swap_s=round(swap_full, 4), merge_s=round(merge, 4),
+            redistribute_s=None if redistribute is None else round(redistribute, 4),
+            steps_after_swap_s=[round(x / m, 4) for x in after_swap], turn_steps=m,
+            round_overhead_s=round(round_overhead, 4),
+            merge_over_step=round(merge / step_s, 3), turn_change_over_step=round((end_s + swap_full) / step_s, 3),
+            round_overhead_over_step=round(round_overhead / step_s, 3),
+        )
+        for H in AMORTISE_MERGE_EVERY:
+            res[f"step_s_amortised_merge_every_{H}"] = step_s + round_overhead / (K * H)
+        res["num_merges"] = proxies.num_merges
+    if "last_logs" in state:
+        res["last_logs"] = {k: round(v, 5) for k, v in state["last_logs"].items() if not k.startswith("agc/skip_rate_t")}
+    if run_skip_stats is not None:
+        res["skip_rate"] = run_skip_stats.summary().get("agc/skip_rate")
+    if device.type == "cuda":
+        res["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    res["host_rss_bytes"] = host_rss_bytes()
+    res["config_s"] = round(time.perf_counter() - t_cfg, 2)
+    res["skipped_optimizer_steps"] = state["skipped"]  # fp16: GradScaler found inf/NaN gradients
+    return res
+
+
+# -- figures ----------------------------------------------------------------------------------------
+
+
+def ratios_and_goals(runs: dict) -> tuple[dict, list]:
+    """Ratios of each method configuration to plain (same precision and mode), and the goals."""
+    ratios, goals = {}, []
+    for key, run in runs.items():
+        precision, mode, name = key.split("/")
+        plain = runs.get(f"{precision}/{mode}/plain")
+        if name == "plain" or plain is None or "error" in run or "error" in plain:
+            continue
+        r = {"time": run["steps_per_s"] / plain["steps_per_s"]}
+        if run.get("peak_bytes") and plain.get("peak_bytes"):
+            r["memory"] = run["peak_bytes"] / plain["peak_bytes"]
+        for H in AMORTISE_MERGE_EVERY:
+            if f"step_s_amortised_merge_every_{H}" in run:
+                r[f"time_amortised_merge_every_{H}"] = plain["step_s"] / run[f"step_s_amortised_merge_every_{H}"]
+        if "merge_s" in run:
+            r["merge_over_plain_step"] = run["merge_s"] / plain["step_s"]
+            r["turn_change_over_plain_step"] = (statistics.median(run["end_turn_s"]) + run["begin_turn_full_swap_s"]) / plain["step_s"]
+        ratios[key] = {k: round(v, 4) for k, v in r.items()}
+        floor = GOAL_TIME_RATIO if name == "iet_agc" else GOAL_TIME_RATIO_PLUS
+        if mode == "full":
+            goals.append({"goal": f"{key}: steps/s ratio, steady state", "value": ratios[key]["time"], "target": f">= {floor}",
+                          "pass": ratios[key]["time"] >= floor})
+            H = AMORTISE_MERGE_EVERY[0]
+            if f"time_amortised_merge_every_{H}" in ratios[key]:
+                v = ratios[key][f"time_amortised_merge_every_{H}"]
+                goals.append({"goal": f"{key}: steps/s ratio incl. turn changes and merges, --merge_every {H}", "value": v,
+                              "target": f">= {floor}", "pass": v >= floor})
+            if "memory" in ratios[key]:
+                v = ratios[key]["memory"]
+                goals.append({"goal": f"{key}: peak GPU memory ratio", "value": v, "target": f"<= {GOAL_MEMORY_RATIO}",
+                              "pass": v <= GOAL_MEMORY_RATIO})
+    return ratios, goals
+
+
+def augment_cost(resolution: int, n: int = 16) -> dict:
+    """CPU milliseconds per image of IET-AGC+'s RandAugment at strength 1 (data-loader work)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sd_memfree.augment import AugmentationStrengths, LossAwareAugment
+
+    store = AugmentationStrengths(1)
+    store.values.fill_(1.0)
+    augment = LossAwareAugment(store, max_magnitude=5)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8), "RGB")
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        augment(image, 0)
+    return {"randaugment_ms_per_image": round(1000 * (time.perf_counter() - t0) / n, 2), "resolution": resolution,
+            "magnitude": augment.magnitude(0), "note": "CPU work in the DataLoader (workers with --dataloader_num_workers)"}
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(REPO / "bench_out" / "gpu_check.json"), help="JSON of every figure (rewritten after each configuration).")
+    p.add_argument("--log", default=None, help="Human-readable log (default: --out with .log).")
+    p.add_argument("--max_seconds", type=float, default=280, help="Wall-time budget: configurations that would not fit are skipped and listed.")
+    p.add_argument("--dry_run", action="store_true", help="Tiny model, 32 px, batch 2, few steps (CPU unless --device cuda): checks the code path.")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu (only with --dry_run).")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="Comma-separated: bf16,fp16.")
+    p.add_argument("--modes", default=",".join(MODES), help="Comma-separated: full,lora.")
+    p.add_argument("--configs", default=",".join(CONFIG_FLAGS), help="Comma-separated: plain,iet_agc,iet_agc_plus.")
+    p.add_argument("--batch_size", type=int, default=None, help="Per step (default 4; 2 with --dry_run).")
+    p.add_argument("--resolution", type=int, default=None, help="Pixels (default 512; 32 with --dry_run).")
+    p.add_argument("--steps", type=int, default=None, help="Timed steady-state steps per configuration (default 20; 3 with --dry_run).")
+    p.add_argument("--warmup", type=int, default=None, help="Untimed warm-up steps per configuration (default 4; 1 with --dry_run).")
+    p.add_argument("--turn_steps", type=int, default=None, help="Steps each other proxy takes in the measured round, so its optimizer state exists (default 2; 1 with --dry_run).")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (the script's --rank default).")
+    p.add_argument("--num_samples", type=int, default=10000, help="Training-set size for shards, skip counts and strengths (LAION-10k: 10000).")
+    p.add_argument("--attention", default="auto", choices=("auto", "xformers", "sdpa"), help="auto: xformers where it imports and works, else SDPA.")
+    p.add_argument("--tests_timeout", type=float, default=90, help="Seconds for the pytest -m gpu subprocess.")
+    p.add_argument("--no_tests", action="store_true", help="Skip the pytest -m gpu run.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--print_wheel_requirements", action="store_true",
+                   help="Print name==version of the dependencies to pip download for an offline GPU machine, and exit.")
+    args = p.parse_args(argv)
+    small = args.dry_run
+    for name, full, tiny in (("batch_size", 4, 2), ("resolution", 512, 32), ("steps", 20, 2), ("warmup", 4, 1),
+                             ("turn_steps", 2, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if small else full)
+    for name, allowed in (("precisions", PRECISIONS), ("modes", MODES), ("configs", tuple(CONFIG_FLAGS))):
+        values = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            p.error(f"--{name}={getattr(args, name)}: use a comma-separated subset of {','.join(allowed)}")
+        setattr(args, name, values)
+    if args.steps < 1 or args.warmup < 0 or args.turn_steps < 1 or args.batch_size < 1:
+        p.error("--steps, --turn_steps and --batch_size must be >= 1 and --warmup >= 0")
+    return args
+
+
+def estimate_seconds(done: dict, mode: str, name: str, dry_run: bool) -> float:
+    """Expected wall time of a configuration: the last one of the same mode and kind, or a guess."""
+    for key in reversed(list(done)):
+        _, m, n = key.split("/")
+        if m == mode and (n == "plain") == (name == "plain") and "wall_s" in done[key]:
+            return done[key]["wall_s"]
+    if dry_run:
+        return 2.0
+    return {("full", False): 40.0, ("full", True): 15.0}.get((mode, name == "plain"), 12.0)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.print_wheel_requirements:
+        print(" ".join(wheel_requirements()))
+        return 0
+    out = Path(args.out)
+    report = Report(out, Path(args.log) if args.log else out.with_suffix(".log"))
+    data = report.data
+    data["command"] = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "gpu_check.main(" + repr(argv) + ")"
+    data["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    data["dry_run"] = args.dry_run
+    data["max_seconds"] = args.max_seconds
+
+    missing = check_dependencies()
+    if missing:
+        msg = "missing or broken dependencies: " + "; ".join(missing) + ". Install them (pip install -e . from the repo) and rerun."
+        data["errors"].append(msg)
+        report.log("error: " + msg)
+        report.save()
+        print(json.dumps(data, default=str))
+        return 2
+
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        data["errors"].append("--device cuda but torch.cuda.is_available() is False")
+    elif device.type != "cuda" and not args.dry_run:
+        data["errors"].append(f"no CUDA device (torch {torch.__version__}, cuda {torch.version.cuda}); "
+                              "this check measures a GPU: run it on a GPU machine, or pass --dry_run to check the code path on CPU")
+    if data["errors"]:
+        report.log("error: " + data["errors"][-1])
+        report.save()
+        print(json.dumps(data, default=str))
+        return 2
+
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # .to(dtype) of built (not loaded) models warns every time
+    data["env"] = environment(device)
+    report.log(f"device {data['env'].get('gpu', device)}; torch {torch.__version__}; xformers {data['env']['xformers']}")
+    try:
+        return _run(args, report, device)
+    except BudgetExceeded as e:
+        data["errors"].append(str(e))
+        report.log("error: " + str(e))
+        return 3
+    finally:
+        runs = data.get("runs", {})
+        data["ratios"], data["goals"] = ratios_and_goals(runs)
+        report.save()
+        for g in data["goals"]:
+            report.log(f"{'PASS' if g['pass'] else 'FAIL'}  {g['goal']}: {g['value']} (target {g['target']})")
+        report.log(f"JSON: {out}   log: {report.log_path}")
+        report.close()
+        print(json.dumps(data, default=str))
+
+
+def _run(args, report: Report, device) -> int:
+    import torch
+
+    data = report.data
+    if not args.no_tests:
+        report.log("running pytest -m gpu ...")
+        data["tests"] = run_gpu_tests(min(args.tests_timeout, max(10.0, args.max_seconds / 3)))
+        report.log(f"pytest -m gpu: {data['tests']['summary']} (rc {data['tests'].get('rc')})")
+        for line in data["tests"].get("outcomes", []):
+            report.log("  " + line)
+        report.save()
+
+    unet_spec, vae_spec, text_spec = (TINY_UNET, TINY_VAE, TINY_TEXT) if args.dry_run else (SD15_UNET, SD15_VAE, SD15_TEXT)
+    vae_scale = 2 ** (len(vae_spec["block_out_channels"]) - 1)
+    latent = args.resolution // vae_scale
+    if latent % 8:
+        raise SystemExit(f"--resolution {args.resolution} gives {latent}x{latent} latents; the UNet needs a multiple of 8.")
+    t0 = time.perf_counter()
+    probe = build_unet(unet_spec, device, args.seed)
+    unet_params = sum(p.numel() for p in probe.parameters())
+    del probe
+    free_device_memory(device)
+    build_s = time.perf_counter() - t0
+    data["setup"] = {
+        "driver": "library loop mirroring train_scripts/train_sd_ietagc.py's step (not the script: loading and saving "
+                  "a 4 GB pipeline per configuration does not fit the time budget)",
+        "unet": "tiny (dry run)" if args.dry_run else "SD-1.5 (runwayml/stable-diffusion-v1-5 unet config), random weights",
+        "unet_params": unet_params, "unet_build_s": round(build_s, 2),
+        "vae_and_text_encoder": "real-shape modules built from their SD-1.5 configs (random weights), frozen, in the "
+                                "mixed-precision dtype, run every step" if not args.dry_run else "tiny modules, run every step",
+        "images": "random tensors of the real shape; the CPU data pipeline is not part of the step timing",
+        "batch_size": args.batch_size, "resolution": args.resolution, "latents": [4, latent, latent],
+        "steps_timed": args.steps, "warmup_steps": args.warmup, "turn_steps": args.turn_steps, "num_samples": args.num_samples,
+        "lora_rank": args.rank, "optimizer": "torch.optim.AdamW (foreach), lr 1e-5 full / 1e-4 LoRA, constant schedule",
+        "merge_every_amortised": list(AMORTISE_MERGE_EVERY), "num_shards": 4,
+        "configs": {k: v for k, v in CONFIG_FLAGS.items() if k in args.configs},
+    }
+    report.log(f"UNet {unet_params / 1e6:.1f}M parameters (built in {build_s:.1f}s); batch {args.batch_size} at {args.resolution} px")
+    data["augment_cpu"] = augment_cost(args.resolution)
+    report.log(f"RandAugment (IET-AGC+ data side): {data['augment_cpu']['randaugment_ms_per_image']} ms per {args.resolution} px image on the CPU")
+
+    g = torch.Generator().manual_seed(args.seed)
+    host_pixels = [torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=g) * 2 - 1 for _ in range(2)]
+    host_ids = [torch.randint(0, text_spec["vocab_size"], (args.batch_size, 77), generator=g) for _ in range(2)]
+    data["runs"] = runs = {}
+    done_order = [f"{p}/{m}/{n}" for m in args.modes for p in args.precisions for n in args.configs]
+    ctx = {"args": args, "device": device, "unet_spec": unet_spec, "host_pixels": host_pixels, "host_input_ids": host_ids}
+    encoders_for = None
+    for key in done_order:
+        precision, mode, name = key.split("/")
+        if device.type == "cpu" and precision == "fp16" and mode == "full":
+            # accelerate runs fp16 without autocast on a CPU, so fp32 weights meet fp16 latents.
+            data["skipped"].append(f"{key} (CPU: accelerate has no fp16 autocast there; runs on a GPU)")
+            continue
+        need = estimate_seconds(runs, mode, name, args.dry_run)
+        if report.elapsed() + need > args.max_seconds:
+            data["skipped"].append(key)
+            report.log(f"budget: {report.elapsed():.0f}s used, {key} needs ~{need:.0f}s of --max_seconds {args.max_seconds:.0f}: skipped")
+            report.save()
+            continue
+        if encoders_for != precision:
+            ctx.pop("encoders", None)
+            free_device_memory(device)
+            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+            ctx["encoders"] = build_encoders(vae_spec, text_spec, device, dtype, args.seed)
+            encoders_for = precision
+        t0 = time.perf_counter()
+        try:
+            with budget_alarm(args.max_seconds - report.elapsed() + ALARM_GRACE_S):
+                run = run_config(ctx, precision, mode, name)
+        except BudgetExceeded:
+            raise
+        except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
+            run = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            data["errors"].append(f"{key}: {type(e).__name__}: {e}")
+        # Free everything the configuration allocated before the next one measures its peak.
+        reset_accelerate()
+        free_device_memory(device)
+        run["wall_s"] = round(time.perf_counter() - t0, 2)
+        runs[key] = run
+        data["ratios"], data["goals"] = ratios_and_goals(runs)
+        report.save()
+        report.log(describe(key, run, data["ratios"].get(key)))
+    data["complete"] = not data["errors"] and not any("(CPU:" not in k for k in data["skipped"])
+    return 0 if not data["errors"] else 1
+
+
+def describe(key: str, run: dict, ratio: dict | None) -> str:
+    if "error" in run:
+        return f"{key}: ERROR {run['error']}"
+    parts = [f"{key}: {run['steps_per_s']:.2f} steps/s ({1000 * run['step_s']:.0f} ms/step)"]
+    if run.get("peak_bytes"):
+        parts.append(f"peak {run['peak_bytes'] / 2**30:.2f} GiB")
+    if "merge_s" in run:
+        parts.append(f"turn end {1000 * statistics.median(run['end_turn_s']):.0f} ms, swap {1000 * run['begin_turn_full_swap_s']:.0f} ms, "
+                     f"merge {1000 * run['merge_s']:.0f} ms")
+    if ratio:
+        parts.append("ratio " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
+    parts.append(f"[{run['attention']}, {run['wall_s']:.1f}s]")
+    return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
