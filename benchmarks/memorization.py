@@ -137,11 +137,36 @@ def scored_steps(s: Setting, method: str) -> list[int]:
     return sorted({k for k in range(every, s.max_steps, every)} | {s.max_steps})
 
 
-def plan_runs(methods, seeds) -> list[tuple[str, int]]:
-    """(method, seed) in start order: the main comparison over all seeds first, then the components."""
+def plan_tasks(methods, seeds, s: Setting) -> list[tuple[str, int, int]]:
+    """(method, seed, target step) in priority order: what a run cut short by --max_seconds must
+    already have. The main comparison at the budget over all seeds; the components at the budget
+    on the first seed; the main comparison longer (1.5x, 2x); the components on the other seeds;
+    the components longer. A run is paused (SIGSTOP) at a target until every earlier task is done."""
     main = [m for m in MAIN_METHODS if m in methods]
-    rest = [m for m in ALL_METHODS if m in methods and m not in MAIN_METHODS]
-    return [(m, sd) for sd in seeds for m in main] + [(m, sd) for sd in seeds for m in rest]
+    comps = [m for m in ALL_METHODS if m in methods and m not in MAIN_METHODS]
+    longer = sorted({t for t in (round(1.5 * s.budget), s.max_steps) if s.budget < t <= s.max_steps})
+    tasks = [(m, sd, s.budget) for sd in seeds for m in main] + [(m, sd, s.budget) for sd in seeds[:1] for m in comps]
+    tasks += [(m, sd, t) for t in longer for sd in seeds for m in main]
+    tasks += [(m, sd, s.budget) for sd in seeds[1:] for m in comps]
+    tasks += [(m, sd, t) for t in longer for sd in seeds for m in comps]
+    return tasks
+
+
+def allowed_targets(tasks, reached: dict, ended: set, jobs: int) -> dict:
+    """Which runs may train now, and up to which step: the first undone task of each run, for the
+    first ``jobs`` runs (in task order) that have an undone task. ``reached[run]``: highest step
+    it has checkpointed; ``ended``: runs that cannot go further (finished, failed, cut short)."""
+    allowed: dict = {}
+    blocked: set = set()  # runs whose first undone task is outside the window
+    for m, sd, t in tasks:
+        run = (m, sd)
+        if run in ended or reached.get(run, 0) >= t or run in allowed or run in blocked:
+            continue
+        if len(allowed) < jobs:
+            allowed[run] = t
+        else:
+            blocked.add(run)
+    return allowed
 
 
 def run_name(method: str, seed: int) -> str:
@@ -180,6 +205,11 @@ def _worker_init(device: str) -> None:
 
     torch.set_num_threads(1)  # many small processes beat a few multi-threaded ones on tiny tensors
     os.environ.setdefault("TQDM_DISABLE", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     _REFS["device"] = device
 
 
@@ -334,7 +364,8 @@ class _Run:
     """One training subprocess and what has been seen of it."""
 
     def __init__(self, job: dict):
-        self.job, self.proc, self.status, self.t_start, self.seen = job, None, "not started", None, {}
+        self.job, self.proc, self.status, self.t_start, self.seen, self.reached = job, None, "not started", None, {}, 0
+        self.paused_seconds, self._paused_at = 0.0, None
         self.log = Path(job["run_dir"]) / "train.log"
 
     def start(self, device: str) -> None:
@@ -351,22 +382,32 @@ class _Run:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
         self.t_start, self.status = time.time(), "training"
 
+    def signal(self, sig: int, status: str) -> None:
+        """Pause (SIGSTOP) or continue (SIGCONT) our own training subprocess's group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            if sig == signal.SIGSTOP:
+                self._paused_at = time.time()
+            elif self._paused_at is not None:
+                self.paused_seconds += time.time() - self._paused_at
+                self._paused_at = None
+            self.status = status
+
     def stop(self) -> None:
+        """Out of time: end our own training subprocess's group (its checkpoints are already complete)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # our own subprocess's group
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            self.status = "cut short"
+            os.killpg(self.proc.pid, signal.SIGKILL)  # works on a paused process too
+            self.proc.wait()
+        self.status = "cut short"
 
     def record(self) -> dict:
         log_tail = self.log.read_text(errors="replace")[-3000:] if self.status == "failed" and self.log.exists() else None
         seen = sorted((k, t) for k, t in self.seen.items())
+        # Active seconds (pauses not counted) from the start to each scored step: steps/s while running.
         rate = (seen[-1][0] / (seen[-1][1] - self.t_start)) if seen and self.t_start else None
         return {"method": self.job["method"], "seed": self.job["seed"], "max_steps": self.job["max_steps"], "every": self.job["every"],
-                "status": self.status, "steps_seen": [k for k, _ in seen], "seconds_to_step": {str(k): t - self.t_start for k, t in seen},
+                "status": self.status, "reached": self.reached, "steps_seen": [k for k, _ in seen],
+                "seconds_to_step": {str(k): t - self.t_start for k, t in seen}, "paused_seconds": self.paused_seconds,
                 "steps_per_second": rate, "log_tail": log_tail}
 
 
@@ -415,12 +456,15 @@ def main(args: argparse.Namespace) -> dict:
 
     common = {"setting": asdict(s), "base": str(base), "data": str(data), "heldout": str(heldout), "size": size,
               "hf_cache": str(work / "hf_datasets"), "results": str(out), "keep_checkpoints": args.keep_checkpoints}
-    runs = []
-    for method, seed in plan_runs(methods, seeds):
+    tasks = plan_tasks(methods, seeds, s)
+    runs: dict = {}
+    for method, seed, _ in tasks:
+        if (method, seed) in runs:
+            continue
         rd = work / run_name(method, seed)
         if rd.exists():
             shutil.rmtree(rd)  # a stale run of an earlier benchmark in this work folder: never mixed with this one
-        runs.append(_Run({**common, "method": method, "seed": seed, "run_dir": str(rd), "max_steps": s.max_steps, "every": s.every(method)}))
+        runs[(method, seed)] = _Run({**common, "method": method, "seed": seed, "run_dir": str(rd), "max_steps": s.max_steps, "every": s.every(method)})
 
     ctx = mp.get_context("spawn")  # CUDA in the workers; the main process never touches it
     pool = ProcessPoolExecutor(max_workers=args.score_workers, mp_context=ctx, initializer=_worker_init, initargs=(args.device,))
@@ -432,6 +476,9 @@ def main(args: argparse.Namespace) -> dict:
         submitted.add(task["name"])
         futures[pool.submit(score_point, task)] = task
 
+    def save_run(r: _Run) -> None:
+        write_json(out / "runs" / f"{run_name(r.job['method'], r.job['seed'])}.json", r.record())
+
     submit({**common, "method": "base", "seed": None, "steps": 0, "kind": "base", "model": str(base), "name": point_name("base", None, 0)})
     from tqdm.auto import tqdm
 
@@ -439,39 +486,49 @@ def main(args: argparse.Namespace) -> dict:
     wanted = {m: set(scored_steps(s, m)) for m in methods}
     while True:
         now = time.time()
-        if now < train_stop:
-            while sum(r.status == "training" for r in runs) < args.jobs and any(r.status == "not started" for r in runs):
-                next(r for r in runs if r.status == "not started").start(args.device)
-        for r in runs:
+        for key, r in runs.items():  # what each run has written
             if r.proc is None:
                 continue
             rd = Path(r.job["run_dir"])
             for step, path in checkpointing.list_checkpoints(rd / "model"):
                 name = point_name(r.job["method"], r.job["seed"], step)
+                r.reached = max(r.reached, step)
                 if step in wanted[r.job["method"]] and name not in submitted:
-                    r.seen[step] = time.time()
+                    r.seen[step] = now - r.paused_seconds  # active seconds: steps/s while running
                     submit({**r.job, "steps": step, "kind": "checkpoint", "model": str(path), "export": str(rd / f"export-{step}"), "name": name})
-            if r.status == "training" and r.proc.poll() is not None:
+            if r.status in ("training", "paused") and r.proc.poll() is not None:
                 r.status = "finished" if r.proc.returncode == 0 else "failed"
                 if r.status == "finished":
-                    r.seen[r.job["max_steps"]] = time.time()
+                    r.reached = r.job["max_steps"]
+                    r.seen[r.job["max_steps"]] = now - r.paused_seconds
                     submit({**r.job, "steps": r.job["max_steps"], "kind": "final", "model": str(rd / "model"),
                             "name": point_name(r.job["method"], r.job["seed"], r.job["max_steps"])})
-                write_json(out / "runs" / f"{run_name(r.job['method'], r.job['seed'])}.json", r.record())
+                save_run(r)
+        if now < train_stop:  # start, pause and continue runs so the most important tasks finish first
+            ended = {k for k, r in runs.items() if r.status in ("finished", "failed", "cut short")}
+            allowed = allowed_targets(tasks, {k: r.reached for k, r in runs.items()}, ended, args.jobs)
+            for key, r in runs.items():
+                if key in allowed:
+                    if r.status == "not started":
+                        r.start(args.device)
+                    elif r.status == "paused":
+                        r.signal(signal.SIGCONT, "training")
+                elif r.status == "training":
+                    r.signal(signal.SIGSTOP, "paused")
+        else:
+            for r in runs.values():
+                if r.status in ("training", "paused"):
+                    r.stop()
+                    save_run(r)
+                elif r.status == "not started":
+                    r.status = "not started (time)"
         for fut in [f for f in futures if f.done()]:
             task = futures.pop(fut)
             if fut.exception() is not None:
                 errors.append({"point": task["name"], "error": repr(fut.exception())})
                 write_json(out / "errors.json", errors)
             bar.update(1)
-        if now >= train_stop:
-            for r in runs:
-                if r.status == "training":
-                    r.stop()
-                    write_json(out / "runs" / f"{run_name(r.job['method'], r.job['seed'])}.json", r.record())
-                elif r.status == "not started":
-                    r.status = "not started (time)"
-        idle = not any(r.status in ("training", "not started") for r in runs)
+        idle = not any(r.status in ("training", "paused", "not started") for r in runs.values())
         if (idle and not futures) or time.time() >= deadline:
             break
         time.sleep(0.5)
@@ -483,8 +540,8 @@ def main(args: argparse.Namespace) -> dict:
         if unscored and proc.is_alive():
             proc.kill()
     pool.shutdown(wait=True, cancel_futures=True)
-    for r in runs:
-        write_json(out / "runs" / f"{run_name(r.job['method'], r.job['seed'])}.json", r.record())
+    for r in runs.values():
+        save_run(r)
     summary = {"wall_seconds": time.time() - t0, "unscored_at_deadline": unscored, "errors": errors,
                "points": len(list((out / "points").glob("*.json")))}
     write_json(out / "summary.json", summary)
