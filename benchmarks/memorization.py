@@ -1,36 +1,52 @@
-"""Memorization benchmark: plain fine-tuning vs IET-AGC vs IET-AGC+ at the same budget, on CPU.
+"""Memorization benchmark: plain fine-tuning's whole early-stopping frontier vs the methods.
 
-    python benchmarks/memorization.py            # full: 3 seeds (see docs/memorization_benchmark.md)
-    python benchmarks/memorization.py --quick    # a smoke run: 1 seed, few steps
+    python benchmarks/memorization.py --quick --out bench_out/mem-quick        # CI smoke run (~1-2 min, CPU)
+    python benchmarks/memorization.py --device cuda --jobs 15 --score_workers 4 \\
+        --base bench_cache/tiny-base-v1-<hash> --out /tmp/mem --max_seconds 270 --tar mem.tar.gz
+    python benchmarks/memorization.py --analyse /tmp/mem --plot docs/img/memorization_frontier.png --grids docs/img
 
-Regime (realistic fine-tuning, scaled down):
-1. A tiny SD-architecture base at 16 px (``sd_memfree.tiny.tiny_base_model`` with ``BASE``,
-   built once and cached): its VAE trained on shapes and landscapes, its UNet pretrained on
-   shapes only. 16 px rather than 32 px: a step costs ~4x less, so plain can be trained long
-   enough on one CPU core to memorise.
-2. Fine-tuning data from another domain: a few landscapes, half of them repeated many times
-   with their captions (LAION-style duplicates). Held-out landscapes of the same distribution.
-3. The real training script (subprocess) trains plain, IET-AGC and IET-AGC+ with the same seed
-   and the same total optimizer-step budget; plain is also scored at 0% (the untrained base) and
-   trained to 2.5..50% of the budget (with a constant LR and no warm-up a shorter run is exactly
-   a prefix of the longer one).
-4. The real scorer generates two images per training row (seeded) and scores them; beside it we
-   measure the number of distinct images copied, the held-out denoising loss (fixed timesteps and
-   noise), the fit (same loss on the training images) and a Frechet distance to held-out images.
-
-Prints a table of mean +- std over seeds; the last line is one JSON object of the figures.
+Regime (the one the papers claim, scaled down; see docs/memorization_benchmark.md):
+1. A tiny SD-architecture base at 16 px (``sd_memfree.tiny.tiny_base_model`` with ``BASE``, built
+   once and cached, or ``--base DIR``): VAE trained on shapes and landscapes, UNet on shapes only.
+2. Fine-tuning data from the domain the UNet never saw: ``num_images`` distinct procedural
+   landscapes, ``num_duplicated`` of them repeated ``duplicate_times`` times with their captions
+   (a duplicated minority, as in LAION). Held-out: ``heldout_images`` other landscapes.
+3. One training run per (method, seed) with the real script (a subprocess), constant LR, no
+   warm-up, to ``longest x budget`` steps, checkpointing on the way. A checkpoint of a
+   constant-LR run is the prefix of the longer run, so plain's checkpoints (every
+   ``plain_every x budget`` steps) are its early-stopping frontier, and a method's checkpoints
+   (every ``method_every x budget``: 0.5x, 1x, 1.5x, 2x the budget) are the method at the same
+   budget and longer. A checkpoint becomes a pipeline through the script itself
+   (``--resume_from_checkpoint`` with ``--max_train_steps`` = its step: the script's own final
+   merge and save), so method checkpoints are scored as the merged model.
+4. Every point is scored on ``--device`` by a pool of scoring workers while training goes on:
+   seeded generations (``gens_per_duplicated`` per duplicated caption, one per sampled unique
+   caption, one per sampled held-out caption), the pixel copy test ``d1/d2 < 1/3`` against the
+   VAE's reconstructions of the distinct training images (and against the raw images), copies
+   split duplicated / unique with the distinct images copied, the held-out denoising loss, the
+   fit loss, and a Frechet distance of the held-out-caption generations to the held-out images.
+   The copy test's ceiling (the VAE's own reconstructions of sampled training latents scored as
+   generations: a perfect memoriser) is measured once.
+5. Every result is a JSON file under ``--out`` written as soon as it exists, so a run cut short
+   (``--max_seconds``) still yields data. ``--analyse DIR`` (CPU) pools the seeds (Wilson
+   intervals), computes the verdict per method point and the moonshot table, and draws the
+   frontier plot and the sample grids.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,268 +55,750 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PLAIN_FRACTIONS = (0.0, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-QUICK_FRACTIONS = (0.0, 0.25, 1.0)
+# Methods, in the order their runs start when time is short: the main comparison first.
+MAIN_METHODS = ("plain", "ietagc+")
+COMPONENTS = ("ietagc", "agc", "iet")
+ALL_METHODS = MAIN_METHODS + COMPONENTS
+LABELS = {"plain": "plain", "ietagc+": "IET-AGC+", "ietagc": "IET-AGC", "agc": "AGC alone", "iet": "IET alone"}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """Everything one benchmark run depends on (recorded in the JSON)."""
+    """Everything a benchmark run depends on (written to ``setting.json``)."""
 
-    steps: int = 800
+    budget: int = 3000  # the optimizer-step budget B every comparison is made at
+    longest: float = 2.0  # every run trains to longest x B
+    plain_every: float = 0.1  # plain is scored every plain_every x B (its frontier)
+    method_every: float = 0.5  # the methods are scored every method_every x B
     batch_size: int = 8
     learning_rate: float = 1e-3
-    num_images: int = 4
-    duplicate_fraction: float = 0.5
-    duplicate_times: int = 8
-    heldout_images: int = 128
-    images_per_prompt: int = 2
+    num_images: int = 256  # distinct fine-tuning images
+    num_duplicated: int = 8  # of which this many are repeated ...
+    duplicate_times: int = 32  # ... this many times in total, with their captions
+    heldout_images: int = 256
+    gens_per_duplicated: int = 8  # generations per duplicated caption
+    unique_prompts: int = 64  # sampled unique training captions, one generation each
+    heldout_prompts: int = 64  # sampled held-out captions, one generation each (Frechet, grids)
     num_inference_steps: int = 20
-    guidance_scale: float = 1.0
-    # IET-AGC / IET-AGC+ flags, one setting for all seeds.
+    guidance_scale: float = 1.0  # the base never saw dropped captions: no unconditional model to guide with
+    generation_seed: int = 42
+    # The methods' flags, one setting for all seeds (the issue's measurement).
     num_shards: int = 4
-    merge_every: int = 10
+    merge_every: int = 25
     agc_ratio: float = 1.25
     redistribute_fraction: float = 0.25
-    quick_base: bool = False
+
+    @property
+    def max_steps(self) -> int:
+        return round(self.longest * self.budget)
+
+    def every(self, method: str) -> int:
+        """Checkpoint interval of a method's run (its scored points are the multiples of it)."""
+        return max(1, round((self.plain_every if method == "plain" else self.method_every) * self.budget))
 
 
-# The cached base: 16 px, UNet pretrained 1000 steps (~2.5 min to build on one core).
+# The cached base: 16 px, UNet pretrained 1000 steps (~70 s to build on one core).
 BASE = dict(size=16, unet_steps=1000)
 QUICK_BASE = dict(size=16, vae_steps=20, unet_steps=20, vae_images=64, unet_images=64)
+QUICK = dict(budget=8, plain_every=0.5, method_every=0.5, num_images=16, num_duplicated=2, duplicate_times=4, heldout_images=16,
+             gens_per_duplicated=2, unique_prompts=4, heldout_prompts=4, num_inference_steps=5, num_shards=2, merge_every=2)
 
 
 def method_flags(method: str, s: Setting) -> list[str]:
-    if method == "plain":
-        return []
-    flags = [f"--num_shards={s.num_shards}", f"--merge_every={s.merge_every}", f"--agc_ratio={s.agc_ratio}"]
-    if method == "ietagc+":
-        flags += [f"--redistribute_fraction={s.redistribute_fraction}", "--loss_aware_augmentation"]
-    return flags
+    """The training script's flags of each method (IET: shards + merges; AGC: the loss gate)."""
+    iet = [f"--num_shards={s.num_shards}", f"--merge_every={s.merge_every}"]
+    agc = [f"--agc_ratio={s.agc_ratio}"]
+    return {
+        "plain": [],
+        "iet": iet,
+        "agc": ["--num_shards=1", *agc],
+        "ietagc": iet + agc,
+        "ietagc+": iet + agc + [f"--redistribute_fraction={s.redistribute_fraction}", "--loss_aware_augmentation"],
+    }[method]
 
 
-def _worker_init() -> None:
+def check_setting(s: Setting, methods) -> None:
+    """Bad settings fail here, before anything trains."""
+    if s.budget < 1 or s.longest < 1:
+        raise SystemExit(f"error: --budget must be >= 1 and --longest >= 1 (got {s.budget}, {s.longest}).")
+    if not 0 < s.num_duplicated <= s.num_images or s.duplicate_times < 2:
+        raise SystemExit("error: need 0 < --num_duplicated <= --num_images and --duplicate_times >= 2.")
+    round_len = s.num_shards * s.merge_every
+    for m in methods:
+        if m in ("iet", "ietagc", "ietagc+") and s.every(m) % round_len:
+            # Off a round boundary a checkpoint's model is mid-round: not what a run of that length gives.
+            raise SystemExit(f"error: the {m} checkpoint interval {s.every(m)} is not a multiple of a round "
+                             f"(num_shards x merge_every = {round_len}); change --method_every or --budget.")
+
+
+def scored_steps(s: Setting, method: str) -> list[int]:
+    """The steps at which a run of ``method`` is scored: its checkpoints and its final step."""
+    every = s.every(method)
+    return sorted({k for k in range(every, s.max_steps, every)} | {s.max_steps})
+
+
+def plan_tasks(methods, seeds, s: Setting) -> list[tuple[str, int, int]]:
+    """(method, seed, target step) in priority order: what a run cut short by --max_seconds must
+    already have. The main comparison at the budget over all seeds; the components at the budget
+    on the first seed; the main comparison longer (1.5x, 2x); the components on the other seeds;
+    the components longer. A run is paused (SIGSTOP) at a target until every earlier task is done."""
+    main = [m for m in MAIN_METHODS if m in methods]
+    comps = [m for m in ALL_METHODS if m in methods and m not in MAIN_METHODS]
+    longer = sorted({t for t in (round(1.5 * s.budget), s.max_steps) if s.budget < t <= s.max_steps})
+    tasks = [(m, sd, s.budget) for sd in seeds for m in main] + [(m, sd, s.budget) for sd in seeds[:1] for m in comps]
+    tasks += [(m, sd, t) for t in longer for sd in seeds for m in main]
+    tasks += [(m, sd, s.budget) for sd in seeds[1:] for m in comps]
+    tasks += [(m, sd, t) for t in longer for sd in seeds for m in comps]
+    return tasks
+
+
+def allowed_targets(tasks, reached: dict, ended: set, jobs: int) -> dict:
+    """Which runs may train now, and up to which step: the first undone task of each run, for the
+    first ``jobs`` runs (in task order) that have an undone task. ``reached[run]``: highest step
+    it has checkpointed; ``ended``: runs that cannot go further (finished, failed, cut short)."""
+    allowed: dict = {}
+    blocked: set = set()  # runs whose first undone task is outside the window
+    for m, sd, t in tasks:
+        run = (m, sd)
+        if run in ended or reached.get(run, 0) >= t or run in allowed or run in blocked:
+            continue
+        if len(allowed) < jobs:
+            allowed[run] = t
+        else:
+            blocked.add(run)
+    return allowed
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method.replace('+', 'plus')}-s{seed}"
+
+
+def point_name(method: str, seed: int | None, steps: int) -> str:
+    return "base-0" if method == "base" else f"{run_name(method, seed)}-{steps}"
+
+
+def write_json(path: Path, obj) -> None:
+    """Write atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def train_flags(job: dict, steps: int, output_dir: Path) -> list[str]:
+    s = Setting(**job["setting"])
+    return [
+        f"--pretrained_model_name_or_path={job['base']}", f"--train_data_dir={job['data']}", f"--output_dir={output_dir}",
+        f"--resolution={job['size']}", f"--train_batch_size={s.batch_size}", f"--max_train_steps={steps}",
+        f"--learning_rate={s.learning_rate}", "--lr_scheduler=constant", "--lr_warmup_steps=0", f"--seed={job['seed']}",
+        "--report_to=none", "--dataloader_num_workers=0", f"--cache_dir={job['hf_cache']}", *method_flags(job["method"], s),
+    ]
+
+
+# ---- scoring (runs in the worker processes) ------------------------------------------------------
+
+_REFS: dict = {}
+
+
+def _worker_init(device: str) -> None:
     import torch
 
-    torch.set_num_threads(1)  # two single-threaded jobs beat one two-threaded job on small tensors
+    torch.set_num_threads(1)  # many small processes beat a few multi-threaded ones on tiny tensors
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    _REFS["device"] = device
 
 
-def run_job(job: dict) -> dict:
-    """Train one model with the real script, score it with the real scorer, measure quality."""
-    from sd_memfree.scoring import run as scorer
+def _refs(ctx: dict) -> dict:
+    """Per-worker reference data, loaded once: images, captions, pixels, the VAE's reconstructions."""
+    if _REFS.get("key") == ctx["data"]:
+        return _REFS
     from train_scripts import memorization_eval as ev
 
-    s = Setting(**job["setting"])
-    out = Path(job["out"])
-    t0 = time.time()
-    model = Path(job["base"]) if job["steps"] == 0 else out / "model"  # 0 steps: score the base itself
-    train_cmd = [
-        sys.executable, str(REPO / "train_scripts" / "train_sd_ietagc.py"),
-        f"--pretrained_model_name_or_path={job['base']}", f"--train_data_dir={job['data']}", f"--output_dir={out / 'model'}",
-        f"--resolution={job['size']}", f"--train_batch_size={s.batch_size}", f"--max_train_steps={job['steps']}",
-        f"--learning_rate={s.learning_rate}", "--lr_scheduler=constant", "--lr_warmup_steps=0", f"--seed={job['seed']}",
-        "--report_to=tensorboard", f"--checkpointing_steps={10**9}", *method_flags(job["method"], s),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    log = out / "train.log"
-    out.mkdir(parents=True, exist_ok=True)
-    if job["steps"] > 0:
-        with open(log, "w") as f:
-            if subprocess.run(train_cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode != 0:
-                raise RuntimeError(f"training failed, see {log}")
-    t_train = time.time() - t0
-    metrics = scorer.main(scorer.parse_args([
-        f"--model={model}", f"--train_data_dir={job['data']}", f"--sscd_model={job['sscd']}", "--preprocess=dcr",
-        f"--num_prompts={job['num_rows']}", f"--images_per_prompt={s.images_per_prompt}", f"--num_inference_steps={s.num_inference_steps}",
-        f"--guidance_scale={s.guidance_scale}", f"--resolution={job['size']}", "--batch_size=128", "--seed=42",
-        "--no_clip_score", "--no_fid", f"--pixel_size={job['size']}", f"--out={out / 'score'}",
-        f"--embedding_cache_dir={job['embedding_cache']}", "--device=cpu",
-    ]))
-    gen_imgs, _, _ = ev.read_imagefolder(out / "score" / "generated")
-    train_imgs, train_caps, _ = ev.read_imagefolder(job["data"])
-    held_imgs, held_caps, _ = ev.read_imagefolder(job["heldout"])
-    gen_px, train_px, held_px = (ev.to_pixels(x, job["size"]) for x in (gen_imgs, train_imgs, held_imgs))
-    near = ev.pixel_nearest(gen_px, train_px)
-    # The scorer's copy rate and ours come from the same rule and pixels: they must agree.
-    assert abs(near["copy_frac"] - metrics["pixel"]["pixel_copy_frac"]) < 1e-9, (near["copy_frac"], metrics["pixel"])
-    distinct = sorted(set(ev.pixel_nearest(train_px, train_px)["nearest"].tolist()))
-    result = {
-        "method": job["method"], "seed": job["seed"], "steps": job["steps"], "fraction": job["fraction"],
-        "copy_frac": near["copy_frac"], "distinct_copied": near["distinct_copied"],
-        "sim_95pc": metrics["gen_vs_train"]["sim_95pc"], "sim_mean": metrics["gen_vs_train"]["mean"],
-        "frac_gt_0.5": metrics["gen_vs_train"]["frac_gt_0.5"],
-        "heldout_loss": ev.denoising_loss(model, held_imgs, held_caps),
-        "fit_loss": ev.denoising_loss(model, [train_imgs[i] for i in distinct], [train_caps[i] for i in distinct]),
-        "frechet_heldout": ev.frechet_to(gen_px, held_px),
-        "train_seconds": t_train, "job_seconds": time.time() - t0,
-    }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    return result
+    s = Setting(**ctx["setting"])
+    size = ctx["size"]
+    imgs, caps, names = ev.read_imagefolder(ctx["data"])
+    first = {}
+    for i, c in enumerate(caps):  # duplicates share the caption: one distinct image per caption
+        first.setdefault(c, i)
+    distinct = sorted(first.values())
+    counts = {c: caps.count(c) for c in first}
+    dup = [i for i in distinct if counts[caps[i]] > 1]
+    uniq = [i for i in distinct if counts[caps[i]] == 1]
+    held_imgs, held_caps, _ = ev.read_imagefolder(ctx["heldout"])
+    rng = random.Random(0)
+    uniq_sample = sorted(rng.sample(uniq, min(s.unique_prompts, len(uniq))))
+    held_sample = list(range(min(s.heldout_prompts, len(held_caps))))
+    prompts = ([caps[i] for i in dup for _ in range(s.gens_per_duplicated)] + [caps[i] for i in uniq_sample]
+               + [held_caps[i] for i in held_sample])
+    source = [i for i in dup for _ in range(s.gens_per_duplicated)] + uniq_sample  # training image behind each copy-test prompt
+    d_imgs = [imgs[i] for i in distinct]
+    _REFS.update(
+        key=ctx["data"], setting=s, size=size, imgs=imgs, caps=caps, distinct=distinct, dup=dup, uniq=uniq, uniq_sample=uniq_sample,
+        held_imgs=held_imgs, held_caps=held_caps, held_sample=held_sample, prompts=prompts, source=np.array(source),
+        n_dup=len(dup) * s.gens_per_duplicated, n_uniq=len(uniq_sample), raw_px=ev.to_pixels(d_imgs, size),
+        held_px=ev.to_pixels(held_imgs, size), d_imgs=d_imgs,
+    )
+    return _REFS
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Mean and std over seeds per (method, fraction)."""
-    keys = ("copy_frac", "distinct_copied", "sim_95pc", "frac_gt_0.5", "heldout_loss", "fit_loss", "frechet_heldout")
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["fraction"]), []).append(r)
+def _copy_stats(ev, gen_px: np.ndarray, ref_px: np.ndarray, refs: dict) -> dict:
+    """Copy test of the copy-test generations (duplicated, then unique captions) against ``ref_px``
+    (one row per distinct training image, in ``refs['distinct']`` order)."""
+    near = ev.pixel_nearest(gen_px, ref_px)
+    nearest = np.asarray(refs["distinct"])[near["nearest"]]  # row index of the distinct image in the training set
+    copy = near["copy"]
     out = {}
-    for (method, frac), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "plain", kv[0][0], kv[0][1])):
-        out[f"{method}@{frac:g}"] = {
-            "method": method, "fraction": frac, "steps": rs[0]["steps"], "seeds": len(rs),
-            **{k: float(np.mean([r[k] for r in rs])) for k in keys},
-            **{k + "_std": float(np.std([r[k] for r in rs])) for k in keys},
-        }
+    for part, sl in (("dup", slice(0, refs["n_dup"])), ("uniq", slice(refs["n_dup"], None))):
+        c, nn, src = copy[sl], nearest[sl], refs["source"][sl]
+        out[part] = {"n": int(len(c)), "copies": int(c.sum()), "copies_of_own_image": int((c & (nn == src)).sum()),
+                     "distinct_copied": int(len(set(nn[c].tolist())))}
+    out["ratio"] = [round(float(a / b), 4) if b > 0 else 0.0 for a, b in zip(near["d1"], near["d2"])]
     return out
 
 
-def dominators(summary: dict, method: str) -> dict:
-    """Plain checkpoints better than ``method`` on both held-out loss and copy rate.
+def score_point(task: dict) -> dict:
+    """Export (checkpoints) and score one point; writes ``points/<name>.json`` and a samples file."""
+    import torch
 
-    ``on_means``: better means on both axes. ``beyond_spread``: better on both axes by more than
-    the two std's added (seed spread).
-    """
-    m = summary.get(f"{method}@1")
-    if m is None:
-        return {}
-    on_means, beyond = [], []
-    for key, p in summary.items():
-        if p["method"] != "plain":
+    from train_scripts import memorization_eval as ev
+
+    t0 = time.time()
+    refs = _refs(task)
+    s, device = refs["setting"], _REFS["device"]
+    model, export = Path(task["model"]), None
+    if task["kind"] == "checkpoint":  # the script's own resume + final merge/save turns the checkpoint into a pipeline
+        from train_scripts import train_sd_ietagc as train
+
+        export = Path(task["export"])
+        shutil.rmtree(export, ignore_errors=True)
+        train.main(train.parse_args(train_flags(task, task["steps"], export)
+                                    + [f"--resume_from_checkpoint={model}", f"--checkpointing_steps={10**9}"]))
+        model = export
+    t_export = time.time() - t0
+    pipe = ev.load_pipeline(model, device)
+    gen = ev.generate_pixels(pipe, refs["prompts"], seed=s.generation_seed, num_inference_steps=s.num_inference_steps,
+                             guidance_scale=s.guidance_scale, resolution=refs["size"])
+    n_copy = refs["n_dup"] + refs["n_uniq"]
+    copy_px, held_gen = gen[:n_copy], gen[n_copy:]
+    if "recon_px" not in _REFS:  # the VAE is frozen in fine-tuning: the same references for every model
+        _REFS["recon_px"] = ev.vae_reconstructions(pipe, refs["d_imgs"])
+    result = {
+        "method": task["method"], "seed": task["seed"], "steps": task["steps"], "budget": s.budget,
+        "fraction": task["steps"] / s.budget,
+        "copies_recon": _copy_stats(ev, copy_px, _REFS["recon_px"], refs),
+        "copies_raw": _copy_stats(ev, copy_px, refs["raw_px"], refs),
+        "heldout_loss": ev.denoising_loss(pipe, refs["held_imgs"], refs["held_caps"]),
+        "fit_loss_dup": ev.denoising_loss(pipe, [refs["imgs"][i] for i in refs["dup"]], [refs["caps"][i] for i in refs["dup"]]),
+        "fit_loss_uniq": ev.denoising_loss(pipe, [refs["imgs"][i] for i in refs["uniq_sample"]], [refs["caps"][i] for i in refs["uniq_sample"]]),
+        "frechet_heldout": ev.frechet_to(held_gen, refs["held_px"]),
+        "frechet_copytest": ev.frechet_to(copy_px[refs["n_dup"]:], refs["held_px"]),
+    }
+    if task["method"] == "base":
+        result["ceiling"] = ceiling(ev, pipe, refs)
+        result["device_name"] = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    result["export_seconds"], result["score_seconds"] = t_export, time.time() - t0 - t_export
+    out = Path(task["results"])
+    to_u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+    np.savez_compressed(out / "samples" / f"{task['name']}.npz", dup=to_u8(copy_px[: refs["n_dup"]]), heldout=to_u8(held_gen[:16]))
+    write_json(out / "points" / f"{task['name']}.json", result)
+    del pipe
+    if export is not None:
+        shutil.rmtree(export, ignore_errors=True)
+    if task["kind"] == "checkpoint" and not task.get("keep_checkpoints"):
+        shutil.rmtree(task["model"], ignore_errors=True)  # GBs over a full run; the score is what we keep
+    return result
+
+
+def ceiling(ev, pipe, refs: dict) -> dict:
+    """The copy test's score for a perfect memoriser: decoded posterior samples of the training
+    images (what a model that reproduces its training latents generates), as many per image as
+    the benchmark generates, scored exactly like generations."""
+    s = refs["setting"]
+    imgs = [refs["imgs"][i] for i in refs["dup"] for _ in range(s.gens_per_duplicated)] + [refs["imgs"][i] for i in refs["uniq_sample"]]
+    perfect = ev.vae_reconstructions(pipe, imgs, sample_seed=7)
+    return {"copies_recon": _copy_stats(ev, perfect, _REFS["recon_px"], refs), "copies_raw": _copy_stats(ev, perfect, refs["raw_px"], refs)}
+
+
+# ---- orchestration --------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke run: a quickly built base, 16 images, 8-step budget, plain and IET-AGC+, 1 seed")
+    p.add_argument("--analyse", default=None, metavar="DIR", help="analyse a results folder (or its .tar.gz) on the CPU: tables, verdicts, plot, grids")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; quick: 0)")
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="default: all five (quick: plain ietagc+)")
+    for f in ("budget", "longest", "plain_every", "method_every", "num_images", "num_duplicated", "duplicate_times", "heldout_images",
+              "gens_per_duplicated", "unique_prompts", "heldout_prompts", "num_inference_steps"):
+        p.add_argument(f"--{f}", type=type(getattr(Setting, f)), default=None, help=f"default {getattr(Setting, f)}")
+    p.add_argument("--device", default="cpu", help="where scoring runs (training goes where accelerate puts it: the GPU if one is visible)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at the same time (subprocesses)")
+    p.add_argument("--score_workers", type=int, default=1, help="scoring processes (export + generate + losses) working beside training")
+    p.add_argument("--max_seconds", type=float, default=None, help="wall-time budget: training stops at max_seconds - score_reserve, scoring at max_seconds")
+    p.add_argument("--score_reserve", type=float, default=40.0, help="seconds kept at the end of --max_seconds to score the last checkpoints")
+    p.add_argument("--out", default="bench_out/memorization", help="results folder (JSON per point and run); models go under --work")
+    p.add_argument("--work", default=None, help="models, checkpoints, data (default <out>/work)")
+    p.add_argument("--base", default=None, help="a built base model folder (default: build or reuse BASE under --cache)")
+    p.add_argument("--cache", default=None, help="where the base is built and cached (default $SD_MEMFREE_CACHE or ~/.cache/sd_memfree)")
+    p.add_argument("--keep_checkpoints", action="store_true", help="do not delete checkpoints once scored")
+    p.add_argument("--tar", default=None, help="at the end, write the results folder (without --work) to this .tar.gz")
+    p.add_argument("--plot", default=None, help="(--analyse, and at the end of a run) the frontier plot PNG")
+    p.add_argument("--grids", default=None, help="(--analyse) folder for one sample grid PNG per model")
+    args = p.parse_args(argv)
+    if args.jobs < 1 or args.score_workers < 1:
+        p.error("--jobs and --score_workers must be >= 1.")
+    return args
+
+
+def setting_from_args(args) -> Setting:
+    s = Setting(**QUICK) if args.quick else Setting()
+    return replace(s, **{k: v for k, v in vars(args).items() if k in Setting.__dataclass_fields__ and v is not None})
+
+
+class _Run:
+    """One training subprocess and what has been seen of it."""
+
+    def __init__(self, job: dict):
+        self.job, self.proc, self.status, self.t_start, self.seen, self.reached = job, None, "not started", None, {}, 0
+        self.paused_seconds, self._paused_at = 0.0, None
+        self.log = Path(job["run_dir"]) / "train.log"
+
+    def start(self, device: str) -> None:
+        from train_scripts import train_sd_ietagc  # noqa: F401  (fail here, not in the subprocess, if the script is broken)
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+        if device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        Path(self.job["run_dir"]).mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(REPO / "train_scripts" / "train_sd_ietagc.py"),
+               *train_flags(self.job, self.job["max_steps"], Path(self.job["run_dir"]) / "model"),
+               f"--checkpointing_steps={self.job['every']}"]
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        self.t_start, self.status = time.time(), "training"
+
+    def signal(self, sig: int, status: str) -> None:
+        """Pause (SIGSTOP) or continue (SIGCONT) our own training subprocess's group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            if sig == signal.SIGSTOP:
+                self._paused_at = time.time()
+            elif self._paused_at is not None:
+                self.paused_seconds += time.time() - self._paused_at
+                self._paused_at = None
+            self.status = status
+
+    def stop(self) -> None:
+        """Out of time: end our own training subprocess's group (its checkpoints are already complete)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # works on a paused process too
+            self.proc.wait()
+        self.status = "cut short"
+
+    def record(self) -> dict:
+        log_tail = self.log.read_text(errors="replace")[-3000:] if self.status == "failed" and self.log.exists() else None
+        seen = sorted((k, t) for k, t in self.seen.items())
+        # Active seconds (pauses not counted) from the start to each scored step: steps/s while running.
+        rate = (seen[-1][0] / (seen[-1][1] - self.t_start)) if seen and self.t_start else None
+        return {"method": self.job["method"], "seed": self.job["seed"], "max_steps": self.job["max_steps"], "every": self.job["every"],
+                "status": self.status, "reached": self.reached, "steps_seen": [k for k, _ in seen],
+                "seconds_to_step": {str(k): t - self.t_start for k, t in seen}, "paused_seconds": self.paused_seconds,
+                "steps_per_second": rate, "log_tail": log_tail}
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.analyse:
+        return analyse(args)
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sd_memfree import checkpointing
+    from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
+
+    t0 = time.time()
+    deadline = t0 + args.max_seconds if args.max_seconds else math.inf
+    train_stop = deadline - args.score_reserve
+    s = setting_from_args(args)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    methods = args.methods or (list(MAIN_METHODS) if args.quick else list(ALL_METHODS))
+    check_setting(s, methods)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    if (out / "points").exists() and any((out / "points").iterdir()):
+        raise SystemExit(f"error: {out} already holds results; choose a new --out (results of two runs are never mixed).")
+    for sub in ("points", "samples", "runs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    base_cfg = TinyBaseConfig(**(QUICK_BASE if args.quick else BASE))
+    base = Path(args.base) if args.base else tiny_base_model(args.cache, base_cfg)
+    if not (base / "model_index.json").exists():
+        raise SystemExit(f"error: --base {base} is not a model folder (no model_index.json); build it with tiny_base_model or drop --base.")
+    base_info = json.loads((base / "base_info.json").read_text()) if (base / "base_info.json").exists() else {}
+    size = int(base_info.get("config", {}).get("size", base_cfg.size))
+    data = work / f"data-{s.num_images}-{s.num_duplicated}x{s.duplicate_times}"
+    heldout = work / f"heldout-{s.heldout_images}"
+    if not (data / "metadata.jsonl").exists():
+        make_tiny_dataset(data, s.num_images, size, s.num_duplicated / s.num_images, s.duplicate_times, seed=0, kind="landscapes")
+    if not (heldout / "metadata.jsonl").exists():
+        make_tiny_dataset(heldout, s.heldout_images, size, seed=0, kind="landscapes", first_index=10_000)
+    rows = sum(1 for _ in open(data / "metadata.jsonl"))
+    write_json(out / "setting.json", {
+        "setting": asdict(s), "seeds": seeds, "methods": methods, "quick": args.quick, "device": args.device, "jobs": args.jobs,
+        "score_workers": args.score_workers, "max_seconds": args.max_seconds, "base": str(base), "base_info": base_info,
+        "size": size, "train_rows": rows, "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "method_flags": {m: method_flags(m, s) for m in methods}, "scored_steps": {m: scored_steps(s, m) for m in methods},
+    })
+    _write_refs(out, data, heldout, size, s)
+
+    common = {"setting": asdict(s), "base": str(base), "data": str(data), "heldout": str(heldout), "size": size,
+              "hf_cache": str(work / "hf_datasets"), "results": str(out), "keep_checkpoints": args.keep_checkpoints}
+    tasks = plan_tasks(methods, seeds, s)
+    runs: dict = {}
+    for method, seed, _ in tasks:
+        if (method, seed) in runs:
             continue
-        if p["heldout_loss"] < m["heldout_loss"] and p["copy_frac"] < m["copy_frac"]:
-            on_means.append(key)
-            if (m["heldout_loss"] - p["heldout_loss"] > p["heldout_loss_std"] + m["heldout_loss_std"]
-                    and m["copy_frac"] - p["copy_frac"] > p["copy_frac_std"] + m["copy_frac_std"]):
-                beyond.append(key)
-    return {"on_means": on_means, "beyond_spread": beyond}
+        rd = work / run_name(method, seed)
+        if rd.exists():
+            shutil.rmtree(rd)  # a stale run of an earlier benchmark in this work folder: never mixed with this one
+        runs[(method, seed)] = _Run({**common, "method": method, "seed": seed, "run_dir": str(rd), "max_steps": s.max_steps, "every": s.every(method)})
+
+    ctx = mp.get_context("spawn")  # CUDA in the workers; the main process never touches it
+    pool = ProcessPoolExecutor(max_workers=args.score_workers, mp_context=ctx, initializer=_worker_init, initargs=(args.device,))
+    futures: dict = {}
+    submitted: set = set()
+    errors: list[dict] = []
+
+    def submit(task: dict) -> None:
+        submitted.add(task["name"])
+        futures[pool.submit(score_point, task)] = task
+
+    def save_run(r: _Run) -> None:
+        write_json(out / "runs" / f"{run_name(r.job['method'], r.job['seed'])}.json", r.record())
+
+    submit({**common, "method": "base", "seed": None, "steps": 0, "kind": "base", "model": str(base), "name": point_name("base", None, 0)})
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="points scored", unit="pt")
+    wanted = {m: set(scored_steps(s, m)) for m in methods}
+    while True:
+        now = time.time()
+        for key, r in runs.items():  # what each run has written
+            if r.proc is None:
+                continue
+            rd = Path(r.job["run_dir"])
+            for step, path in checkpointing.list_checkpoints(rd / "model"):
+                name = point_name(r.job["method"], r.job["seed"], step)
+                r.reached = max(r.reached, step)
+                if step in wanted[r.job["method"]] and name not in submitted:
+                    r.seen[step] = now - r.paused_seconds  # active seconds: steps/s while running
+                    submit({**r.job, "steps": step, "kind": "checkpoint", "model": str(path), "export": str(rd / f"export-{step}"), "name": name})
+            if r.status in ("training", "paused") and r.proc.poll() is not None:
+                r.status = "finished" if r.proc.returncode == 0 else "failed"
+                if r.status == "finished":
+                    r.reached = r.job["max_steps"]
+                    r.seen[r.job["max_steps"]] = now - r.paused_seconds
+                    submit({**r.job, "steps": r.job["max_steps"], "kind": "final", "model": str(rd / "model"),
+                            "name": point_name(r.job["method"], r.job["seed"], r.job["max_steps"])})
+                save_run(r)
+        if now < train_stop:  # start, pause and continue runs so the most important tasks finish first
+            ended = {k for k, r in runs.items() if r.status in ("finished", "failed", "cut short")}
+            allowed = allowed_targets(tasks, {k: r.reached for k, r in runs.items()}, ended, args.jobs)
+            for key, r in runs.items():
+                if key in allowed:
+                    if r.status == "not started":
+                        r.start(args.device)
+                    elif r.status == "paused":
+                        r.signal(signal.SIGCONT, "training")
+                elif r.status == "training":
+                    r.signal(signal.SIGSTOP, "paused")
+        else:
+            for r in runs.values():
+                if r.status in ("training", "paused"):
+                    r.stop()
+                    save_run(r)
+                elif r.status == "not started":
+                    r.status = "not started (time)"
+        for fut in [f for f in futures if f.done()]:
+            task = futures.pop(fut)
+            if fut.exception() is not None:
+                errors.append({"point": task["name"], "error": repr(fut.exception())})
+                write_json(out / "errors.json", errors)
+            bar.update(1)
+        idle = not any(r.status in ("training", "paused", "not started") for r in runs.values())
+        if (idle and not futures) or time.time() >= deadline:
+            break
+        time.sleep(0.5)
+    bar.close()
+    unscored = [t["name"] for t in futures.values()]
+    for fut in futures:
+        fut.cancel()
+    for proc in list(getattr(pool, "_processes", {}).values()):  # our own workers, still scoring past the deadline
+        if unscored and proc.is_alive():
+            proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+    for r in runs.values():
+        save_run(r)
+    summary = {"wall_seconds": time.time() - t0, "unscored_at_deadline": unscored, "errors": errors,
+               "points": len(list((out / "points").glob("*.json")))}
+    write_json(out / "summary.json", summary)
+    print(json.dumps(summary))
+    if args.tar:
+        write_tar(out, Path(args.tar), exclude=work)
+    if args.plot:
+        analyse(argparse.Namespace(analyse=str(out), plot=args.plot, grids=args.grids))
+    return summary
 
 
-def plot(summary: dict, path: Path) -> None:
+def _write_refs(out: Path, data: Path, heldout: Path, size: int, s: Setting) -> None:
+    """The training images the grids compare against, beside the results (the analysis needs no data folder)."""
+    from train_scripts import memorization_eval as ev
+
+    imgs, caps, _ = ev.read_imagefolder(data)
+    first: dict = {}
+    for i, c in enumerate(caps):
+        first.setdefault(c, i)
+    dup = [i for i in sorted(first.values()) if caps.count(caps[i]) > 1]
+    held, held_caps, _ = ev.read_imagefolder(heldout)
+    np.savez_compressed(out / "refs.npz", dup=np.stack([np.asarray(imgs[i]) for i in dup]),
+                        heldout=np.stack([np.asarray(im) for im in held[:16]]))
+    write_json(out / "captions.json", {"dup": [caps[i] for i in dup], "heldout": held_caps[:16]})
+
+
+def write_tar(folder: Path, tar_path: Path, exclude: Path) -> None:
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    ex = exclude.resolve()
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name, filter=lambda ti: None if (folder.parent / ti.name).resolve() == ex else ti)
+
+
+# ---- analysis (CPU, from the saved JSON) ----------------------------------------------------------
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    from train_scripts.memorization_eval import wilson_interval
+
+    return wilson_interval(k, n)
+
+
+def load_results(folder: str | Path) -> tuple[dict, list[dict], list[dict]]:
+    """(setting, points, runs) from a results folder or its .tar.gz."""
+    folder = Path(folder)
+    if folder.is_file():
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="mem-analyse-"))
+        with tarfile.open(folder) as tar:
+            tar.extractall(tmp, filter="data")
+        folder = next(p for p in tmp.iterdir() if p.is_dir())
+    setting = json.loads((folder / "setting.json").read_text())
+    points = [json.loads(p.read_text()) for p in sorted((folder / "points").glob("*.json"))]
+    runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
+    setting["folder"] = str(folder)
+    return setting, points, runs
+
+
+def summarize(points: list[dict], measure: str = "copies_recon") -> dict:
+    """Per (method, steps): seeds pooled. Copy counts are summed over seeds (Wilson interval on the
+    pooled rate); losses and Frechet are mean and population std over seeds. The base (0 steps)
+    is plain's first point for every seed."""
+    seeds = sorted({p["seed"] for p in points if p["seed"] is not None})
+    groups: dict = {}
+    for p in points:
+        if p["method"] == "base":
+            for sd in seeds or [0]:
+                groups.setdefault(("plain", 0), []).append({**p, "seed": sd})
+        else:
+            groups.setdefault((p["method"], p["steps"]), []).append(p)
+    out = {}
+    for (method, steps), ps in sorted(groups.items(), key=lambda kv: (ALL_METHODS.index(kv[0][0]), kv[0][1])):
+        row = {"method": method, "steps": steps, "fraction": ps[0]["fraction"], "seeds": sorted(p["seed"] for p in ps)}
+        for part in ("dup", "uniq"):
+            k, n = sum(p[measure][part]["copies"] for p in ps), sum(p[measure][part]["n"] for p in ps)
+            lo, hi = wilson(k, n)
+            per_seed = [p[measure][part]["copies"] / max(1, p[measure][part]["n"]) for p in ps]
+            row[part] = {"copies": k, "n": n, "rate": k / max(1, n), "lo": lo, "hi": hi, "seed_std": float(np.std(per_seed)),
+                         "distinct_copied": float(np.mean([p[measure][part]["distinct_copied"] for p in ps]))}
+        for key in ("heldout_loss", "fit_loss_dup", "fit_loss_uniq", "frechet_heldout"):
+            vals = [p[key] for p in ps]
+            row[key], row[key + "_std"] = float(np.mean(vals)), float(np.std(vals))
+        out[f"{method}@{steps}"] = row
+    return out
+
+
+def dominating_plain(summary: dict, key: str) -> dict:
+    """Plain points with fewer copies (duplicated captions) than method point ``key`` and a
+    held-out loss no worse within the seed spread (loss_P <= loss_M + std_P + std_M).
+
+    ``on_means``: fewer copies on the pooled rates. ``beyond_noise``: fewer copies beyond the
+    binomial noise (the plain point's Wilson upper bound below the method's lower bound).
+    """
+    m = summary[key]
+    on_means, beyond = [], []
+    for pk, p in summary.items():
+        if p["method"] != "plain" or p["heldout_loss"] > m["heldout_loss"] + p["heldout_loss_std"] + m["heldout_loss_std"]:
+            continue
+        if p["dup"]["rate"] < m["dup"]["rate"]:
+            on_means.append(pk)
+            if p["dup"]["hi"] < m["dup"]["lo"]:
+                beyond.append(pk)
+    return {"on_means": on_means, "beyond_noise": beyond}
+
+
+def verdict(summary: dict) -> dict:
+    """Per method point: met (no plain point dominates it on the means), not met (one does, beyond
+    the binomial noise) or not met within noise."""
+    out = {}
+    for key, m in summary.items():
+        if m["method"] == "plain":
+            continue
+        d = dominating_plain(summary, key)
+        status = "met" if not d["on_means"] else ("not met" if d["beyond_noise"] else "not met (within noise)")
+        out[key] = {"verdict": status, **d}
+    return out
+
+
+def moonshot(summary: dict, method: str) -> list[dict]:
+    """At every held-out loss plain reaches: the fewest copies plain needs to reach it (any plain
+    point at that loss or better) vs the fewest the method needs (None: the method never gets there)."""
+    plain = [p for p in summary.values() if p["method"] == "plain"]
+    meth = [p for p in summary.values() if p["method"] == method]
+    rows = []
+    for p in sorted(plain, key=lambda p: p["steps"]):
+        level = p["heldout_loss"]
+        best_plain = min(q["dup"]["rate"] for q in plain if q["heldout_loss"] <= level)
+        reach = [q["dup"]["rate"] for q in meth if q["heldout_loss"] <= level]
+        rows.append({"plain_point": f"plain@{p['steps']}", "loss": level, "plain_copies": best_plain, "method_copies": min(reach) if reach else None})
+    return rows
+
+
+def analyse(args) -> dict:
+    setting, points, runs = load_results(args.analyse)
+    s = Setting(**setting["setting"])
+    summ = {m: summarize(points, m) for m in ("copies_recon", "copies_raw")}
+    summary = summ["copies_recon"]
+    base = next((p for p in points if p["method"] == "base"), None)
+    ceil = base["ceiling"] if base else None
+    ver = verdict(summary)
+    moon = {m: moonshot(summary, m) for m in setting["methods"] if m != "plain"}
+    pct = lambda r: f"{100 * r['rate']:.1f} [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]"
+    print(f"setting: {json.dumps(setting['setting'])}")
+    if ceil:
+        for rule in ("copies_recon", "copies_raw"):
+            c = ceil[rule]
+            print(f"copy-test ceiling ({rule}: a perfect memoriser): duplicated {c['dup']['copies']}/{c['dup']['n']}, unique {c['uniq']['copies']}/{c['uniq']['n']}")
+    print(f"\n{'point':<16}{'x B':>6}{'seeds':>6}  {'dup copies % [95% CI]':>24}{'uniq copies %':>22}{'dist.dup':>9}{'dist.uniq':>10}"
+          f"{'raw-rule dup %':>15}{'held-out loss':>20}{'Frechet':>16}")
+    for key, r in summary.items():
+        raw = summ["copies_raw"][key]["dup"]
+        print(f"{key:<16}{r['fraction']:>6.2f}{len(r['seeds']):>6}  {pct(r['dup']):>24}{pct(r['uniq']):>22}{r['dup']['distinct_copied']:>9.2f}"
+              f"{r['uniq']['distinct_copied']:>10.2f}{100 * raw['rate']:>15.1f}{r['heldout_loss']:>12.4f}+-{r['heldout_loss_std']:.4f}"
+              f"{r['frechet_heldout']:>10.2f}+-{r['frechet_heldout_std']:.2f}")
+    print("\nverdict per method point (is there a plain point with fewer copies and held-out loss no worse within the seed spread?):")
+    for key, v in ver.items():
+        print(f"  {key:<16} {v['verdict']:<24} dominated on means by: {', '.join(v['on_means']) or '-'}; beyond noise by: {', '.join(v['beyond_noise']) or '-'}")
+    for m, rows in moon.items():
+        print(f"\nmoonshot, {LABELS[m]}: at each held-out loss plain reaches, fewest duplicated-caption copies (%) plain vs {LABELS[m]}")
+        for row in rows:
+            mc = "not reached" if row["method_copies"] is None else f"{100 * row['method_copies']:.1f}"
+            print(f"  {row['plain_point']:<12} loss {row['loss']:.4f}: plain {100 * row['plain_copies']:.1f}, {LABELS[m]} {mc}")
+    print("\nruns: " + "; ".join(f"{r['method']} s{r['seed']}: {r['status']}, {r['steps_per_second'] or 0:.1f} steps/s" for r in runs))
+    result = {"setting": setting, "summary": summary, "summary_raw_rule": summ["copies_raw"], "ceiling": ceil, "verdict": ver,
+              "moonshot": moon, "runs": runs}
+    Path(setting["folder"], "analysis.json").write_text(json.dumps(result, indent=1))
+    if getattr(args, "plot", None):
+        plot(summary, s, ceil, Path(args.plot))
+    if getattr(args, "grids", None):
+        grids(Path(setting["folder"]), points, s, Path(args.grids))
+    return result
+
+
+def plot(summary: dict, s: Setting, ceil: dict | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    plain = [v for v in summary.values() if v["method"] == "plain"]
-    ax.errorbar([p["heldout_loss"] for p in plain], [100 * p["copy_frac"] for p in plain],
-                xerr=[p["heldout_loss_std"] for p in plain], yerr=[100 * p["copy_frac_std"] for p in plain],
-                fmt="o-", color="tab:gray", label="plain at 0 (base)..100% of the budget")
-    for p in plain:
-        label, offset = ("0% (base)", (3, -10)) if p["fraction"] == 0 else (f"{100 * p['fraction']:g}%", (3, 3))
-        ax.annotate(label, (p["heldout_loss"], 100 * p["copy_frac"]), fontsize=7, xytext=offset, textcoords="offset points")
-    for method, color in (("ietagc", "tab:blue"), ("ietagc+", "tab:red")):
-        m = summary.get(f"{method}@1")
-        if m:
-            ax.errorbar([m["heldout_loss"]], [100 * m["copy_frac"]], xerr=[m["heldout_loss_std"]], yerr=[100 * m["copy_frac_std"]],
-                        fmt="s", color=color, label=f"{'IET-AGC+' if method.endswith('+') else 'IET-AGC'} (100%)")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100)
+    colors = {"plain": "tab:gray", "ietagc+": "tab:red", "ietagc": "tab:blue", "agc": "tab:green", "iet": "tab:purple"}
+    for method in ALL_METHODS:
+        pts = sorted((p for p in summary.values() if p["method"] == method), key=lambda p: p["steps"])
+        if not pts:
+            continue
+        x = [p["heldout_loss"] for p in pts]
+        y = [100 * p["dup"]["rate"] for p in pts]
+        yerr = [[100 * (p["dup"]["rate"] - p["dup"]["lo"]) for p in pts], [100 * (p["dup"]["hi"] - p["dup"]["rate"]) for p in pts]]
+        style = "o-" if method == "plain" else "s--"
+        ax.errorbar(x, y, xerr=[p["heldout_loss_std"] for p in pts], yerr=yerr, fmt=style, color=colors[method], ms=4, capsize=2,
+                    label=LABELS[method] + (" (0..%gx budget)" % s.longest if method == "plain" else ""), alpha=0.9)
+        for p in pts:
+            if method != "plain" or p["fraction"] in (0, 0.5, 1.0, 1.5, 2.0):
+                ax.annotate(f"{p['fraction']:g}x", (p["heldout_loss"], 100 * p["dup"]["rate"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points", color=colors[method])
+        ax2.errorbar([p["fraction"] for p in pts], y, yerr=yerr, fmt=style, color=colors[method], ms=4, capsize=2, label=LABELS[method])
+    if ceil:
+        c = ceil["copies_recon"]["dup"]
+        for a in (ax, ax2):
+            a.axhline(100 * c["copies"] / max(1, c["n"]), color="k", ls=":", lw=1, label="ceiling (perfect memoriser)")
     ax.set_xlabel("held-out denoising loss (lower is better)")
-    ax.set_ylabel("generations that copy (d1/d2 < 1/3), %")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("duplicated-caption generations that copy, % (95% CI)")
+    ax.set_title("copies vs held-out loss: plain's frontier and the methods", fontsize=9)
+    ax2.set_xlabel("optimizer steps / budget")
+    ax2.set_title(f"copies vs training length (budget {s.budget} steps)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 seed, 40 steps, a quickly built base: a smoke run")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--steps", type=int, default=None, help=f"total optimizer-step budget (default {Setting.steps}; quick: 40)")
-    p.add_argument("--methods", nargs="+", default=["plain", "ietagc", "ietagc+"], choices=["plain", "ietagc", "ietagc+"],
-                   help="which runs (plain: at every budget fraction; the methods at the full budget)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one CPU thread each")
-    p.add_argument("--work", default="bench_out/memorization", help="working folder (models, generations)")
-    p.add_argument("--cache", default=None, help="where the base model is cached (default $SD_MEMFREE_CACHE or ~/.cache/sd_memfree)")
-    p.add_argument("--plot", default=None, help="write the copies-vs-quality plot here (PNG)")
-    return p.parse_args(argv)
+def grids(folder: Path, points: list[dict], s: Setting, out_dir: Path, seed: int = 0, per_row: int = 4, scale: int = 4) -> list[Path]:
+    """One PNG per model (seed ``seed``, at 1x and the longest budget, plain also at its best held-out
+    loss): each duplicated training image then ``per_row`` of its caption's generations (red frame:
+    a copy), and a row of held-out images over their captions' generations."""
+    from PIL import Image, ImageDraw
 
-
-def main(args: argparse.Namespace) -> dict:
-    from sd_memfree.scoring.standin import make_standin_sscd
-    from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
-
-    _worker_init()
-    t0 = time.time()
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    base_cfg = Setting(steps=args.steps or (40 if args.quick else Setting.steps), quick_base=args.quick)
-    if args.quick:
-        base_cfg = Setting(**{**base_cfg.__dict__, "num_images": 12, "duplicate_times": 4, "heldout_images": 32, "num_inference_steps": 5})
-    s = base_cfg
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    base_config = TinyBaseConfig(**(QUICK_BASE if s.quick_base else BASE))
-    tb = time.time()
-    base = tiny_base_model(args.cache, base_config)
-    base_seconds = time.time() - tb
-    base_info = json.loads((base / "base_info.json").read_text())
-    size = base_config.size
-    data = work / f"data-{s.num_images}-{s.duplicate_fraction}-{s.duplicate_times}"
-    heldout = work / f"heldout-{s.heldout_images}"
-    if not (data / "metadata.jsonl").exists():
-        make_tiny_dataset(data, s.num_images, size, s.duplicate_fraction, s.duplicate_times, seed=0, kind="landscapes")
-    if not (heldout / "metadata.jsonl").exists():
-        make_tiny_dataset(heldout, s.heldout_images, size, seed=0, kind="landscapes", first_index=10_000)
-    num_rows = sum(1 for _ in open(data / "metadata.jsonl"))
-    sscd = work / "standin_sscd.pt"
-    if not sscd.exists():
-        make_standin_sscd(sscd, trunk="resnet18", seed=0)
-
-    fractions = QUICK_FRACTIONS if args.quick else PLAIN_FRACTIONS
-    jobs = []
-    for seed in seeds:
-        for method, fracs in (("plain", fractions), ("ietagc", (1.0,)), ("ietagc+", (1.0,))):
-            if method not in args.methods:
-                continue
-            for f in fracs:
-                steps = 0 if f == 0 else max(1, round(f * s.steps))
-                jobs.append({"method": method, "seed": seed, "fraction": f, "steps": steps, "setting": s.__dict__,
-                             "base": str(base), "data": str(data), "heldout": str(heldout), "size": size, "num_rows": num_rows,
-                             "sscd": str(sscd), "embedding_cache": str(work / "embeddings"),
-                             "out": str(work / f"seed{seed}" / f"{method}-{steps}")})
-    # Long jobs first so the two workers finish together.
-    jobs.sort(key=lambda j: -j["steps"])
-    rows = []
-    from tqdm.auto import tqdm
-
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs), initializer=_worker_init) as pool:
-        for r in tqdm(pool.map(run_job, jobs), total=len(jobs), desc="benchmark jobs"):
-            rows.append(r)
-    summary = summarize(rows)
-
-    # ---- report ------------------------------------------------------------------------------
-    cols = ("copy_frac", "distinct_copied", "sim_95pc", "heldout_loss", "fit_loss", "frechet_heldout")
-    print(f"\nbase: VAE recon MSE {base_info['vae_recon_mse']:.5f} ({base_info['vae_recon_psnr_db']:.1f} dB PSNR) on held-out landscapes; "
-          f"data: {s.num_images} distinct landscapes, {int(s.num_images * s.duplicate_fraction)} of them x{s.duplicate_times} = {num_rows} rows")
-    print(f"{'run':<16}{'steps':>6}  " + "  ".join(f"{c:>22}" for c in cols))
-    for key, v in summary.items():
-        print(f"{key:<16}{v['steps']:>6}  " + "  ".join(f"{v[c]:>12.4f} +- {v[c + '_std']:<7.4f}" for c in cols))
-    plain, plus = summary.get("plain@1"), summary.get("ietagc+@1")
-    reduction = {m: (1 - summary[f"{m}@1"]["copy_frac"] / plain["copy_frac"]) if plain and plain["copy_frac"] > 0 and f"{m}@1" in summary else None
-                 for m in ("ietagc", "ietagc+")}
-    dom = dominators(summary, "ietagc+")
-    floors = {
-        "plain_copies_ge_30pc": bool(plain and plain["copy_frac"] >= 0.30),
-        "ietagc_plus_reduction_ge_50pc": bool(reduction["ietagc+"] is not None and reduction["ietagc+"] >= 0.5),
-        "no_plain_checkpoint_dominates_beyond_spread": not dom.get("beyond_spread"),
-        "no_plain_checkpoint_dominates_on_means": not dom.get("on_means"),
-    }
-    print(f"copy reduction vs plain at the full budget: IET-AGC {reduction['ietagc']}, IET-AGC+ {reduction['ietagc+']}")
-    print(f"plain checkpoints dominating IET-AGC+: {dom}; floors: {floors}")
-    if args.plot:
-        plot(summary, Path(args.plot))
-    result = {
-        "benchmark": "memorization", "quick": args.quick, "seeds": seeds, "setting": s.__dict__,
-        "base": {k: base_info[k] for k in ("vae_recon_mse", "vae_recon_psnr_db", "unet_pretrain_loss_last50", "build_seconds")},
-        "base_seconds_this_run": base_seconds, "summary": summary, "copy_reduction": reduction, "dominating_plain": dom,
-        "floors": floors, "sscd": "stand-in: seeded random ResNet-18 + GeM + 512-d (sd_memfree.scoring.standin), not real SSCD",
-        "frechet_space": "8x8 avg-pooled pixels -> seeded Gaussian projection to 32-d; generations (images_per_prompt per training row) vs held-out images",
-        "wall_seconds": time.time() - t0, "rows": rows,
-    }
-    (work / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
-    return result
+    refs = np.load(folder / "refs.npz")
+    chosen = {}
+    for p in points:
+        if p["seed"] == seed and p["steps"] in (s.budget, s.max_steps):
+            chosen[(p["method"], p["steps"])] = p
+    plain = [p for p in points if p["method"] == "plain" and p["seed"] == seed]
+    if plain:
+        best = min(plain, key=lambda p: p["heldout_loss"])
+        chosen[("plain", best["steps"])] = best
+    size = refs["dup"].shape[1] * scale
+    paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (method, steps), p in sorted(chosen.items()):
+        sm = np.load(folder / "samples" / f"{point_name(method, seed, steps)}.npz")
+        n_dup = len(refs["dup"])
+        g = s.gens_per_duplicated
+        copies = np.array(p["copies_recon"]["ratio"][: n_dup * g]) < 1 / 3
+        cols = 1 + per_row
+        rows = n_dup + 2
+        canvas = Image.new("RGB", (cols * (size + 4) + 4, rows * (size + 4) + 4), "white")
+        draw = ImageDraw.Draw(canvas)
+        tile = lambda a: Image.fromarray(a).resize((size, size), Image.NEAREST)
+        for i in range(n_dup):
+            canvas.paste(tile(refs["dup"][i]), (4, 4 + i * (size + 4)))
+            for j in range(min(per_row, g)):
+                x, y = 4 + (j + 1) * (size + 4), 4 + i * (size + 4)
+                canvas.paste(tile(sm["dup"][i * g + j]), (x, y))
+                if copies[i * g + j]:
+                    draw.rectangle((x - 2, y - 2, x + size + 1, y + size + 1), outline="red", width=2)
+        for j in range(min(cols, len(sm["heldout"]))):
+            y = 4 + n_dup * (size + 4)
+            canvas.paste(tile(refs["heldout"][j]), (4 + j * (size + 4), y))
+            canvas.paste(tile(sm["heldout"][j]), (4 + j * (size + 4), y + size + 4))
+        path = out_dir / f"memorization_samples_{method.replace('+', 'plus')}_{steps}.png"
+        canvas.save(path)
+        paths.append(path)
+    return paths
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The memorization benchmark's quick mode runs the real script and scorer and reports its JSON."""
+"""The memorization benchmark: its schedule, its statistics and verdicts by hand, and --quick end to end."""
 
 from __future__ import annotations
 
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,41 +14,117 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import memorization as bench  # noqa: E402
 
 
-def test_dominators_by_hand():
-    """IET-AGC+ at (loss 1.0 +- 0.01, copies 0.30 +- 0.02).
-    plain@0.1 (0.9 +- 0.01, 0.10 +- 0.02): better on both by 0.1 > 0.02 and 0.2 > 0.04 -> beyond spread.
-    plain@0.5 (0.99 +- 0.01, 0.29 +- 0.02): better on both means, but 0.01 < 0.02 -> on means only.
-    plain@1 (1.1, 0.8): worse -> neither."""
-    row = lambda m, f, l, c: {"method": m, "fraction": f, "heldout_loss": l, "heldout_loss_std": 0.01, "copy_frac": c, "copy_frac_std": 0.02}
-    s = {"plain@0.1": row("plain", 0.1, 0.9, 0.10), "plain@0.5": row("plain", 0.5, 0.99, 0.29), "plain@1": row("plain", 1.0, 1.1, 0.8),
-         "ietagc+@1": row("ietagc+", 1.0, 1.0, 0.30)}
-    assert bench.dominators(s, "ietagc+") == {"on_means": ["plain@0.1", "plain@0.5"], "beyond_spread": ["plain@0.1"]}
+def test_scored_steps_are_the_checkpoints_and_the_end():
+    """B = 3000, runs to 2B = 6000: plain every 0.1B = 300 -> 300, 600, ..., 6000 (20 points);
+    the methods every 0.5B = 1500 -> 1500, 3000, 4500, 6000 (0.5x, 1x, 1.5x, 2x)."""
+    s = bench.Setting()
+    assert bench.scored_steps(s, "plain") == list(range(300, 6001, 300))
+    assert bench.scored_steps(s, "ietagc+") == [1500, 3000, 4500, 6000]
 
 
-def test_summarize_mean_and_std():
-    """Two seeds with copy_frac 0.2 and 0.4 -> mean 0.3, population std 0.1."""
-    rows = [{"method": "plain", "fraction": 1.0, "steps": 10, "seed": s, "copy_frac": c, "distinct_copied": 1, "sim_95pc": 0.5,
-             "frac_gt_0.5": 0.5, "heldout_loss": 0.1, "fit_loss": 0.1, "frechet_heldout": 1.0} for s, c in ((0, 0.2), (1, 0.4))]
-    out = bench.summarize(rows)["plain@1"]
-    assert out["copy_frac"] == pytest.approx(0.3) and out["copy_frac_std"] == pytest.approx(0.1) and out["seeds"] == 2
+def test_method_checkpoints_must_fall_on_round_boundaries():
+    """4 shards x merge_every 25 = rounds of 100 steps; method_every 0.5 x 150 = 75 is mid-round."""
+    with pytest.raises(SystemExit, match="not a multiple of a round"):
+        bench.check_setting(bench.Setting(budget=150), ["plain", "ietagc+"])
+    bench.check_setting(bench.Setting(budget=150), ["plain", "agc"])  # one shard: no rounds
+
+
+def test_plan_tasks_priority_by_hand():
+    """Seeds 0 1 2, all methods, B = 3000, 2B = 6000: first plain/IET-AGC+ at B for every seed (6),
+    then the 3 components at B on seed 0, then the main pair at 4500 (6) and 6000 (6), then the
+    components at B on seeds 1 and 2 (6), then the components at 4500 and 6000 (18): 45 tasks."""
+    tasks = bench.plan_tasks(list(bench.ALL_METHODS), [0, 1, 2], bench.Setting())
+    assert tasks[:6] == [("plain", 0, 3000), ("ietagc+", 0, 3000), ("plain", 1, 3000), ("ietagc+", 1, 3000), ("plain", 2, 3000), ("ietagc+", 2, 3000)]
+    assert tasks[6:9] == [("ietagc", 0, 3000), ("agc", 0, 3000), ("iet", 0, 3000)]
+    assert tasks[9] == ("plain", 0, 4500) and tasks[15] == ("plain", 0, 6000)
+    assert tasks[21:27] == [(m, sd, 3000) for sd in (1, 2) for m in ("ietagc", "agc", "iet")]
+    assert len(tasks) == 45 and tasks[-1] == ("iet", 2, 6000)
+
+
+def test_allowed_targets_by_hand():
+    """Tasks p@B, q@B, p@2B, q@2B. Nothing reached: jobs=2 -> both to B; jobs=1 -> p only.
+    p reached B: jobs=1 -> q (p is paused: its next task comes after q@B); jobs=2 -> q to B, p to 2B.
+    q failed (ended): jobs=1 -> p to 2B."""
+    t = [("p", 0, 10), ("q", 0, 10), ("p", 0, 20), ("q", 0, 20)]
+    assert bench.allowed_targets(t, {}, set(), 2) == {("p", 0): 10, ("q", 0): 10}
+    assert bench.allowed_targets(t, {}, set(), 1) == {("p", 0): 10}
+    assert bench.allowed_targets(t, {("p", 0): 10}, set(), 1) == {("q", 0): 10}
+    assert bench.allowed_targets(t, {("p", 0): 12}, set(), 2) == {("q", 0): 10, ("p", 0): 20}
+    assert bench.allowed_targets(t, {("p", 0): 10}, {("q", 0)}, 1) == {("p", 0): 20}
+
+
+def test_wilson_interval_by_hand():
+    """z = 1.96. 5/10: centre 0.5, half 1.96/1.38416 * sqrt(0.025 + 0.009604) = 0.2634.
+    0/10: centre = half = 0.19208/1.38416 = 0.1388 -> (0, 0.2775). n = 0: (0, 1)."""
+    from train_scripts.memorization_eval import wilson_interval
+
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def _point(method, seed, steps, dup_copies, loss, n=8):
+    part = lambda k: {"n": n, "copies": k, "copies_of_own_image": k, "distinct_copied": min(k, 2)}
+    stats = {"dup": part(dup_copies), "uniq": part(0), "ratio": []}
+    return {"method": method, "seed": seed, "steps": steps, "fraction": steps / 10, "copies_recon": stats, "copies_raw": stats,
+            "heldout_loss": loss, "fit_loss_dup": 0.1, "fit_loss_uniq": 0.1, "frechet_heldout": 1.0}
+
+
+def test_summarize_pools_seeds_and_adds_the_base_to_plain():
+    """Copies 2/8 and 4/8 over two seeds -> 6/16 = 0.375 pooled, per-seed std 0.125; losses 0.1 and
+    0.3 -> mean 0.2, std 0.1. The base (seed None) becomes plain@0 of both seeds."""
+    pts = [_point("base", None, 0, 0, 0.5), _point("plain", 0, 10, 2, 0.1), _point("plain", 1, 10, 4, 0.3)]
+    out = bench.summarize(pts)
+    assert set(out) == {"plain@0", "plain@10"}
+    assert out["plain@0"]["seeds"] == [0, 1] and out["plain@0"]["dup"]["n"] == 16
+    r = out["plain@10"]
+    assert r["dup"]["copies"] == 6 and r["dup"]["n"] == 16 and r["dup"]["rate"] == pytest.approx(0.375)
+    assert r["dup"]["seed_std"] == pytest.approx(0.125)
+    assert r["heldout_loss"] == pytest.approx(0.2) and r["heldout_loss_std"] == pytest.approx(0.1)
+
+
+def test_verdict_and_moonshot_by_hand():
+    """One seed (std 0), n = 100 generations per point.
+    plain@0: loss 0.20, 0 copies; plain@10: 0.10, 10; plain@20: 0.09, 40. Method m@10: 0.095, 5.
+    Dominating m@10 needs loss <= 0.095 and fewer than 5 copies: plain@20 has 40 -> none -> met.
+    Method m@20: 0.12, 30 copies: plain@10 (0.10 <= 0.12, 10 < 30; Wilson upper of 10/100 = 0.174
+    < lower of 30/100 = 0.219) dominates beyond noise; plain@0 is too lossy -> not met.
+    Moonshot: at plain@10's loss 0.10 plain needs 10% (plain@10) and m 5% (m@10); at plain@20's
+    0.09 m never gets there."""
+    n = 100
+    pts = [_point("base", None, 0, 0, 0.20, n), _point("plain", 0, 10, 10, 0.10, n), _point("plain", 0, 20, 40, 0.09, n),
+           _point("ietagc+", 0, 10, 5, 0.095, n), _point("ietagc+", 0, 20, 30, 0.12, n)]
+    s = bench.summarize(pts)
+    v = bench.verdict(s)
+    assert v["ietagc+@10"] == {"verdict": "met", "on_means": [], "beyond_noise": []}
+    assert v["ietagc+@20"] == {"verdict": "not met", "on_means": ["plain@10"], "beyond_noise": ["plain@10"]}
+    moon = {r["plain_point"]: r for r in bench.moonshot(s, "ietagc+")}
+    assert moon["plain@10"]["plain_copies"] == pytest.approx(0.10) and moon["plain@10"]["method_copies"] == pytest.approx(0.05)
+    assert moon["plain@20"]["method_copies"] is None
+    assert moon["plain@0"]["plain_copies"] == 0 and moon["plain@0"]["method_copies"] == pytest.approx(0.05)
 
 
 @pytest.mark.slow
-def test_quick_mode_runs_and_last_line_is_json(tmp_path, capsys):
-    """--quick with a 4-step budget: plain at 0% (the base, 0 steps), 25% (round(0.25 * 4) = 1
-    step) and 100%, IET-AGC and IET-AGC+ at 100% -> 5 jobs; the last printed line is the JSON
-    result with those 5 rows and the floors. Two images per training row: 2 * rows generations."""
-    args = bench.parse_args(["--quick", "--steps", "4", "--jobs", "1", "--work", str(tmp_path / "w"), "--cache", str(tmp_path / "c"),
-                             "--plot", str(tmp_path / "p.png")])
-    bench.main(args)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    result = json.loads(last)
-    assert set(result["summary"]) == {"plain@0", "plain@0.25", "plain@1", "ietagc@1", "ietagc+@1"}
-    assert result["summary"]["plain@0"]["steps"] == 0
-    assert result["summary"]["plain@0.25"]["steps"] == 1 and result["summary"]["ietagc+@1"]["steps"] == 4
-    rows = sum(1 for _ in open(tmp_path / "w" / "data-12-0.5-4" / "metadata.jsonl"))
-    assert rows == 6 * 4 + 6  # 12 distinct, half of them x4
-    gens = sum(1 for _ in open(tmp_path / "w" / "seed0" / "plain-4" / "score" / "generated" / "metadata.jsonl"))
-    assert gens == 2 * rows
-    assert set(result["floors"]) >= {"plain_copies_ge_30pc", "ietagc_plus_reduction_ge_50pc"}
-    assert (tmp_path / "p.png").stat().st_size > 1000
+def test_quick_mode_end_to_end(tmp_path):
+    """--quick, one training run at a time: plain and IET-AGC+ to 2 x 8 steps. The scheduler runs
+    plain to 8, pauses it, runs IET-AGC+ to 8, then both on. Points: the base, plain and IET-AGC+
+    at 4, 8, 12 (checkpoints, exported by the script) and 16 (the final model); the copy test's
+    ceiling (duplicated captions, against the VAE's reconstructions) is a full house; the analysis
+    reads the tar and gives a verdict for every method point; plot and grids are written."""
+    out, tar = tmp_path / "mem", tmp_path / "mem.tar.gz"
+    summary = bench.main(bench.parse_args(["--quick", "--out", str(out), "--cache", str(tmp_path / "c"), "--tar", str(tar)]))
+    assert summary["errors"] == [] and summary["unscored_at_deadline"] == []
+    names = {p.stem for p in (out / "points").glob("*.json")}
+    assert names == {"base-0"} | {f"{m}-s0-{k}" for m in ("plain", "ietagcplus") for k in (4, 8, 12, 16)}
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert {r["status"] for r in runs.values()} == {"finished"} and runs["plain-s0"]["steps_seen"] == [4, 8, 12, 16]
+    base = json.loads((out / "points" / "base-0.json").read_text())
+    g = bench.Setting(**bench.QUICK).gens_per_duplicated
+    assert base["ceiling"]["copies_recon"]["dup"] == {"n": 2 * g, "copies": 2 * g, "copies_of_own_image": 2 * g, "distinct_copied": 2}
+    with tarfile.open(tar) as t:
+        members = t.getnames()
+    assert "mem/points/plain-s0-8.json" in members and not any("/work" in m for m in members)
+    res = bench.analyse(bench.parse_args(["--analyse", str(tar), "--plot", str(tmp_path / "f.png"), "--grids", str(tmp_path / "g")]))
+    assert set(res["verdict"]) == {f"ietagc+@{k}" for k in (4, 8, 12, 16)}
+    assert res["summary"]["plain@0"]["dup"]["copies"] == 0  # the base never saw a landscape caption
+    assert (tmp_path / "f.png").stat().st_size > 1000 and len(list((tmp_path / "g").glob("*.png"))) >= 3
