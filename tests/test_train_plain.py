@@ -196,7 +196,7 @@ def test_corrupt_image_file(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)
     (data / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    _one_line_error(capsys, base_args(tiny_model_dir, data, tmp_path / "o"), r"00002\.png.*cannot be read.*replace or remove")
+    _one_line_error(capsys, base_args(tiny_model_dir, data, tmp_path / "o"), r"cannot be used: .*00002\.png .*fix or remove them, or pass --drop_bad_samples")
 
 
 def test_missing_caption_column(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
