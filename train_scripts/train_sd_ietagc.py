@@ -197,10 +197,13 @@ def take_run_lock(output_dir: str):
     starts on a folder the main process could not lock.
     """
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from sd_memfree.runlock import OutputDirError, RunLock, RunLockHeld
 
-    state = PartialState()  # the process group only; the Accelerator built later reuses it
+    # The process group only, built as Accelerator() builds it (which then reuses it); without the
+    # CPU flag, processes launched on a CPU-only machine would each think they are alone.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     lock, error, note = None, None, None
     if state.is_main_process:
         lock = RunLock(output_dir)
