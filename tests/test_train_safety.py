@@ -355,3 +355,34 @@ def test_two_processes_agree_on_the_sigterm_step_and_resume(tiny_model_dir, tiny
     done = subprocess.run(torchrun(resume), env=MP_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("agc", [False, True])
+def test_signal_on_a_non_finite_step_writes_no_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch, agc):
+    """SIGTERM arrives during step 3, whose loss is NaN; checkpoint-2 exists. Without AGC the NaN
+    gradients made the weights NaN: the unscheduled checkpoint's weight check stops the run as
+    diverged (exit 1). With AGC (NaN values, finite gradients) the weights are fine but the step
+    was non-finite: no checkpoint-3, exit 143, the line names checkpoint-2."""
+    import sd_memfree.losses as losses
+
+    real, calls = losses.per_sample_loss, []
+
+    def loss(pred, target):
+        calls.append(1)
+        out = real(pred, target)
+        if len(calls) != 3:
+            return out
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out + float("nan") if agc else out * float("nan")
+
+    monkeypatch.setattr(losses, "per_sample_loss", loss)
+    out = tmp_path / "sig"
+    extra = ["--agc_ratio=1.25"] if agc else []
+    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", *extra, steps=20), 143 if agc else 1)
+    if agc:
+        assert line == (f"stopped by SIGTERM after step 3 (newest checkpoint: {out}/checkpoint-2); to continue, run the same command "
+                        "with --resume_from_checkpoint latest.")
+    else:
+        assert line.startswith("error: the run diverged at step 3: the trained weights became NaN/inf;"), line
+    assert complete_steps(out) == [2] and not (out / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the run's handlers are removed when it ends"
