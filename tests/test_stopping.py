@@ -103,3 +103,25 @@ def test_signals_stop_at_once_before_defer_then_only_ask():
         stop.restore()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_watch_does_not_sync_on_cuda():
+    """CUDA's own sync detector stays silent while the watch and the masked skip counts run."""
+    device = torch.device("cuda")
+    watch = NonFiniteWatch(device)
+    stats = SkipStats(num_timesteps=1000, device=device)
+    losses = torch.tensor([1.0, NAN, 2.0, INF], device=device)
+    t = torch.tensor([1, 2, 500, 999], device=device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            watch.observe(losses)
+            watch.end_step()
+            stats.update(torch.isfinite(losses), t, 0, valid=torch.isfinite(losses))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert watch.read() == (3, 3, 3)
+    assert stats.summary()["agc/skip_rate"] == 0.0

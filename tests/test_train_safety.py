@@ -295,3 +295,94 @@ def test_final_save_refuses_non_finite_weights(tiny_model_dir, tiny_data_dir, tm
     assert line.startswith(f"error: the trained weights are NaN/inf after step 3: the final model was not saved (newest checkpoint: {out}/checkpoint-2)"), line
     assert not (out / "unet").exists() and complete_steps(out) == [2]
     assert_no_partial_files(out)
+
+
+# ---- several processes ----------------------------------------------------------------------------
+
+def torchrun(argv) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv]
+
+
+MP_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.multiprocess
+def test_two_processes_on_a_locked_folder_both_stop(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Only the main process takes the lock; the other learns that it failed and stops too (no
+    hang), each with the one line, exit 2."""
+    out = tmp_path / "busy"
+    holder = hold_lock_in_subprocess(out)
+    try:
+        proc = subprocess.run(torchrun(base_args(tiny_model_dir, tiny_data_dir, out)), env=MP_ENV, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = [line for line in proc.stderr.splitlines() if "is in use by another run" in line]
+    assert proc.returncode != 0 and len(lines) == 2, proc.stderr[-3000:]
+    assert all(f"pid {holder.pid} on host" in line for line in lines)
+    assert "exitcode  : 2" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_agree_on_the_sigterm_step_and_resume(tiny_model_dir, tiny_data_dir, tmp_path):
+    """SIGTERM to the launcher (torchrun passes it to both workers, maybe at different steps): the
+    workers agree at the next check, write one complete checkpoint holding both processes' state
+    and both say so; a 2-process resume from it finishes."""
+    out = tmp_path / "run"
+    argv = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
+    proc = subprocess.Popen(torchrun(argv), env=MP_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2" / checkpointing.COMPLETE_MARKER).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, err[-3000:]  # the launcher's own status (torchrun re-raises the signal)
+    stops = re.findall(r"stopped by SIGTERM after step (\d+) \(saved .*checkpoint-(\d+)\)", err)
+    assert len(stops) == 2 and len({s for pair in stops for s in pair}) == 1, err[-3000:]  # both workers, one step
+    step = int(stops[0][0])
+    assert complete_steps(out)[-1] == step
+    assert {p.name for p in (out / f"checkpoint-{step}").glob("state_rank*.pt")} == {"state_rank0.pt", "state_rank1.pt"}
+    assert not (out / LOCK_NAME).exists()
+    resume = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2",
+                       "--resume_from_checkpoint=latest", steps=step + 2)
+    done = subprocess.run(torchrun(resume), env=MP_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("agc", [False, True])
+def test_signal_on_a_non_finite_step_writes_no_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch, agc):
+    """SIGTERM arrives during step 3, whose loss is NaN; checkpoint-2 exists. Without AGC the NaN
+    gradients made the weights NaN: the unscheduled checkpoint's weight check stops the run as
+    diverged (exit 1). With AGC (NaN values, finite gradients) the weights are fine but the step
+    was non-finite: no checkpoint-3, exit 143, the line names checkpoint-2."""
+    import sd_memfree.losses as losses
+
+    real, calls = losses.per_sample_loss, []
+
+    def loss(pred, target):
+        calls.append(1)
+        out = real(pred, target)
+        if len(calls) != 3:
+            return out
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out + float("nan") if agc else out * float("nan")
+
+    monkeypatch.setattr(losses, "per_sample_loss", loss)
+    out = tmp_path / "sig"
+    extra = ["--agc_ratio=1.25"] if agc else []
+    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", *extra, steps=20), 143 if agc else 1)
+    if agc:
+        assert line == (f"stopped by SIGTERM after step 3 (newest checkpoint: {out}/checkpoint-2); to continue, run the same command "
+                        "with --resume_from_checkpoint latest.")
+    else:
+        assert line.startswith("error: the run diverged at step 3: the trained weights became NaN/inf;"), line
+    assert complete_steps(out) == [2] and not (out / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the run's handlers are removed when it ends"

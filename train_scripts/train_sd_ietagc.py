@@ -211,10 +211,13 @@ def take_run_lock(output_dir: str):
     starts on a folder the main process could not lock.
     """
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from sd_memfree.runlock import OutputDirError, RunLock, RunLockHeld
 
-    state = PartialState()  # the process group only; the Accelerator built later reuses it
+    # The process group only, built as Accelerator() builds it (which then reuses it); without the
+    # CPU flag, processes launched on a CPU-only machine would each think they are alone.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     lock, error, note = None, None, None
     if state.is_main_process:
         lock = RunLock(output_dir)
@@ -608,15 +611,25 @@ def train(args, stop) -> dict:
         found = checkpointing.list_checkpoints(output_dir)
         return str(found[-1][1]) if found else "none was written"
 
-    def stop_checks(checkpoint_due: bool) -> tuple[int, bool]:
-        """One sync, agreed by every process (all-reduce MAX): raise if the run diverged; returns
-        (the signal asking to stop or 0, whether the last step's loss was non-finite)."""
-        weights_bad = ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if checkpoint_due else torch.zeros((), dtype=torch.bool, device=accelerator.device)
-        flags = torch.cat([watch.stats()[:2], weights_bad.long().view(1), torch.tensor([stop.signum or 0], device=accelerator.device)])
+    def agreed_max(values: list) -> list[int]:
+        """``values`` (0-d device tensors or ints) maxed over processes, read in one sync."""
+        flags = torch.stack([torch.as_tensor(v, device=accelerator.device).long() for v in values])
         if world > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        worst, current, weights_nonfinite, signum = flags.tolist()
+        return flags.tolist()
+
+    def stop_checks(checkpoint_due: bool) -> tuple[int, bool]:
+        """Raise if the run diverged; returns (the signal asking to stop or 0, whether the last
+        step's loss was non-finite), agreed by every process. One sync (two when a signal asks for
+        an unscheduled checkpoint: its weights are checked like a scheduled one's)."""
+        def weights_bad():
+            return ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
+
+        worst, current, weights_nonfinite, signum = agreed_max(
+            [watch.worst, watch.run, weights_bad() if checkpoint_due else 0, stop.signum or 0])
         watch.reset()
+        if signum and not checkpoint_due:
+            weights_nonfinite, = agreed_max([weights_bad()])
         if worst >= MAX_NONFINITE_STEPS or weights_nonfinite:
             progress.close()
             what = (f"the loss was NaN/inf in {worst} consecutive optimizer steps (limit {MAX_NONFINITE_STEPS})" if worst >= MAX_NONFINITE_STEPS
