@@ -17,6 +17,9 @@ Invariants:
     - Every folder this module creates that is not (yet) a complete checkpoint is named
       ``.tmp-checkpoint-*``; such folders are never resumable and are removed by
       :func:`prune_checkpoints`.
+    - A ``checkpoint-<int>`` folder without the marker (another script's, e.g. diffusers'
+      example scripts write accelerate's ``save_state`` layout there) is never replaced, pruned
+      or resumed as ours (:func:`foreign_checkpoints`, :func:`is_accelerate_checkpoint`).
 
 Pure filesystem helpers: nothing here imports accelerate; the caller passes
 ``accelerator.is_main_process`` and ``accelerator.wait_for_everyone``.
@@ -194,6 +197,9 @@ def atomic_checkpoint_dir(
 
     On an exception inside the block: the main process removes the temporary folder and the
     exception propagates; an existing ``checkpoint-<step>`` is untouched.
+
+    Raises:
+        FileExistsError: ``checkpoint-<step>`` exists without our marker (another script's).
     """
     output_dir = Path(output_dir)
     tmp = output_dir / f"{TMP_PREFIX}{step}"
