@@ -60,15 +60,28 @@ def data_fingerprint(dataset: Any, image_column: str, caption_column: str) -> st
         raw = raw.cast_column(image_column, datasets.Image(decode=False))
     h = hashlib.sha256()
     h.update(str(len(raw)).encode())
-    for batch in raw.iter(batch_size=1000):
-        for image, caption in zip(batch[image_column], batch[caption_column]):
+    # Arrow batches (the dataset's row order, indices mapping included): embedded image bytes are
+    # measured, never copied into Python objects.
+    for batch in raw.with_format("arrow").iter(batch_size=1000):
+        images = batch.column(image_column).combine_chunks()
+        if hasattr(images.type, "get_field_index") and images.type.get_field_index("bytes") >= 0:
+            import pyarrow.compute as pc
+
+            lengths = pc.binary_length(images.field("bytes")).to_pylist()
+            paths = images.field("path").to_pylist() if images.type.get_field_index("path") >= 0 else [None] * len(lengths)
+            identities = [_image_identity({"bytes_len": n, "path": p}) for n, p in zip(lengths, paths)]
+        else:
+            identities = [_image_identity(image) for image in images.to_pylist()]
+        for identity, caption in zip(identities, batch.column(caption_column).to_pylist()):
             h.update(json.dumps(caption, sort_keys=True, default=str).encode())
-            h.update(_image_identity(image).encode())
+            h.update(identity.encode())
     return h.hexdigest()[:16]
 
 
 def _image_identity(image: Any) -> str:
     if isinstance(image, dict):  # datasets.Image(decode=False): {"path": ..., "bytes": ...}
+        if image.get("bytes_len") is not None:
+            return f"|bytes:{image['bytes_len']}|"
         if image.get("bytes") is not None:
             return f"|bytes:{len(image['bytes'])}|"
         path = image.get("path") or ""
