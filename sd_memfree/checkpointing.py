@@ -17,6 +17,9 @@ Invariants:
     - Every folder this module creates that is not (yet) a complete checkpoint is named
       ``.tmp-checkpoint-*``; such folders are never resumable and are removed by
       :func:`prune_checkpoints`.
+    - A ``checkpoint-<int>`` folder without the marker (another script's, e.g. diffusers'
+      example scripts write accelerate's ``save_state`` layout there) is never replaced, pruned
+      or resumed as ours (:func:`foreign_checkpoints`, :func:`is_accelerate_checkpoint`).
 
 Pure filesystem helpers: nothing here imports accelerate; the caller passes
 ``accelerator.is_main_process`` and ``accelerator.wait_for_everyone``.
@@ -81,10 +84,15 @@ def foreign_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found, key=lambda step_path: step_path[0])]
 
 
+def is_accelerate_checkpoint(path: str | os.PathLike) -> bool:
+    """An unmarked folder holding accelerate ``save_state`` files (another script's checkpoint)."""
+    path = Path(path)
+    return not is_complete(path) and any((path / name).exists() for name in _ACCELERATE_STATE_FILES)
+
+
 def describe_foreign(path: str | os.PathLike) -> str:
     """What an unmarked checkpoint folder looks like, for error messages."""
-    path = Path(path)
-    if any((path / name).exists() for name in _ACCELERATE_STATE_FILES):
+    if is_accelerate_checkpoint(path):
         return "an accelerate save_state checkpoint (as diffusers' train_text_to_image scripts write), not one of sd_memfree"
     return "not a complete sd_memfree checkpoint (no .complete marker: not written by sd_memfree, or not fully written)"
 
@@ -105,22 +113,28 @@ def resolve_resume_checkpoint(
 
     Args:
         resume_from_checkpoint: ``None`` (no resume), ``"latest"`` (newest complete checkpoint in
-            ``output_dir``, None when there is none) or a path: absolute, relative to the current
-            directory, or else relative to ``output_dir`` (``"checkpoint-500"``). Unlike the
-            diffusers scripts, a path outside ``output_dir`` is honoured.
+            ``output_dir``, or another script's accelerate checkpoint if that is newer; None when
+            there is none) or a path: absolute, relative to the current directory, or else
+            relative to ``output_dir`` (``"checkpoint-500"``). Unlike the diffusers scripts, a
+            path outside ``output_dir`` is honoured.
         output_dir: the run's output folder.
 
     Returns:
-        The checkpoint folder, or None.
+        The checkpoint folder, or None. It is ours when :func:`is_complete`, else another
+        script's (:func:`is_accelerate_checkpoint`), from which only weights can be taken.
 
     Raises:
-        FileNotFoundError: an explicit path that does not exist or has no ``.complete`` marker.
+        FileNotFoundError: an explicit path that does not exist, or that is neither complete nor
+            an accelerate checkpoint.
     """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        # Another script's (accelerate layout) checkpoint counts too, so a run can switch scripts;
+        # on a tie of steps ours wins (it holds the exact state).
+        candidates = [(step, 1, path) for step, path in list_checkpoints(output_dir)]
+        candidates += [(int(p.name[len(CHECKPOINT_PREFIX):]), 0, p) for p in foreign_checkpoints(output_dir) if is_accelerate_checkpoint(p)]
+        return max(candidates)[2] if candidates else None
 
     candidate = Path(resume_from_checkpoint).expanduser()
     if not candidate.exists() and not candidate.is_absolute():
@@ -130,10 +144,10 @@ def resolve_resume_checkpoint(
             f"--resume_from_checkpoint={resume_from_checkpoint!r}: no such folder (looked in the "
             f"current directory and in {str(output_dir)!r}); pass an existing checkpoint folder or 'latest'"
         )
-    if not is_complete(candidate):
+    if not is_complete(candidate) and not is_accelerate_checkpoint(candidate):
         raise FileNotFoundError(
-            f"--resume_from_checkpoint: {str(candidate)!r} is {describe_foreign(candidate)}; it holds no "
-            f"sd_memfree state to resume exactly: pick an sd_memfree checkpoint, or start a new --output_dir from its weights"
+            f"--resume_from_checkpoint: {str(candidate)!r} has no {COMPLETE_MARKER} marker and no accelerate "
+            f"state: it was not fully written; pick another checkpoint or 'latest'"
         )
     return candidate
 
@@ -183,6 +197,9 @@ def atomic_checkpoint_dir(
 
     On an exception inside the block: the main process removes the temporary folder and the
     exception propagates; an existing ``checkpoint-<step>`` is untouched.
+
+    Raises:
+        FileExistsError: ``checkpoint-<step>`` exists without our marker (another script's).
     """
     output_dir = Path(output_dir)
     tmp = output_dir / f"{TMP_PREFIX}{step}"

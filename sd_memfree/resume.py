@@ -60,15 +60,28 @@ def data_fingerprint(dataset: Any, image_column: str, caption_column: str) -> st
         raw = raw.cast_column(image_column, datasets.Image(decode=False))
     h = hashlib.sha256()
     h.update(str(len(raw)).encode())
-    for batch in raw.iter(batch_size=1000):
-        for image, caption in zip(batch[image_column], batch[caption_column]):
+    # Arrow batches (the dataset's row order, indices mapping included): embedded image bytes are
+    # measured, never copied into Python objects.
+    for batch in raw.with_format("arrow").iter(batch_size=1000):
+        images = batch.column(image_column).combine_chunks()
+        if hasattr(images.type, "get_field_index") and images.type.get_field_index("bytes") >= 0:
+            import pyarrow.compute as pc
+
+            lengths = pc.binary_length(images.field("bytes")).to_pylist()
+            paths = images.field("path").to_pylist() if images.type.get_field_index("path") >= 0 else [None] * len(lengths)
+            identities = [_image_identity({"bytes_len": n, "path": p}) for n, p in zip(lengths, paths)]
+        else:
+            identities = [_image_identity(image) for image in images.to_pylist()]
+        for identity, caption in zip(identities, batch.column(caption_column).to_pylist()):
             h.update(json.dumps(caption, sort_keys=True, default=str).encode())
-            h.update(_image_identity(image).encode())
+            h.update(identity.encode())
     return h.hexdigest()[:16]
 
 
 def _image_identity(image: Any) -> str:
     if isinstance(image, dict):  # datasets.Image(decode=False): {"path": ..., "bytes": ...}
+        if image.get("bytes_len") is not None:
+            return f"|bytes:{image['bytes_len']}|"
         if image.get("bytes") is not None:
             return f"|bytes:{len(image['bytes'])}|"
         path = image.get("path") or ""
@@ -114,3 +127,84 @@ def check_same_trajectory(checkpoint: str | os.PathLike, now: dict[str, Any]) ->
                      "--train_data_dir / --dataset_name and --max_train_samples")
     if parts:
         raise ValueError(f"checkpoint {checkpoint} " + "; it ".join(parts) + " (or start a new --output_dir)")
+
+
+def continue_from_upstream(folder: str | os.PathLike, unet: Any, is_lora: bool, optimizer: Any, ema: Any = None) -> int:
+    """Load the weights (and, when they load safely, the AdamW moments) of a checkpoint written by
+    diffusers' ``train_text_to_image.py`` / ``train_text_to_image_lora.py`` (accelerate's
+    ``save_state`` layout), so a run can switch scripts mid-way.
+
+    Read: ``unet/*.safetensors`` (full), ``pytorch_lora_weights.safetensors`` (LoRA),
+    ``unet_ema/*.safetensors`` (with EMA), ``optimizer.bin`` with ``torch.load(weights_only=True)``
+    only (tensors and plain containers; anything else is refused by torch and the moments start
+    from zero, with a warning). Never read: ``random_states_*.pkl``, ``scheduler.bin`` (pickles our
+    streams do not use; the caller puts the LR schedule at the step) and any ``.bin`` weights.
+
+    Returns:
+        The optimizer step the checkpoint was written at (from its name ``checkpoint-N``).
+
+    Raises:
+        ValueError: one line: the folder's name has no step, its weights are missing or only in
+            pickle form, or they do not fit this model (full vs LoRA, another --rank).
+    """
+    import logging
+
+    import torch
+    from safetensors.torch import load_file
+
+    log = logging.getLogger("sd_memfree.train")
+    folder = Path(folder)
+    name = folder.name
+    if not (name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()):
+        raise ValueError(f"{folder} looks like another script's checkpoint but its name is not checkpoint-<step>; rename it so the step is known.")
+    step = int(name[len("checkpoint-"):])
+    if is_lora:
+        lora_file = folder / "pytorch_lora_weights.safetensors"
+        if not lora_file.is_file():
+            what = "unet/ (full fine-tuning): drop --use_lora" if (folder / "unet").is_dir() else "no pytorch_lora_weights.safetensors"
+            raise ValueError(f"checkpoint {folder} holds {what} to continue a LoRA run from.")
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft import set_peft_model_state_dict
+
+        state = {k[len("unet."):]: v for k, v in load_file(str(lora_file)).items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+        expected = {n for n, p in unet.named_parameters() if p.requires_grad}
+        loaded = {k for k in convert_unet_state_dict_to_peft(state)}
+        if getattr(result, "unexpected_keys", None) or len(loaded) != len(expected):
+            raise ValueError(f"the LoRA weights of {folder} do not fit this model ({len(loaded)} tensors for {len(expected)} adapters); "
+                             "use the --rank (and base model) the other script used.")
+    else:
+        weights = sorted((folder / "unet").glob("*.safetensors"))
+        if not weights:
+            what = "pytorch_lora_weights.safetensors (LoRA): add --use_lora" if (folder / "pytorch_lora_weights.safetensors").is_file() \
+                else "no unet/*.safetensors (pickled .bin weights are never loaded)"
+            raise ValueError(f"checkpoint {folder} holds {what} to continue a full fine-tuning run from.")
+        state = {}
+        for f in weights:
+            state.update(load_file(str(f)))
+        try:
+            unet.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"the UNet of {folder} does not fit this model ({str(e).splitlines()[0]}); use the same base model.") from None
+        if ema is not None:
+            ema_weights = sorted((folder / "unet_ema").glob("*.safetensors"))
+            if not ema_weights:
+                raise ValueError(f"checkpoint {folder} has no unet_ema/*.safetensors to continue --use_ema from; drop --use_ema.")
+            ema_state = {}
+            for f in ema_weights:
+                ema_state.update(load_file(str(f)))
+            names = [n for n, _ in unet.named_parameters()]
+            with torch.no_grad():
+                for shadow, n in zip(ema.shadow_params, names):
+                    shadow.copy_(ema_state[n])
+            config = folder / "unet_ema" / "config.json"
+            ema.optimization_step = int(json.loads(config.read_text()).get("optimization_step", step)) if config.is_file() else step
+    opt_file = folder / "optimizer.bin"
+    if opt_file.is_file():
+        try:
+            optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=True))
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            log.warning(f"{opt_file} not loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the optimizer moments start from zero.")
+    else:
+        log.warning(f"{folder} has no optimizer.bin; the optimizer moments start from zero.")
+    return step

@@ -208,6 +208,38 @@ def load_process_state(folder: str | Path, rank: int, world_size: int, objects: 
     return payload["extra"]
 
 
+class Slimmed:
+    """Checkpoints a stateful object without the entries the checkpoint holds elsewhere (the model
+    folder written beside the state) or that the rest implies (an all-zero running sum).
+
+    Why: a full fine-tuning checkpoint of SD is mostly copies of 860M float32 values; writing the
+    model folder *and* the same values in the state would add 3.4 GB per copy (docs/design.md,
+    "Checkpoint size").
+
+    Args:
+        obj: the stateful object.
+        drop: given ``obj.state_dict()``, the keys to leave out.
+        fill: given the keys left out, their values (called on load, from the checkpoint's other files).
+
+    Invariant: ``load_state_dict(state_dict())`` gives ``obj`` the state it would get from
+    ``obj.state_dict()`` as long as ``fill`` returns what ``drop`` left out.
+    """
+
+    def __init__(self, obj: Any, drop, fill):
+        self.obj, self.drop, self.fill = obj, drop, fill
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self.obj.state_dict())
+        omitted = [k for k in self.drop(state)]
+        return {"state": {k: v for k, v in state.items() if k not in omitted}, "omitted": omitted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        full = dict(state["state"])
+        if state["omitted"]:
+            full.update(self.fill(list(state["omitted"])))
+        self.obj.load_state_dict(full)
+
+
 class TrainableWeights:
     """``state_dict`` view over the trainable tensors of a module (LoRA: only the adapters)."""
 
@@ -215,7 +247,8 @@ class TrainableWeights:
         self.module = module
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+        # References, as torch's state_dict: the checkpoint writer copies to the file, not to memory.
+        return {n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
@@ -269,3 +302,72 @@ class ProxyGenerators:
             raise ValueError("checkpoint has RNG streams for another number of proxies; resume with the same --num_shards.")
         for g, st in zip(self.generators, state["states"]):
             g.set_state(st)
+
+
+def _model_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a diffusers model folder (one or several ``*.safetensors`` shards)."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"checkpoint model folder {folder} holds no .safetensors weights; the checkpoint is damaged.")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def weights_from_model_folders(stateful: dict[str, Any], module: torch.nn.Module, checkpoint: Any) -> None:
+    """Full fine-tuning: let the checkpoint's ``unet/`` (and ``unet_ema/``) hold the weights that
+    ``stateful['trainable']``, ``stateful['proxies']`` and ``stateful['ema']`` would write again.
+
+    What is left out of the state files, and where a resume reads it back from:
+    - ``trainable`` (the live weights): always without shards (``unet/`` is the live model); with
+      shards only while the live weights equal the merged ones (between turns);
+    - ``proxies``: ``merged`` (``unet/`` holds the last merge) and the running sum while it is all
+      zeros (after a merge, before the next turn ends);
+    - ``ema``: the shadow parameters (``unet_ema/``).
+
+    Args:
+        stateful: the name -> stateful object dict the checkpoint writes; wrapped in place.
+        module: the (unwrapped) UNet whose parameters train.
+        checkpoint: called on load, returns the checkpoint folder being resumed.
+    """
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    all_names = [n for n, _ in module.named_parameters()]
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def folder_tensors(sub: str) -> dict[str, torch.Tensor]:
+        if sub not in cache:
+            cache[sub] = _model_folder_tensors(Path(checkpoint()) / sub)
+        return cache[sub]
+
+    def flat_merged() -> torch.Tensor:
+        unet = folder_tensors("unet")
+        return torch.cat([unet[n].reshape(-1).float() for n in names])
+
+    proxies = stateful.get("proxies")
+
+    def live_stored(state: dict[str, torch.Tensor]) -> list[str]:
+        if proxies is None:
+            return list(state)
+        merged = proxies.state_dict()["merged"]
+        offset = 0
+        for n in names:
+            live = state[n]
+            view = merged[offset: offset + live.numel()].view(live.shape)
+            offset += live.numel()
+            if not torch.equal(live.to(view.device, view.dtype), view):
+                return []
+        return list(state)
+
+    stateful["trainable"] = Slimmed(stateful["trainable"], drop=live_stored,
+                                    fill=lambda keys: {k: folder_tensors("unet")[k] for k in keys})
+    if proxies is not None:
+        stateful["proxies"] = Slimmed(
+            proxies, drop=lambda s: ["merged"] + (["running_sum"] if s["total_weight"] == 0 else []),
+            fill=lambda keys: {"merged": flat_merged(), **({"running_sum": torch.zeros(sum(p.numel() for p in proxies.params))}
+                                                           if "running_sum" in keys else {})})
+    if stateful.get("ema") is not None:
+        stateful["ema"] = Slimmed(stateful["ema"], drop=lambda s: ["shadow_params"],
+                                  fill=lambda keys: {"shadow_params": [folder_tensors("unet_ema")[n] for n in all_names]})

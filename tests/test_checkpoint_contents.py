@@ -85,11 +85,20 @@ def test_lora_checkpoints_load_with_diffusers_and_4_steps_resume_to_8(tiny_model
 
 def test_full_checkpoint_holds_unet_and_ema_loadable(tiny_model_dir, tiny_data_dir, tmp_path):
     """Full fine-tuning with EMA, K=1: checkpoint-2 (the last step) holds unet/ (the trained
-    weights) and unet_ema/ (the EMA, which the final output holds), as upstream does."""
+    weights) and unet_ema/ (the EMA, which the final output holds), as upstream does. The state
+    files do not repeat them, and a resume from checkpoint-1 (weights read back from unet/ and
+    unet_ema/) ends on the same final model."""
     from diffusers import UNet2DConditionModel
 
+    from sd_memfree.state import read_process_state
+
     out = tmp_path / "ema"
-    run(args(tiny_model_dir, tiny_data_dir, out, "--use_ema", "--checkpointing_steps=2", steps=2))
+    run(args(tiny_model_dir, tiny_data_dir, out, "--use_ema", "--checkpointing_steps=1", steps=2))
+    objects = read_process_state(out / "checkpoint-1", 0)["objects"]
+    assert objects["ema"]["omitted"] == ["shadow_params"] and objects["trainable"]["state"] == {}
+    resumed = tmp_path / "resumed"
+    run(args(tiny_model_dir, tiny_data_dir, resumed, "--use_ema", f"--resume_from_checkpoint={out / 'checkpoint-1'}", steps=2))
+    assert same(load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors"), load_file(out / "unet" / "diffusion_pytorch_model.safetensors"))
     ckpt = out / "checkpoint-2"
     final = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     ema = UNet2DConditionModel.from_pretrained(ckpt, subfolder="unet_ema").state_dict()
@@ -115,10 +124,54 @@ def test_shard_checkpoint_holds_the_last_merge_not_the_live_proxy(tiny_model_dir
     assert any(not torch.equal(live[k], merged4[k]) for k in live)
 
 
+def state_bytes(ckpt: Path) -> int:
+    """Tensor bytes in the state file: its size less the 8-byte length and the JSON header."""
+    path = ckpt / "state_rank0.safetensors"
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
+
+
+@pytest.mark.parametrize("mode", ["per_proxy", "shared"])
+def test_shard_checkpoint_size_and_resume_from_every_position(tiny_model_dir, tiny_data_dir, tmp_path, mode):
+    """K=2, H=2, full fine-tuning, P trainable float32 values, AdamW (2 moments of P floats = 8P
+    bytes per optimizer state). State file sizes (beside unet/, which holds the last merge):
+
+    - checkpoint-2, between turns (proxy 0 done, proxy 1 not started): live == merged, not
+      stored; running sum 4P; optimizer states: per_proxy 1 x 8P (proxy 1 has none yet) -> 12P,
+      shared 8P -> 12P;
+    - checkpoint-3, mid-turn: live 4P + sum 4P + per_proxy 2 x 8P -> 24P (shared: 16P);
+    - checkpoint-4, right after the merge: sum zero and live == merged, not stored -> per_proxy
+      16P, shared 8P (the upstream size: unet/ + one optimizer state).
+
+    Plus at most 64 KiB of small tensors (RNG states, shard assignment, step counters); the
+    safetensors header (names and shapes) is not counted.
+    Resuming from checkpoint-2 and from checkpoint-4 to 8 steps equals the straight 8-step run.
+    """
+    from diffusers import UNet2DConditionModel
+
+    P = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").parameters())
+    method = ["--num_shards=2", "--merge_every=2", f"--proxy_optimizer_state={mode}"]
+    out = tmp_path / "run"
+    run(args(tiny_model_dir, tiny_data_dir, out, *method, "--checkpointing_steps=1", steps=4))
+    expected = {"per_proxy": {2: 12 * P, 3: 24 * P, 4: 16 * P}, "shared": {2: 12 * P, 3: 16 * P, 4: 8 * P}}[mode]
+    for step, size in expected.items():
+        assert size <= state_bytes(out / f"checkpoint-{step}") <= size + 64 * 1024, (step, state_bytes(out / f"checkpoint-{step}"), size)
+    straight = tmp_path / "straight"
+    run(args(tiny_model_dir, tiny_data_dir, straight, *method, steps=8))
+    final = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    for step in (2, 4):
+        resumed = tmp_path / f"from{step}"
+        run(args(tiny_model_dir, tiny_data_dir, resumed, *method, f"--resume_from_checkpoint={out / f'checkpoint-{step}'}", steps=8))
+        assert same(load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors"), final), step
+
+
 def read_live_trainable(ckpt: Path) -> dict:
     from sd_memfree.state import read_process_state
 
-    return read_process_state(ckpt, 0)["objects"]["trainable"]
+    trainable = read_process_state(ckpt, 0)["objects"]["trainable"]
+    assert trainable["omitted"] == []  # mid-turn the live weights differ from unet/, so they are stored
+    return trainable["state"]
 
 
 def test_crafted_pickle_in_a_checkpoint_does_not_run(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
@@ -136,35 +189,78 @@ def test_crafted_pickle_in_a_checkpoint_does_not_run(tiny_model_dir, tiny_data_d
     assert not marker.exists()
 
 
-def fake_upstream_checkpoint(out: Path, step: int, marker: Path, lora: bool, model: Path) -> Path:
+def fake_upstream_checkpoint(out: Path, step: int, marker: Path, weights: dict[str, Path], optimizer_state: dict | None = None) -> Path:
     """checkpoint-<step> as diffusers' train_text_to_image(.py|_lora.py) writes it through
-    accelerate's save_state and its save hook; the pickles create ``marker`` if ever loaded."""
+    accelerate's save_state and its save hook. scheduler.bin and random_states_0.pkl (and
+    optimizer.bin unless ``optimizer_state`` is given) are pickles that create ``marker`` if loaded.
+    ``weights`` maps a name in the folder to a file or folder to copy there."""
     ckpt = out / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
         torch.save({"x": Hostile(marker)}, ckpt / name)
-    if lora:
-        save_file({"unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": torch.zeros(4, 32)}, str(ckpt / "pytorch_lora_weights.safetensors"))
-    else:
-        shutil.copytree(model / "unet", ckpt / "unet")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, ckpt / "optimizer.bin")
+    for name, source in weights.items():
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, ckpt / name)
     return ckpt
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_upstream_checkpoints_are_never_resumed_or_overwritten(tiny_model_dir, tiny_data_dir, tmp_path, capsys, lora):
-    """An output_dir holding diffusers' checkpoint-2 (no .complete marker): 'latest', a fresh
-    run and an explicit path each stop with one line that says what the folder is; its files are
-    unchanged and none of its pickles was loaded."""
-    out = tmp_path / "upstream"
-    marker = tmp_path / "pwned"
-    ckpt = fake_upstream_checkpoint(out, 2, marker, lora, Path(tiny_model_dir))
-    before = tree_digest(out)
-    flags = ["--use_lora"] if lora else []
-    for extra in (["--resume_from_checkpoint=latest"], [], [f"--resume_from_checkpoint={ckpt}"]):
-        line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, out, *flags, "--checkpointing_steps=2", *extra, steps=2))
-        assert "checkpoint-2" in line and "accelerate save_state checkpoint" in line and "not fully written" not in line
-        assert "new --output_dir" in line
-    assert tree_digest(out) == before
+def test_full_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """diffusers' checkpoint-2 of a full fine-tune: unet/ = base weights + 0.01, optimizer.bin =
+    AdamW moments at step 30 (plain tensors: loads with weights_only=True), the other pickles
+    hostile. A fresh run there stops with one line; 'latest' continues: with --learning_rate=0 the
+    final UNet equals the checkpoint's exactly (its weights were loaded), our checkpoint-4 holds
+    AdamW step 30 + 2 (its moments were loaded), no pickle ran, the upstream folder is unchanged.
+    With --num_shards=2 it stops with one line."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(tmp_path / "their_unet")
+    opt = torch.optim.AdamW(unet.parameters())
+    for p in unet.parameters():
+        opt.state[p] = {"step": torch.tensor(30.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    fake_upstream_checkpoint(out, 2, marker, {"unet": tmp_path / "their_unet"}, optimizer_state=opt.state_dict())
+    before = tree_digest(out / "checkpoint-2")
+
+    line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, out, steps=4))
+    assert "checkpoint-2" in line and "accelerate save_state checkpoint" in line and "--resume_from_checkpoint=latest" in line
+    line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, out, "--num_shards=2", "--resume_from_checkpoint=latest", steps=4))
+    assert "checkpoint-2" in line and "without shards only" in line
+
+    summary = run(args(tiny_model_dir, tiny_data_dir, out, "--learning_rate=0", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=4))
+    assert summary["steps_this_run"] == 2 and summary["global_step"] == 4
+    assert same(load_file(out / "unet" / "diffusion_pytorch_model.safetensors"), load_file(tmp_path / "their_unet" / "diffusion_pytorch_model.safetensors"))
+    from sd_memfree.state import read_process_state
+
+    assert read_process_state(out / "checkpoint-4", 0)["objects"]["optimizer"]["state"][0]["step"].item() == 32
+    assert tree_digest(out / "checkpoint-2") == before and not marker.exists()
+
+
+def test_lora_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """diffusers' checkpoint-2 of a LoRA run (its pytorch_lora_weights.safetensors: 2 trained
+    steps of ours, the same format) with a hostile optimizer.bin, given as an explicit path: the
+    run continues from the LoRA weights (with --learning_rate=0 the output equals them), the
+    hostile optimizer.bin is refused by weights_only (moments start from zero), nothing ran.
+    A later upstream checkpoint-6 in output_dir stops the run (we would write over it)."""
+    trained = tmp_path / "trained"
+    run(args(tiny_model_dir, tiny_data_dir, trained, "--use_lora", steps=2))
+    theirs = trained / "pytorch_lora_weights.safetensors"
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    ckpt = fake_upstream_checkpoint(out, 2, marker, {"pytorch_lora_weights.safetensors": theirs})
+    argv = args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--learning_rate=0", f"--resume_from_checkpoint={ckpt}", steps=4)
+    later = fake_upstream_checkpoint(out, 6, marker, {"pytorch_lora_weights.safetensors": theirs})
+    line = one_line_error(capsys, argv)
+    assert "checkpoint-6" in line and "never overwrites" in line
+    shutil.rmtree(later)
+    line = one_line_error(capsys, [a for a in argv if a != "--use_lora"])
+    assert "add --use_lora" in line
+    summary = run(argv)
+    assert summary["steps_this_run"] == 2
+    assert same(load_file(out / "pytorch_lora_weights.safetensors"), load_file(theirs))
     assert not marker.exists()
 
 

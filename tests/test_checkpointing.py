@@ -100,21 +100,35 @@ def test_barriers_and_non_main_process(tmp_path):
 
 
 def test_incomplete_folder_ignored_by_list_and_latest_refused_explicitly(tmp_path):
-    """checkpoint-1 complete; checkpoint-9 written in place by a crashed upstream script (no
-    marker) -> list and "latest" see only step 1; asking for checkpoint-9 explicitly raises."""
+    """checkpoint-1 complete; checkpoint-9 without marker and without accelerate files (a crash
+    or a copy) -> list and "latest" see only step 1; asking for checkpoint-9 explicitly raises."""
     save(tmp_path, 1)
     (tmp_path / "checkpoint-9").mkdir()
-    (tmp_path / "checkpoint-9" / "model.safetensors").write_text("half")
+    (tmp_path / "checkpoint-9" / "half.safetensors").write_text("half")
     (tmp_path / ".tmp-checkpoint-12").mkdir()
     (tmp_path / "checkpoint-x").mkdir()
     assert list_checkpoints(tmp_path) == [(1, tmp_path / "checkpoint-1")]
     assert resolve_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-1"
-    # the message says what the folder is (not "not fully written") and what to do
-    with pytest.raises(FileNotFoundError, match=r"checkpoint-9.*accelerate save_state checkpoint.*not one of sd_memfree.*new --output_dir"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-9.*no \.complete marker.*not fully written.*'latest'"):
         resolve_resume_checkpoint("checkpoint-9", tmp_path)
-    (tmp_path / "checkpoint-10").mkdir()  # unmarked, no accelerate files: could be a crash of ours
-    with pytest.raises(FileNotFoundError, match=r"checkpoint-10.*no \.complete marker"):
-        resolve_resume_checkpoint("checkpoint-10", tmp_path)
+
+
+def test_accelerate_checkpoints_resolve_as_another_scripts(tmp_path):
+    """Ours at 1 and 4, diffusers' (accelerate layout) at 3 and 4: 'latest' takes ours at 4 (a
+    tie goes to ours, which holds the exact state); with diffusers' at 6 too, 'latest' is that
+    one; an explicit path to one is returned (the script continues from its weights)."""
+    from sd_memfree.checkpointing import is_accelerate_checkpoint
+
+    save(tmp_path, 1)
+    save(tmp_path, 4)
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "random_states_0.pkl").write_text("x")
+    assert resolve_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-4"
+    (tmp_path / "checkpoint-6").mkdir()
+    (tmp_path / "checkpoint-6" / "optimizer.bin").write_text("x")
+    assert resolve_resume_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-6"
+    assert resolve_resume_checkpoint("checkpoint-3", tmp_path) == tmp_path / "checkpoint-3"
+    assert is_accelerate_checkpoint(tmp_path / "checkpoint-3") and not is_accelerate_checkpoint(tmp_path / "checkpoint-4")
 
 
 def test_foreign_checkpoints_listed_and_never_overwritten(tmp_path):

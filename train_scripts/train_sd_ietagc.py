@@ -312,11 +312,13 @@ def train(args, stop) -> dict:
                                  check_samples, collate, load_image_caption_dataset)
     from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
     from sd_memfree.proxies import ProxySet, check_spread
-    from sd_memfree.resume import check_same_trajectory, data_fingerprint, trajectory_settings, write_trajectory
+    from sd_memfree.resume import (check_same_trajectory, continue_from_upstream, data_fingerprint, trajectory_settings,
+                                   write_trajectory)
     from sd_memfree.schedule import RoundSchedule
     from sd_memfree.shards import ShardAssignment
     from sd_memfree.steplog import StepLossLog
-    from sd_memfree.state import Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state
+    from sd_memfree.state import (Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state,
+                                  weights_from_model_folders)
     from sd_memfree.stopping import MAX_NONFINITE_STEPS, SIGNAL_EXIT_CODES, NonFiniteWatch, RunStopped, all_finite
     from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
                                       trainable_parameters, upcast_trainable_)
@@ -372,16 +374,22 @@ def train(args, stop) -> dict:
     # What a resume must match (resume.py), also written into every checkpoint.
     trajectory = trajectory_settings(args, accelerator.mixed_precision, num_samples,
                                      data_fingerprint(dataset, image_column, caption_column))
-    if resume_dir is not None:
+    # Another script's checkpoint (diffusers' example scripts): continue from its weights only.
+    upstream = resume_dir is not None and not checkpointing.is_complete(resume_dir)
+    if upstream and K > 1:
+        raise ValueError(f"{resume_dir} is {checkpointing.describe_foreign(resume_dir)}; continuing it works without shards only: "
+                         "drop --num_shards, or start a new --output_dir from a pipeline holding its UNet.")
+    if resume_dir is not None and not upstream:
         check_same_trajectory(resume_dir, trajectory)
-    elif args.resume_from_checkpoint:
+    elif args.resume_from_checkpoint and resume_dir is None:
         log.info(f"--resume_from_checkpoint={args.resume_from_checkpoint}: no complete checkpoint yet, starting a new run.")
-    foreign = checkpointing.foreign_checkpoints(output_dir)
-    if foreign:
-        # Another script's checkpoints (diffusers' writes checkpoint-N without our marker): never
-        # resume, prune or overwrite them.
-        raise ValueError(f"--output_dir {output_dir} holds {foreign[-1].name}, {checkpointing.describe_foreign(foreign[-1])}; "
-                         "sd_memfree never overwrites it: choose a new --output_dir (or move the other script's checkpoints away).")
+    start = (checkpointing.checkpoint_step(resume_dir) if not upstream else int(resume_dir.name.split("-")[-1])) if resume_dir is not None else -1
+    later = [f for f in checkpointing.foreign_checkpoints(output_dir) if int(f.name.split("-")[-1]) > start]
+    if later:
+        # Another script's checkpoints ahead of where this run starts: we would write over them (or
+        # make 'latest' ambiguous). They are never resumed as ours, pruned or overwritten.
+        raise ValueError(f"--output_dir {output_dir} holds {later[-1].name}, {checkpointing.describe_foreign(later[-1])}; "
+                         "sd_memfree never overwrites it: resume from it (--resume_from_checkpoint=latest) or choose a new --output_dir.")
     existing = checkpointing.list_checkpoints(output_dir) if resume_dir is None else []
     if existing:
         # A fresh run here would prune the earlier run's checkpoints and mix two runs under 'latest'.
@@ -522,8 +530,21 @@ def train(args, stop) -> dict:
                 "scaler": accelerator.scaler}
     for k, bank in enumerate(banks):
         stateful[f"loss_bank_{k}"] = bank
+    if not args.use_lora:  # the checkpoint's unet/ and unet_ema/ hold these weights once; LoRA's are small
+        weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
 
-    if resume_dir is not None:
+    if upstream:
+        import warnings
+
+        counters.global_step = continue_from_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, ema_unet)
+        counters.micro_step = counters.global_step * gas
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": only moving it to the step
+            warnings.simplefilter("ignore")
+            for _ in range(counters.global_step):
+                lr_scheduler.step()
+        log.warning(f"Continuing {resume_dir} (another script's checkpoint) at step {counters.global_step}: its weights and AdamW "
+                    "moments only; the data order and random streams are this script's, so this is not that run's exact continuation.")
+    elif resume_dir is not None:
         load_process_state(resume_dir, rank, world, stateful)
         sampler.set_members([assignment.members(k) for k in range(K)], counters.sampler_origin, counters.redistributions)
         log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
