@@ -279,32 +279,44 @@ class IndexedCaptionDataset(Dataset):
         self.geometric = geometric
         self.to_tensor = to_tensor
         self.augment = augment
-        self.captions = hf_dataset[caption_column]  # small: captions only, images stay lazy
+        # A plain list: datasets' lazy column would read Arrow on every index (small: captions only).
+        self.captions = list(hf_dataset[caption_column])
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def caption_for(self, sample_id: int, rng: random.Random) -> str:
+    def caption_for(self, sample_id: int, aug_seed: int) -> str:
         caption = self.captions[sample_id]
         if isinstance(caption, str):
             return caption
         if isinstance(caption, (list, tuple)) and caption:
-            return rng.choice(list(caption))
+            return random.Random(aug_seed).choice(list(caption))
         raise DataError(f"caption of sample {sample_id} is {caption!r}; captions must be strings or lists of strings.")
 
-    def __getitem__(self, key) -> dict:
-        sample_id, aug_seed = key
-        image = self.ds[int(sample_id)][self.image_column].convert("RGB")
+    def pixels(self, image, sample_id: int, aug_seed: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(aug_seed)
+            # The CPU generator only: torch.manual_seed would also queue the seeding of every
+            # accelerator backend (CUDA, XPU, MTIA), which costs more than the crop and flip.
+            torch.default_generator.manual_seed(aug_seed)
+            image = image.convert("RGB")
             if self.augment is not None:  # RandAugment on the image as loaded, before resize/crop/flip (the reference's order)
-                image = self.augment(image, int(sample_id))
+                image = self.augment(image, sample_id)
             image = self.geometric(image)
-            pixels = self.to_tensor(image)
-        caption = self.caption_for(int(sample_id), random.Random(aug_seed))
-        ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
-                             truncation=True, return_tensors="pt").input_ids[0]
-        return {"pixel_values": pixels, "input_ids": ids, "sample_id": int(sample_id)}
+            return self.to_tensor(image)
+
+    def __getitem__(self, key) -> dict:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys) -> list[dict]:
+        """A whole micro-batch (the DataLoader calls this when it exists): one dataset read and one
+        tokenizer call, as upstream's batched ``with_transform``; items equal ``__getitem__``'s."""
+        ids = [int(sample_id) for sample_id, _ in keys]
+        images = self.ds[ids][self.image_column]
+        captions = [self.caption_for(i, aug_seed) for i, (_, aug_seed) in zip(ids, keys)]
+        input_ids = self.tokenizer(captions, max_length=self.tokenizer.model_max_length, padding="max_length",
+                                   truncation=True, return_tensors="pt").input_ids
+        return [{"pixel_values": self.pixels(image, i, aug_seed), "input_ids": input_ids[j], "sample_id": i}
+                for j, (image, i, (_, aug_seed)) in enumerate(zip(images, ids, keys))]
 
 
 def collate(examples: Sequence[dict]) -> dict:

@@ -496,3 +496,58 @@ def test_final_lora_validation_honours_revision_and_variant(tiny_model_dir, tiny
                   "--validation_prompt=a red circle", "--num_validation_images=1", steps=1))
     assert len(calls) >= 2 and set(calls) == {("main", "v1")}
     assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_plain_step_is_upstreams_math(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """With the random draws forced equal, our plain path computes upstream's update: the UNet
+    inputs and targets of each of our 3 steps are recorded, then replayed through upstream's step
+    (``F.mse_loss(..., reduction="mean")``, backward, ``clip_grad_norm_(unet.parameters(), 1)``,
+    AdamW, ``zero_grad``) from the same initial UNet. Losses and final weights agree to float
+    round-off (our loss is a mean of per-sample means, upstream's one mean over the batch)."""
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+
+    from sd_memfree import losses
+
+    inputs, targets, ours = [], [], []
+    real_forward, real_loss, real_mean = UNet2DConditionModel.forward, losses.per_sample_loss, losses.masked_mean
+
+    def forward(self, sample, timestep, encoder_hidden_states, *a, **k):
+        inputs.append((sample.detach().clone(), timestep.detach().clone(), encoder_hidden_states.detach().clone()))
+        return real_forward(self, sample, timestep, encoder_hidden_states, *a, **k)
+
+    def per_sample(pred, target):
+        targets.append(target.detach().clone())
+        return real_loss(pred, target)
+
+    def mean(*a, **k):
+        loss = real_mean(*a, **k)
+        ours.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    monkeypatch.setattr(losses, "per_sample_loss", per_sample)
+    monkeypatch.setattr(losses, "masked_mean", mean)
+    out = tmp_path / "ours"
+    run(base_args(tiny_model_dir, tiny_data_dir, out, steps=3))
+    monkeypatch.undo()
+    assert len(inputs) == len(targets) == 3
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    upstream = []
+    for (noisy_latents, timesteps, encoder_hidden_states), target in zip(inputs, targets):
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        upstream.append(loss.item())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert ours == pytest.approx(upstream, rel=1e-5)
+    saved = _final_tensors(out, False)
+    replayed = unet.state_dict()
+    assert saved.keys() == replayed.keys()
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, replayed[name], rtol=1e-4, atol=1e-6, msg=name)

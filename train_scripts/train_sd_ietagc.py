@@ -4,7 +4,8 @@
 A drop-in for diffusers' ``examples/text_to_image/train_text_to_image.py`` and
 ``train_text_to_image_lora.py``: every flag of both keeps its name, default and meaning;
 ``--use_lora`` switches to LoRA. With ``--num_shards=1`` and AGC, redistribution and augmentation
-off, this is a plain diffusers fine-tune.
+off, the training math is upstream's; the random stream and data order are our own (for exact
+resume). Every difference: docs/design.md, "Differences from diffusers' scripts".
 
 Every place where the method enters the loop is tagged ``# [memfree]``. Method spec:
 docs/method.md (shards, proxies, rounds, merges, AGC, loss bank, redistribution, loss-aware
