@@ -169,3 +169,56 @@ def test_embedding_batches_are_checked_too():
 
     with pytest.raises(sscd.SSCDError, match="my.pt returned NaN or inf"):
         sscd.embed_images(_Returns("nan"), [make_tiny_image(0, 32)[0]], "dcr", source="SSCD file my.pt")
+
+
+def test_clip_and_inception_are_fetched_by_their_own_libraries(tmp_path, monkeypatch):
+    """Online and not cached: CLIP comes from open_clip's download_pretrained and the Inception
+    file from torch-fidelity's own loader (no download code of ours); their failures become one
+    line that says what to fetch. Offline, neither library is called."""
+    import open_clip
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+
+    from sd_memfree.scoring import clip_score, fid
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(clip_score, "_cached_tag_file", lambda cfg: None)
+    weights = tmp_path / "clip.bin"
+    weights.write_bytes(b"x")
+    asked = []
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg, **k: asked.append(cfg) or str(weights))
+    path, overrides = clip_score.resolve_clip_weights("ViT-B-16", "openai")
+    assert path == str(weights) and len(asked) == 1 and overrides["force_quick_gelu"] is True
+
+    def no_network(*a, **k):
+        raise OSError("Temporary failure in name resolution\nmore")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", no_network)
+    with pytest.raises(sscd.MissingWeightsError, match="could not fetch CLIP weights ViT-B-16/openai") as e:
+        clip_score.resolve_clip_weights("ViT-B-16", "openai")
+    assert "name resolution" in str(e.value) and "\n" not in str(e.value)
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+
+    class FakeExtractor:
+        def __init__(self, *a, **k):  # what torch-fidelity does: download into torch hub's cache
+            (hub / "checkpoints").mkdir(parents=True)
+            (hub / "checkpoints" / fid.INCEPTION_FILE).write_bytes(b"w")
+
+    monkeypatch.setattr(fidelity, "FeatureExtractorInceptionV3", FakeExtractor)
+    assert fid.resolve_inception_weights(None) == hub / "checkpoints" / fid.INCEPTION_FILE
+    (hub / "checkpoints" / fid.INCEPTION_FILE).unlink()
+    (hub / "checkpoints").rmdir()
+    monkeypatch.setattr(fidelity, "FeatureExtractorInceptionV3", no_network)
+    with pytest.raises(sscd.MissingWeightsError, match="could not fetch the FID Inception weights") as e:
+        fid.resolve_inception_weights(None)
+    assert fid.INCEPTION_URL in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: pytest.fail("downloaded while offline"))
+    monkeypatch.setattr(fidelity, "FeatureExtractorInceptionV3", lambda *a, **k: pytest.fail("downloaded while offline"))
+    with pytest.raises(sscd.MissingWeightsError, match="HF_HUB_OFFLINE"):
+        clip_score.resolve_clip_weights("ViT-B-16", "openai")
+    with pytest.raises(sscd.MissingWeightsError, match="HF_HUB_OFFLINE"):
+        fid.resolve_inception_weights(None)
+    with pytest.raises(sscd.MissingWeightsError, match=f"--fid_weights {tmp_path / 'none.pth'}: no such file"):
+        fid.resolve_inception_weights(str(tmp_path / "none.pth"))
