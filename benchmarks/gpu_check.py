@@ -765,7 +765,8 @@ def main(argv=None) -> int:
 
     missing = check_dependencies(args.proxyset_only)
     if missing:
-        msg = "missing or broken dependencies: " + "; ".join(missing) + ". Install them (pip install -e . from the repo) and rerun."
+        msg = ("missing or broken dependencies: " + "; ".join(missing) + ". Install them (pip install -e . from the repo), "
+               "or on an offline GPU machine run benchmarks/gpu_check.sh with GPU_CHECK_WHEELS (docs/benchmarks.md), and rerun.")
         data["errors"].append(msg)
         report.log("error: " + msg)
         report.save()
@@ -888,8 +889,12 @@ def _run(args, report: Report, device) -> int:
         try:
             with budget_alarm(args.max_seconds - report.elapsed() + ALARM_GRACE_S):
                 run = run_config(ctx, precision, mode, name)
-        except BudgetExceeded:
-            raise
+        except BudgetExceeded as e:  # keep what was measured, list what was not, stop
+            runs[key] = {"error": str(e), "wall_s": round(time.perf_counter() - t0, 2)}
+            data["errors"].append(f"{key}: {e}")
+            data["skipped"].extend(done_order[done_order.index(key) + 1:])
+            report.save()
+            return 3
         except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
             run = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
             data["errors"].append(f"{key}: {type(e).__name__}: {e}")
