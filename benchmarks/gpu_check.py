@@ -166,10 +166,12 @@ class Report:
         self._log.close()
 
 
-def check_dependencies() -> list[str]:
+def check_dependencies(proxyset_only: bool = False) -> list[str]:
     """Pip names of the required packages that do not import (import errors are named too)."""
     missing = []
     for module, pip_name in REQUIRED.items():
+        if proxyset_only and module != "torch":
+            continue
         try:
             importlib.import_module(module)
         except Exception as e:  # noqa: BLE001 - a broken install is as missing as an absent one
@@ -208,22 +210,15 @@ def wheel_requirements() -> list[str]:
 
 
 def environment(device) -> dict:
-    import accelerate
-    import diffusers
-    import peft
     import torch
-    import transformers
 
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "torch": torch.__version__, "torch_cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-           "transformers": transformers.__version__, "accelerate": accelerate.__version__, "peft": peft.__version__,
-           "device": str(device)}
-    try:
-        import xformers
-
-        env["xformers"] = xformers.__version__
-    except Exception as e:  # noqa: BLE001
-        env["xformers"] = f"not importable ({type(e).__name__})"
+           "torch": torch.__version__, "torch_cuda": torch.version.cuda, "device": str(device)}
+    for name in ("diffusers", "transformers", "accelerate", "peft", "xformers"):
+        try:
+            env[name] = importlib.import_module(name).__version__
+        except Exception as e:  # noqa: BLE001
+            env[name] = f"not importable ({type(e).__name__})"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(torch_threads=torch.get_num_threads(), gpu=props.name, gpu_memory_bytes=props.total_memory, cudnn=torch.backends.cudnn.version(),
@@ -554,6 +549,8 @@ def run_config(ctx: dict, precision: str, mode: str, name: str) -> dict:
             redistribute_s=None if redistribute is None else round(redistribute, 4),
             steps_after_swap_s=[round(x / m, 4) for x in after_swap], turn_steps=m,
             round_overhead_s=round(round_overhead, 4),
+            # Once per run: the first stash of each proxy allocates its pinned host memory.
+            first_swaps_extra_s=round(sum(begin_turn) - len(begin_turn) * swap_full, 3),
             merge_over_step=round(merge / step_s, 3), turn_change_over_step=round((end_s + swap_full) / step_s, 3),
             round_overhead_over_step=round(round_overhead / step_s, 3),
         )
@@ -610,6 +607,70 @@ def ratios_and_goals(runs: dict) -> tuple[dict, list]:
     return ratios, goals
 
 
+def proxyset_probe(device, numel: int = 860_000_000, num_tensors: int = 100) -> dict:
+    """``ProxySet`` alone at SD-1.5 scale: needs torch and sd_memfree only (no diffusers).
+
+    ``num_tensors`` fp32 parameters holding ``numel`` values, AdamW with random gradients, K = 4
+    proxies with storage in CPU memory: a round of turns, a merge, two turns of the next round,
+    each call timed between synchronisations; then host-device copy rates of one parameter.
+    """
+    import torch
+
+    from sd_memfree.proxies import ProxySet
+
+    def timed(fn, *a) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        fn(*a)
+        sync(device)
+        return round(time.perf_counter() - t0, 4)
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(numel // num_tensors, device=device) * 0.01) for _ in range(num_tensors)]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step() -> None:
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    proxies = ProxySet(params, 4, [1, 1, 1, 1], optimizer=optimizer, storage_device="cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step()
+    plain_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    end, first = [], []
+    for k in (1, 2, 3):
+        end.append(timed(proxies.end_turn, 1))
+        first.append(timed(proxies.begin_turn, k))
+        step()
+    end.append(timed(proxies.end_turn, 1))
+    merge = timed(proxies.merge)
+    first.append(timed(proxies.begin_turn, 0))
+    step()
+    end.append(timed(proxies.end_turn, 1))
+    swap = timed(proxies.begin_turn, 1)
+    step()
+    res = {"numel": numel, "num_tensors": num_tensors, "end_turn_s": end, "begin_turn_first_s": first,
+           "begin_turn_full_swap_s": swap, "merge_s": merge,
+           "round_overhead_s": round(4 * (statistics.median(end) + swap) + merge, 3)}
+    if device.type == "cuda":
+        res["peak_ratio_after_turns"] = round(torch.cuda.max_memory_allocated(device) / plain_peak, 4)
+        gpu = params[0].detach()
+        gb = gpu.numel() * 4 / 1e9
+        pinned = gpu.to("cpu", non_blocking=True)
+        sync(device)
+        pageable = torch.empty(gpu.shape)
+        res["copy_gb_per_s"] = {
+            "device_to_pinned": round(gb / timed(lambda: gpu.to("cpu", non_blocking=True)), 1),
+            "pinned_to_device": round(gb / timed(lambda: gpu.copy_(pinned, non_blocking=True)), 1),
+            "pageable_to_device": round(gb / timed(lambda: gpu.copy_(pageable, non_blocking=True)), 1),
+        }
+    return res
+
+
 def augment_cost(resolution: int, n: int = 16) -> dict:
     """CPU milliseconds per image of IET-AGC+'s RandAugment at strength 1 (data-loader work)."""
     import numpy as np
@@ -655,6 +716,8 @@ def parse_args(argv=None):
     p.add_argument("--tests_timeout", type=float, default=90, help="Seconds for the pytest -m gpu subprocess.")
     p.add_argument("--no_tests", action="store_true", help="Skip the pytest -m gpu run.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--proxyset_only", action="store_true",
+                   help="Only the CUDA tests and ProxySet at SD-1.5 scale (860M fp32 values): needs torch, not diffusers.")
     p.add_argument("--print_wheel_requirements", action="store_true",
                    help="Print name==version of the dependencies to pip download for an offline GPU machine, and exit.")
     args = p.parse_args(argv)
@@ -682,7 +745,9 @@ def estimate_seconds(done: dict, mode: str, name: str, dry_run: bool) -> float:
             return done[key]["wall_s"]
     if dry_run:
         return 2.0
-    return {("full", False): 40.0, ("full", True): 15.0}.get((mode, name == "plain"), 12.0)
+    # The first full-fine-tuning method run also pins ~4 x 7 GB of host memory for stashes (1.7 GB/s
+    # on the H200 machine); later runs reuse it.
+    return {("full", False): 60.0, ("full", True): 15.0}.get((mode, name == "plain"), 12.0)
 
 
 def main(argv=None) -> int:
@@ -698,9 +763,10 @@ def main(argv=None) -> int:
     data["dry_run"] = args.dry_run
     data["max_seconds"] = args.max_seconds
 
-    missing = check_dependencies()
+    missing = check_dependencies(args.proxyset_only)
     if missing:
-        msg = "missing or broken dependencies: " + "; ".join(missing) + ". Install them (pip install -e . from the repo) and rerun."
+        msg = ("missing or broken dependencies: " + "; ".join(missing) + ". Install them (pip install -e . from the repo), "
+               "or on an offline GPU machine run benchmarks/gpu_check.sh with GPU_CHECK_WHEELS (docs/benchmarks.md), and rerun.")
         data["errors"].append(msg)
         report.log("error: " + msg)
         report.save()
@@ -721,9 +787,10 @@ def main(argv=None) -> int:
         print(json.dumps(data, default=str))
         return 2
 
-    import diffusers
+    if not args.proxyset_only:
+        import diffusers
 
-    diffusers.utils.logging.set_verbosity_error()  # .to(dtype) of built (not loaded) models warns every time
+        diffusers.utils.logging.set_verbosity_error()  # .to(dtype) of built (not loaded) models warns every time
     data["env"] = environment(device)
     report.log(f"device {data['env'].get('gpu', device)}; torch {torch.__version__}; xformers {data['env']['xformers']}")
     try:
@@ -754,6 +821,15 @@ def _run(args, report: Report, device) -> int:
         for line in data["tests"].get("outcomes", []):
             report.log("  " + line)
         report.save()
+
+    if args.proxyset_only or args.dry_run:  # a full run measures the same inside each configuration
+        report.log("ProxySet alone (K=4, CPU storage) ...")
+        data["proxyset_probe"] = proxyset_probe(device, numel=100_000 if args.dry_run else 860_000_000)
+        report.log(f"ProxySet alone: {json.dumps(data['proxyset_probe'])}")
+        report.save()
+    if args.proxyset_only:
+        data["complete"] = True
+        return 0
 
     unet_spec, vae_spec, text_spec = (TINY_UNET, TINY_VAE, TINY_TEXT) if args.dry_run else (SD15_UNET, SD15_VAE, SD15_TEXT)
     vae_scale = 2 ** (len(vae_spec["block_out_channels"]) - 1)
@@ -813,8 +889,12 @@ def _run(args, report: Report, device) -> int:
         try:
             with budget_alarm(args.max_seconds - report.elapsed() + ALARM_GRACE_S):
                 run = run_config(ctx, precision, mode, name)
-        except BudgetExceeded:
-            raise
+        except BudgetExceeded as e:  # keep what was measured, list what was not, stop
+            runs[key] = {"error": str(e), "wall_s": round(time.perf_counter() - t0, 2)}
+            data["errors"].append(f"{key}: {e}")
+            data["skipped"].extend(done_order[done_order.index(key) + 1:])
+            report.save()
+            return 3
         except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
             run = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
             data["errors"].append(f"{key}: {type(e).__name__}: {e}")

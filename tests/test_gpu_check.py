@@ -51,6 +51,9 @@ def test_dry_run_trains_every_configuration_and_prints_the_json_last(tmp_path):
         want = printed["runs"][key]["steps_per_s"] / printed["runs"][f"{p}/{m}/plain"]["steps_per_s"]
         assert ratio["time"] == pytest.approx(want, abs=1e-4)
     assert set(printed["ratios"]) == {f"{p}/{m}/{n}" for p in ("bf16", "fp16") for m in ("full", "lora") for n in METHODS} - cpu_only
+    # ProxySet alone (the --proxyset_only figures, tiny here): a round, a merge, two more turns.
+    probe = printed["proxyset_probe"]
+    assert len(probe["end_turn_s"]) == 5 and len(probe["begin_turn_first_s"]) == 4 and probe["merge_s"] >= 0
     # The CUDA-only tests ran and were skipped here (no CUDA), and their summary was captured.
     assert printed["tests"]["rc"] == 0 and "4 skipped" in printed["tests"]["summary"]
     # No GPU memory on a CPU: time goals only.
