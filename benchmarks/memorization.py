@@ -304,7 +304,8 @@ def score_point(task: dict) -> dict:
     result["export_seconds"], result["score_seconds"] = t_export, time.time() - t0 - t_export
     out = Path(task["results"])
     to_u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
-    np.savez_compressed(out / "samples" / f"{task['name']}.npz", dup=to_u8(copy_px[: refs["n_dup"]]), heldout=to_u8(held_gen[:16]))
+    if task["seed"] in (None, 0):  # the grids show seed 0; the other seeds' pixels would only swell the results
+        np.savez_compressed(out / "samples" / f"{task['name']}.npz", dup=to_u8(copy_px[: refs["n_dup"]]), heldout=to_u8(held_gen[:16]))
     write_json(out / "points" / f"{task['name']}.json", result)
     del pipe
     if export is not None:
@@ -484,54 +485,70 @@ def main(args: argparse.Namespace) -> dict:
 
     bar = tqdm(desc="points scored", unit="pt")
     wanted = {m: set(scored_steps(s, m)) for m in methods}
-    while True:
-        now = time.time()
-        for key, r in runs.items():  # what each run has written
-            if r.proc is None:
-                continue
-            rd = Path(r.job["run_dir"])
-            for step, path in checkpointing.list_checkpoints(rd / "model"):
-                name = point_name(r.job["method"], r.job["seed"], step)
-                r.reached = max(r.reached, step)
-                if step in wanted[r.job["method"]] and name not in submitted:
-                    r.seen[step] = now - r.paused_seconds  # active seconds: steps/s while running
-                    submit({**r.job, "steps": step, "kind": "checkpoint", "model": str(path), "export": str(rd / f"export-{step}"), "name": name})
-            if r.status in ("training", "paused") and r.proc.poll() is not None:
-                r.status = "finished" if r.proc.returncode == 0 else "failed"
-                if r.status == "finished":
-                    r.reached = r.job["max_steps"]
-                    r.seen[r.job["max_steps"]] = now - r.paused_seconds
-                    submit({**r.job, "steps": r.job["max_steps"], "kind": "final", "model": str(rd / "model"),
-                            "name": point_name(r.job["method"], r.job["seed"], r.job["max_steps"])})
-                save_run(r)
-        if now < train_stop:  # start, pause and continue runs so the most important tasks finish first
-            ended = {k for k, r in runs.items() if r.status in ("finished", "failed", "cut short")}
-            allowed = allowed_targets(tasks, {k: r.reached for k, r in runs.items()}, ended, args.jobs)
-            for key, r in runs.items():
-                if key in allowed:
-                    if r.status == "not started":
-                        r.start(args.device)
-                    elif r.status == "paused":
-                        r.signal(signal.SIGCONT, "training")
-                elif r.status == "training":
-                    r.signal(signal.SIGSTOP, "paused")
-        else:
-            for r in runs.values():
-                if r.status in ("training", "paused"):
-                    r.stop()
+
+    def _terminate(signum, frame):  # e.g. `timeout` ran out: still stop the runs, keep what was scored
+        raise SystemExit(f"stopped by signal {signum}")
+
+    old_handler = signal.signal(signal.SIGTERM, _terminate)
+    interrupted = None
+    try:
+        while True:
+            now = time.time()
+            for key, r in runs.items():  # what each run has written
+                if r.proc is None:
+                    continue
+                rd = Path(r.job["run_dir"])
+                for step, path in checkpointing.list_checkpoints(rd / "model"):
+                    name = point_name(r.job["method"], r.job["seed"], step)
+                    r.reached = max(r.reached, step)
+                    if step in wanted[r.job["method"]] and name not in submitted:
+                        r.seen[step] = now - r.paused_seconds  # active seconds: steps/s while running
+                        submit({**r.job, "steps": step, "kind": "checkpoint", "model": str(path), "export": str(rd / f"export-{step}"), "name": name})
+                if r.status in ("training", "paused") and r.proc.poll() is not None:
+                    r.status = "finished" if r.proc.returncode == 0 else "failed"
+                    if r.status == "finished":
+                        r.reached = r.job["max_steps"]
+                        r.seen[r.job["max_steps"]] = now - r.paused_seconds
+                        submit({**r.job, "steps": r.job["max_steps"], "kind": "final", "model": str(rd / "model"),
+                                "name": point_name(r.job["method"], r.job["seed"], r.job["max_steps"])})
                     save_run(r)
-                elif r.status == "not started":
-                    r.status = "not started (time)"
-        for fut in [f for f in futures if f.done()]:
-            task = futures.pop(fut)
-            if fut.exception() is not None:
-                errors.append({"point": task["name"], "error": repr(fut.exception())})
-                write_json(out / "errors.json", errors)
-            bar.update(1)
-        idle = not any(r.status in ("training", "paused", "not started") for r in runs.values())
-        if (idle and not futures) or time.time() >= deadline:
-            break
-        time.sleep(0.5)
+            if now < train_stop:  # start, pause and continue runs so the most important tasks finish first
+                ended = {k for k, r in runs.items() if r.status in ("finished", "failed", "cut short")}
+                allowed = allowed_targets(tasks, {k: r.reached for k, r in runs.items()}, ended, args.jobs)
+                for key, r in runs.items():
+                    if key in allowed:
+                        if r.status == "not started":
+                            r.start(args.device)
+                        elif r.status == "paused":
+                            r.signal(signal.SIGCONT, "training")
+                            save_run(r)
+                    elif r.status == "training":
+                        r.signal(signal.SIGSTOP, "paused")
+                        save_run(r)
+            else:
+                for r in runs.values():
+                    if r.status in ("training", "paused"):
+                        r.stop()
+                        save_run(r)
+                    elif r.status == "not started":
+                        r.status = "not started (time)"
+            for fut in [f for f in futures if f.done()]:
+                task = futures.pop(fut)
+                if fut.exception() is not None:
+                    errors.append({"point": task["name"], "error": repr(fut.exception())})
+                    write_json(out / "errors.json", errors)
+                bar.update(1)
+            idle = not any(r.status in ("training", "paused", "not started") for r in runs.values())
+            if (idle and not futures) or time.time() >= deadline:
+                break
+            time.sleep(0.5)
+    except (SystemExit, KeyboardInterrupt) as e:
+        interrupted = str(e) or type(e).__name__
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        for r in runs.values():
+            if r.status in ("training", "paused"):
+                r.stop()
     bar.close()
     unscored = [t["name"] for t in futures.values()]
     for fut in futures:
@@ -542,7 +559,7 @@ def main(args: argparse.Namespace) -> dict:
     pool.shutdown(wait=True, cancel_futures=True)
     for r in runs.values():
         save_run(r)
-    summary = {"wall_seconds": time.time() - t0, "unscored_at_deadline": unscored, "errors": errors,
+    summary = {"wall_seconds": time.time() - t0, "unscored_at_deadline": unscored, "errors": errors, "interrupted": interrupted,
                "points": len(list((out / "points").glob("*.json")))}
     write_json(out / "summary.json", summary)
     print(json.dumps(summary))

@@ -128,3 +128,31 @@ def test_quick_mode_end_to_end(tmp_path):
     assert set(res["verdict"]) == {f"ietagc+@{k}" for k in (4, 8, 12, 16)}
     assert res["summary"]["plain@0"]["dup"]["copies"] == 0  # the base never saw a landscape caption
     assert (tmp_path / "f.png").stat().st_size > 1000 and len(list((tmp_path / "g").glob("*.png"))) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["plain", "ietagc+"])
+def test_exported_checkpoint_is_the_shorter_run(tmp_path, method, tiny_model_dir):
+    """The premise of scoring checkpoints: a checkpoint of a constant-LR run, turned into a model
+    the way the benchmark does it (resume with --max_train_steps = its step), has the same UNet
+    as a run trained to that step. IET-AGC+ with 2 shards x merge_every 1: step 2 ends a round."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sd_memfree.tiny import make_tiny_dataset
+    from train_scripts import train_sd_ietagc as train
+
+    data = make_tiny_dataset(tmp_path / "data", 8, 32, 0.25, 3, kind="landscapes")
+    s = bench.Setting(**{**bench.QUICK, "num_shards": 2, "merge_every": 1})
+    job = {"setting": bench.asdict(s), "base": str(tiny_model_dir), "data": str(data), "size": 32, "seed": 0, "method": method,
+           "hf_cache": str(tmp_path / "hf")}
+    train.main(train.parse_args(bench.train_flags(job, 4, tmp_path / "long") + ["--checkpointing_steps=2"]))
+    train.main(train.parse_args(bench.train_flags(job, 2, tmp_path / "short")))
+    train.main(train.parse_args(bench.train_flags(job, 2, tmp_path / "export")
+                                + [f"--resume_from_checkpoint={tmp_path / 'long' / 'checkpoint-2'}", f"--checkpointing_steps={10**9}"]))
+    weights = lambda d: load_file(str(d / "unet" / "diffusion_pytorch_model.safetensors"))
+    short, export, long = weights(tmp_path / "short"), weights(tmp_path / "export"), weights(tmp_path / "long")
+    assert short.keys() == export.keys()
+    for k in short:
+        torch.testing.assert_close(export[k], short[k], rtol=0, atol=1e-6)
+    assert any(not torch.equal(long[k], short[k]) for k in short)  # steps 3-4 did train: the comparison can fail
