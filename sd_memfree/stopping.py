@@ -86,7 +86,8 @@ class StopSignals:
 
     def restore(self) -> None:
         for s, previous in self._previous.items():
-            signal.signal(s, previous)
+            # None: the previous handler was not installed from Python; the default is the closest.
+            signal.signal(s, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:

@@ -259,7 +259,7 @@ def main(args) -> dict:
         return summary
     except RunInterrupted as e:
         name = signal_name(e.signum)
-        raise RunStopped(f"stopped by {name} before training started; nothing was written. Rerun the same command to start again.",
+        raise RunStopped(f"stopped by {name} before training started (no step was taken); rerun the same command to start again.",
                          SIGNAL_EXIT_CODES.get(e.signum, 128 + e.signum)) from None
     except Exception as e:
         close_progress_bars()
