@@ -86,9 +86,11 @@ HEADLINE_ROWS = {
 STANDIN_ROWS = ("sscd_sim_95pc", "sscd_sim_mean", "sscd_frac_gt_0.5")
 
 
-def _cell(v) -> str:
+def _cell(v, key: str = "") -> str:
     if v is None:
         return "<td>n/a</td>"
+    if key == "copy_frac":  # a newcomer reads "42%" faster than "0.4211"
+        return f"<td><b>{100 * v:.0f}%</b></td>"
     return f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
 
 
@@ -106,7 +108,7 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     rows_shown = [k for k in HEADLINE_ROWS if k in headline[names[0]]] + ([] if standin_sscd else [k for k in STANDIN_ROWS if k in headline[names[0]]])
     table = "".join(
-        f'<tr><th title="{html.escape(HEADLINE_ROWS.get(k, k))}">{html.escape(k)}</th>' + "".join(_cell(headline[n].get(k)) for n in names)
+        f'<tr><th title="{html.escape(HEADLINE_ROWS.get(k, k))}">{html.escape(k)}</th>' + "".join(_cell(headline[n].get(k), k) for n in names)
         + f"<td class=\"what\">{html.escape(HEADLINE_ROWS.get(k, 'SSCD similarity (real SSCD file)'))}</td></tr>"
         for k in rows_shown
     )

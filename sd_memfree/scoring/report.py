@@ -67,10 +67,12 @@ def noise_magnitude_png(magnitudes, copies) -> bytes:
     bins = np.linspace(m.min(), m.max() + 1e-9, 31)
     if copies is not None and 0 < int(np.sum(copies)) < len(m):
         c = np.asarray(copies, dtype=bool)
-        ax.hist(m[~c], bins=bins, alpha=0.6, label=f"not a pixel copy (n={int((~c).sum())})")
-        ax.hist(m[c], bins=bins, alpha=0.6, label=f"pixel copy (n={int(c.sum())})")
-    else:
-        ax.hist(m, bins=bins, alpha=0.7, label=f"generations (n={len(m)})")
+        ax.hist(m[~c], bins=bins, alpha=0.6, color="tab:green", label=f"not a pixel copy (n={int((~c).sum())})")
+        ax.hist(m[c], bins=bins, alpha=0.6, color="tab:red", label=f"pixel copy (n={int(c.sum())})")
+    else:  # one colour, named by what every generation is (the demo's caption says red = copies)
+        all_copies = copies is not None and int(np.sum(copies)) == len(m)
+        ax.hist(m, bins=bins, alpha=0.7, color="tab:red" if all_copies else "tab:green",
+                label=f"generations (n={len(m)}{', all pixel copies' if all_copies else ', no pixel copy' if copies is not None else ''})")
     ax.set_xlabel("||eps(x_t, prompt) - eps(x_t, '')||, mean of the first sampling steps")
     ax.set_ylabel("generations")
     ax.legend(fontsize=8)
