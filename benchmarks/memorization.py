@@ -422,6 +422,9 @@ def main(args: argparse.Namespace) -> dict:
     from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
 
     t0 = time.time()
+    # Everything is local (base, data): no process of the benchmark should wait on a network.
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")
     deadline = t0 + args.max_seconds if args.max_seconds else math.inf
     train_stop = deadline - args.score_reserve
     s = setting_from_args(args)
