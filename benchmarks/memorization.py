@@ -198,12 +198,15 @@ def train_flags(job: dict, steps: int, output_dir: Path) -> list[str]:
 # ---- scoring (runs in the worker processes) ------------------------------------------------------
 
 _REFS: dict = {}
+# Everything is local (base, data): no training or scoring process should wait on a network.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def _worker_init(device: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # many small processes beat a few multi-threaded ones on tiny tensors
+    os.environ.update(OFFLINE_ENV)  # before the Hugging Face libraries read it
     os.environ.setdefault("TQDM_DISABLE", "1")
     import diffusers
     import transformers
@@ -372,7 +375,7 @@ class _Run:
     def start(self, device: str) -> None:
         from train_scripts import train_sd_ietagc  # noqa: F401  (fail here, not in the subprocess, if the script is broken)
 
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         Path(self.job["run_dir"]).mkdir(parents=True, exist_ok=True)
@@ -422,9 +425,6 @@ def main(args: argparse.Namespace) -> dict:
     from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
 
     t0 = time.time()
-    # Everything is local (base, data): no process of the benchmark should wait on a network.
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        os.environ.setdefault(var, "1")
     deadline = t0 + args.max_seconds if args.max_seconds else math.inf
     train_stop = deadline - args.score_reserve
     s = setting_from_args(args)
