@@ -198,12 +198,15 @@ def train_flags(job: dict, steps: int, output_dir: Path) -> list[str]:
 # ---- scoring (runs in the worker processes) ------------------------------------------------------
 
 _REFS: dict = {}
+# Everything is local (base, data): no training or scoring process should wait on a network.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def _worker_init(device: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # many small processes beat a few multi-threaded ones on tiny tensors
+    os.environ.update(OFFLINE_ENV)  # before the Hugging Face libraries read it
     os.environ.setdefault("TQDM_DISABLE", "1")
     import diffusers
     import transformers
@@ -350,6 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tar", default=None, help="at the end, write the results folder (without --work) to this .tar.gz")
     p.add_argument("--plot", default=None, help="(--analyse, and at the end of a run) the frontier plot PNG")
     p.add_argument("--grids", default=None, help="(--analyse) folder for one sample grid PNG per model")
+    p.add_argument("--report", default=None, help="(--analyse) also write the markdown tables here")
     args = p.parse_args(argv)
     if args.jobs < 1 or args.score_workers < 1:
         p.error("--jobs and --score_workers must be >= 1.")
@@ -372,7 +376,7 @@ class _Run:
     def start(self, device: str) -> None:
         from train_scripts import train_sd_ietagc  # noqa: F401  (fail here, not in the subprocess, if the script is broken)
 
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         Path(self.job["run_dir"]).mkdir(parents=True, exist_ok=True)
@@ -666,15 +670,24 @@ def dominating_plain(summary: dict, key: str) -> dict:
 
 
 def verdict(summary: dict) -> dict:
-    """Per method point: met (no plain point dominates it on the means), not met (one does, beyond
-    the binomial noise) or not met within noise."""
+    """Per method point: **met** (no plain point dominates it, and plain needs more copies than the
+    method to reach its held-out loss, or never reaches it), **tie** (no plain point dominates it but
+    one reaches its loss with as few copies, e.g. both copy nothing), **not met** (a plain point
+    dominates it beyond the binomial noise) or **not met (within noise)** (on the pooled rates only)."""
     out = {}
     for key, m in summary.items():
         if m["method"] == "plain":
             continue
         d = dominating_plain(summary, key)
-        status = "met" if not d["on_means"] else ("not met" if d["beyond_noise"] else "not met (within noise)")
-        out[key] = {"verdict": status, **d}
+        # What plain pays for this quality: its fewest copies at a held-out loss no worse (within the spread).
+        level = [p["dup"]["rate"] for p in summary.values() if p["method"] == "plain"
+                 and p["heldout_loss"] <= m["heldout_loss"] + p["heldout_loss_std"] + m["heldout_loss_std"]]
+        fewest = min(level) if level else None
+        if d["on_means"]:
+            status = "not met" if d["beyond_noise"] else "not met (within noise)"
+        else:  # nothing dominates: beyond plain's frontier, or on it (plain gets there with as few copies)
+            status = "tie (on plain's frontier)" if fewest is not None and fewest == m["dup"]["rate"] else "met"
+        out[key] = {"verdict": status, **d, "plain_fewest_copies_at_this_loss": fewest}
     return out
 
 
@@ -701,28 +714,11 @@ def analyse(args) -> dict:
     ceil = base["ceiling"] if base else None
     ver = verdict(summary)
     moon = {m: moonshot(summary, m) for m in setting["methods"] if m != "plain"}
-    pct = lambda r: f"{100 * r['rate']:.1f} [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]"
-    print(f"setting: {json.dumps(setting['setting'])}")
-    if ceil:
-        for rule in ("copies_recon", "copies_raw"):
-            c = ceil[rule]
-            print(f"copy-test ceiling ({rule}: a perfect memoriser): duplicated {c['dup']['copies']}/{c['dup']['n']}, unique {c['uniq']['copies']}/{c['uniq']['n']}")
-    print(f"\n{'point':<16}{'x B':>6}{'seeds':>6}  {'dup copies % [95% CI]':>24}{'uniq copies %':>22}{'dist.dup':>9}{'dist.uniq':>10}"
-          f"{'raw-rule dup %':>15}{'held-out loss':>20}{'Frechet':>16}")
-    for key, r in summary.items():
-        raw = summ["copies_raw"][key]["dup"]
-        print(f"{key:<16}{r['fraction']:>6.2f}{len(r['seeds']):>6}  {pct(r['dup']):>24}{pct(r['uniq']):>22}{r['dup']['distinct_copied']:>9.2f}"
-              f"{r['uniq']['distinct_copied']:>10.2f}{100 * raw['rate']:>15.1f}{r['heldout_loss']:>12.4f}+-{r['heldout_loss_std']:.4f}"
-              f"{r['frechet_heldout']:>10.2f}+-{r['frechet_heldout_std']:.2f}")
-    print("\nverdict per method point (is there a plain point with fewer copies and held-out loss no worse within the seed spread?):")
-    for key, v in ver.items():
-        print(f"  {key:<16} {v['verdict']:<24} dominated on means by: {', '.join(v['on_means']) or '-'}; beyond noise by: {', '.join(v['beyond_noise']) or '-'}")
-    for m, rows in moon.items():
-        print(f"\nmoonshot, {LABELS[m]}: at each held-out loss plain reaches, fewest duplicated-caption copies (%) plain vs {LABELS[m]}")
-        for row in rows:
-            mc = "not reached" if row["method_copies"] is None else f"{100 * row['method_copies']:.1f}"
-            print(f"  {row['plain_point']:<12} loss {row['loss']:.4f}: plain {100 * row['plain_copies']:.1f}, {LABELS[m]} {mc}")
-    print("\nruns: " + "; ".join(f"{r['method']} s{r['seed']}: {r['status']}, {r['steps_per_second'] or 0:.1f} steps/s" for r in runs))
+    report = markdown_report(setting, summ, ceil, ver, moon, runs)
+    print(report)
+    Path(setting["folder"], "analysis.md").write_text(report)
+    if getattr(args, "report", None):
+        Path(args.report).write_text(report)
     result = {"setting": setting, "summary": summary, "summary_raw_rule": summ["copies_raw"], "ceiling": ceil, "verdict": ver,
               "moonshot": moon, "runs": runs}
     Path(setting["folder"], "analysis.json").write_text(json.dumps(result, indent=1))
@@ -731,6 +727,42 @@ def analyse(args) -> dict:
     if getattr(args, "grids", None):
         grids(Path(setting["folder"]), points, s, Path(args.grids))
     return result
+
+
+def markdown_report(setting: dict, summ: dict, ceil: dict | None, ver: dict, moon: dict, runs: list[dict]) -> str:
+    """The analysis as markdown tables, ready for docs/memorization_benchmark.md."""
+    summary = summ["copies_recon"]
+    pct = lambda r: f"{100 * r['rate']:.1f} [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]"
+    label = lambda key: f"{LABELS[summary[key]['method']]} @ {summary[key]['fraction']:g}x"
+    out = [f"Setting: `{json.dumps(setting['setting'])}`; device: {setting.get('device')}, jobs {setting.get('jobs')}.", ""]
+    if ceil:
+        c, r = ceil["copies_recon"], ceil["copies_raw"]
+        out += [f"Copy-test ceiling (a perfect memoriser): against the VAE reconstructions {c['dup']['copies']}/{c['dup']['n']} duplicated, "
+                f"{c['uniq']['copies']}/{c['uniq']['n']} unique; against the raw images {r['dup']['copies']}/{r['dup']['n']} duplicated, "
+                f"{r['uniq']['copies']}/{r['uniq']['n']} unique.", ""]
+    out += ["| point | steps | seeds | duplicated-caption copies %, pooled [95% CI] | unique-caption copies % | distinct copied (dup / unique) "
+            "| raw-rule dup copies % | held-out loss | Frechet (held-out) | fit loss dup / unique |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in summary.items():
+        raw = summ["copies_raw"][key]["dup"]
+        out.append(f"| {label(key)} | {r['steps']} | {len(r['seeds'])} | {pct(r['dup'])} | {pct(r['uniq'])} | {r['dup']['distinct_copied']:.2f} / "
+                   f"{r['uniq']['distinct_copied']:.2f} | {100 * raw['rate']:.1f} | {r['heldout_loss']:.4f} ± {r['heldout_loss_std']:.4f} | "
+                   f"{r['frechet_heldout']:.2f} ± {r['frechet_heldout_std']:.2f} | {r['fit_loss_dup']:.4f} / {r['fit_loss_uniq']:.4f} |")
+    out += ["", "Verdict per method point (a plain point with fewer duplicated-caption copies and a held-out loss no worse within "
+            "the seed spread dominates it):", "", "| method point | its dup copies % | plain's fewest dup copies % at this loss or better | verdict "
+            "| dominated on the rates by | beyond the binomial noise by |", "|---|---|---|---|---|---|"]
+    for key, v in ver.items():
+        pf = v["plain_fewest_copies_at_this_loss"]
+        out.append(f"| {label(key)} | {100 * summary[key]['dup']['rate']:.1f} | {'plain never gets there' if pf is None else f'{100 * pf:.1f}'} "
+                   f"| **{v['verdict']}** | {', '.join(v['on_means']) or '-'} | {', '.join(v['beyond_noise']) or '-'} |")
+    for m, rows in moon.items():
+        out += ["", f"Moonshot, {LABELS[m]}: at each held-out loss plain reaches, the fewest duplicated-caption copies (%) needed to reach it:", "",
+                f"| plain point | held-out loss | plain | {LABELS[m]} |", "|---|---|---|---|"]
+        for row in rows:
+            mc = "not reached" if row["method_copies"] is None else f"{100 * row['method_copies']:.1f}"
+            out.append(f"| {row['plain_point']} | {row['loss']:.4f} | {100 * row['plain_copies']:.1f} | {mc} |")
+    out += ["", "Runs: " + "; ".join(f"{LABELS[r['method']]} s{r['seed']}: {r['status']} at {r.get('reached', '?')} steps, "
+                                      f"{r['steps_per_second'] or 0:.1f} steps/s" for r in runs) + "."]
+    return "\n".join(out) + "\n"
 
 
 def plot(summary: dict, s: Setting, ceil: dict | None, path: Path) -> None:

@@ -86,18 +86,22 @@ def test_summarize_pools_seeds_and_adds_the_base_to_plain():
 def test_verdict_and_moonshot_by_hand():
     """One seed (std 0), n = 100 generations per point.
     plain@0: loss 0.20, 0 copies; plain@10: 0.10, 10; plain@20: 0.09, 40. Method m@10: 0.095, 5.
-    Dominating m@10 needs loss <= 0.095 and fewer than 5 copies: plain@20 has 40 -> none -> met.
+    Dominating m@10 needs loss <= 0.095 and fewer than 5 copies: plain@20 has 40 -> none -> met;
+    plain's fewest copies at that loss or better: 40%.
     Method m@20: 0.12, 30 copies: plain@10 (0.10 <= 0.12, 10 < 30; Wilson upper of 10/100 = 0.174
-    < lower of 30/100 = 0.219) dominates beyond noise; plain@0 is too lossy -> not met.
+    < lower of 30/100 = 0.219) dominates beyond noise; plain@0 is too lossy -> not met; plain's
+    fewest copies at loss <= 0.12: 10%.
     Moonshot: at plain@10's loss 0.10 plain needs 10% (plain@10) and m 5% (m@10); at plain@20's
-    0.09 m never gets there."""
+    0.09 m never gets there. AGC at (0.20, 0 copies): the base reaches that loss with 0 copies too -> tie."""
     n = 100
     pts = [_point("base", None, 0, 0, 0.20, n), _point("plain", 0, 10, 10, 0.10, n), _point("plain", 0, 20, 40, 0.09, n),
-           _point("ietagc+", 0, 10, 5, 0.095, n), _point("ietagc+", 0, 20, 30, 0.12, n)]
+           _point("ietagc+", 0, 10, 5, 0.095, n), _point("ietagc+", 0, 20, 30, 0.12, n), _point("agc", 0, 10, 0, 0.20, n)]
     s = bench.summarize(pts)
     v = bench.verdict(s)
-    assert v["ietagc+@10"] == {"verdict": "met", "on_means": [], "beyond_noise": []}
-    assert v["ietagc+@20"] == {"verdict": "not met", "on_means": ["plain@10"], "beyond_noise": ["plain@10"]}
+    assert v["ietagc+@10"] == {"verdict": "met", "on_means": [], "beyond_noise": [], "plain_fewest_copies_at_this_loss": pytest.approx(0.40)}
+    assert v["ietagc+@20"] == {"verdict": "not met", "on_means": ["plain@10"], "beyond_noise": ["plain@10"],
+                              "plain_fewest_copies_at_this_loss": pytest.approx(0.10)}
+    assert v["agc@10"]["verdict"] == "tie (on plain's frontier)"
     moon = {r["plain_point"]: r for r in bench.moonshot(s, "ietagc+")}
     assert moon["plain@10"]["plain_copies"] == pytest.approx(0.10) and moon["plain@10"]["method_copies"] == pytest.approx(0.05)
     assert moon["plain@20"]["method_copies"] is None
