@@ -233,6 +233,8 @@ def take_run_lock(output_dir: str):
         broadcast_object_list(outcome, from_process=0)
         if outcome[0] is not None and error is None:
             error = {"OutputDirError": OutputDirError}.get(outcome[0][0], RunLockHeld)(outcome[0][1])
+        if error is not None:
+            state.destroy_process_group()  # every process leaves cleanly (no abort in the backend's teardown)
     if error is not None:
         raise error
     if note:
