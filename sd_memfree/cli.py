@@ -13,13 +13,15 @@ import sys
 
 
 def _make_tiny_model(argv: list[str]) -> None:
-    from sd_memfree.tiny import make_tiny_model
+    from sd_memfree.tiny import make_tiny_model, make_tiny_sdxl_model
 
     p = argparse.ArgumentParser(prog="sd-memfree make-tiny-model", description="Write a tiny offline Stable-Diffusion-architecture pipeline folder.")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="sd", choices=["sd", "sdxl"],
+                   help="sd: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline (two text encoders, size and crop conditioning)")
     a = p.parse_args(argv)
-    print(make_tiny_model(a.dir, seed=a.seed))
+    print((make_tiny_sdxl_model if a.arch == "sdxl" else make_tiny_model)(a.dir, seed=a.seed))
 
 
 def _make_tiny_dataset(argv: list[str]) -> None:
