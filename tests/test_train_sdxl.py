@@ -130,3 +130,30 @@ def test_an_sd_model_is_refused_naming_the_missing_parts(tiny_model_dir, tiny_da
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "text_encoder_2, tokenizer_2" in err
+
+
+@pytest.mark.multiprocess
+def test_two_processes_equal_one_process(sdxl20, tiny_data_dir, tmp_path):
+    """2 processes (gloo, one proxy each) == 1 process taking turns, bit for bit: each proxy owns
+    its RNG and data streams wherever it runs (MemFree), and merges add unfused per-proxy terms."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    mp, sp = tmp_path / "mp", tmp_path / "sp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "train_scripts" / "train_sdxl_ietagc.py"), *args(sdxl20, tiny_data_dir, mp, *METHOD, steps=8)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.set_num_threads(1)
+    try:
+        summary = run(args(sdxl20, tiny_data_dir, sp, *METHOD, steps=8))
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert summary["num_merges"] == 2 and summary["moves"]
+    a = load_file(mp / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(sp / "unet" / "diffusion_pytorch_model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert json.loads((mp / "memfree_state.json").read_text())["moves"] == json.loads((sp / "memfree_state.json").read_text())["moves"]
