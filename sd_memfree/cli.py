@@ -95,9 +95,10 @@ def _card(argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "make-tiny-model": (_make_tiny_model, "write a tiny offline SD pipeline folder"),
+    "make-tiny-model": (_make_tiny_model, "write a tiny offline SD (or --arch sdxl: SDXL) pipeline folder"),
     "make-tiny-dataset": (_make_tiny_dataset, "write a small captioned image set"),
     "train": (_recipe("train_scripts.train_sd_ietagc"), "run train_scripts/train_sd_ietagc.py (same flags)"),
+    "train-sdxl": (_recipe("train_scripts.train_sdxl_ietagc"), "run train_scripts/train_sdxl_ietagc.py (same flags)"),
     "score": (_score, "score a model's memorization (eval/score_memorization.py)"),
     "card": (_card, "put memorization scores into a trained model's card (and --push_to_hub)"),
     "demo": (_recipe("train_scripts.demo"), "the embedded demo on the tiny model and data (CPU, minutes)"),

@@ -157,3 +157,18 @@ def test_two_processes_equal_one_process(sdxl20, tiny_data_dir, tmp_path):
     b = load_file(sp / "unet" / "diffusion_pytorch_model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert json.loads((mp / "memfree_state.json").read_text())["moves"] == json.loads((sp / "memfree_state.json").read_text())["moves"]
+
+
+def test_cli_builds_the_tiny_sdxl_model_and_runs_the_recipe(tmp_path, capsys):
+    """``sd-memfree make-tiny-model --arch sdxl`` writes an SDXL folder (two text encoders, text_time
+    conditioning); ``sd-memfree train-sdxl`` is the recipe's command line (its bad input: exit 2)."""
+    from sd_memfree import cli
+
+    cli.main(["make-tiny-model", str(tmp_path / "m"), "--arch", "sdxl"])
+    model = tmp_path / "m"
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert json.loads((model / "unet" / "config.json").read_text())["addition_embed_type"] == "text_time"
+    assert (model / "text_encoder_2" / "config.json").exists() and (model / "tokenizer_2").is_dir()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train-sdxl", f"--pretrained_model_name_or_path={model}", "--train_data_dir=x", "--train_text_encoder"])
+    assert e.value.code == 2 and "--train_text_encoder is not supported" in capsys.readouterr().err
