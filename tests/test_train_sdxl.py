@@ -172,3 +172,47 @@ def test_cli_builds_the_tiny_sdxl_model_and_runs_the_recipe(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["train-sdxl", f"--pretrained_model_name_or_path={model}", "--train_data_dir=x", "--train_text_encoder"])
     assert e.value.code == 2 and "--train_text_encoder is not supported" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_or_a_held_lock_stops(sdxl20, tiny_data_dir, tmp_path, capsys):
+    from sd_memfree.runlock import RunLock
+
+    out = tmp_path / "run"
+    run(args(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", steps=2))
+    with pytest.raises(SystemExit) as e:
+        train.cli(args(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", "--resume_from_checkpoint=latest",
+                       "--timestep_bias_strategy=later", steps=4))
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the data loading's progress bars
+    assert e.value.code == 2 and err.startswith("error: ") and "--timestep_bias_strategy=none" in err
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.cli(args(sdxl20, tiny_data_dir, out, "--resume_from_checkpoint=latest", steps=4))
+        assert e.value.code == 2 and "pid" in capsys.readouterr().err
+    finally:
+        lock.release()
+
+
+@pytest.mark.multiprocess
+def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(sdxl20, tiny_data_dir, tmp_path):
+    """Data-parallel (K = 1) on 2 processes: MemFree gathers each micro-batch's losses, so both
+    processes' loss banks and augmentation strengths are the same and take the global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from sd_memfree.state import read_process_state
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    out = tmp_path / "dp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "train_scripts" / "train_sdxl_ietagc.py"),
+           *args(sdxl20, tiny_data_dir, out, "--agc_ratio=1.02", "--agc_ema=0.1", "--loss_aware_augmentation", "--checkpointing_steps=4", steps=4)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [read_process_state(out / "checkpoint-4", r)["objects"] for r in (0, 1)]
+    assert torch.equal(states[0]["loss_bank_0"]["bank"], states[1]["loss_bank_0"]["bank"])
+    assert (states[0]["loss_bank_0"]["bank"] > 0).sum() > 0
+    assert torch.equal(states[0]["strengths"]["values"], states[1]["strengths"]["values"])

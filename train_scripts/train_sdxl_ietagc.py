@@ -278,8 +278,42 @@ def log_validation(pipe, args, accelerator, epoch: int, is_final: bool = False) 
     return images
 
 
+# Settings of this script that change what the steps after a resume compute, beyond the SD
+# script's (resume.TRAJECTORY_FLAGS).
+SDXL_TRAJECTORY_FLAGS = ("pretrained_vae_model_name_or_path", "proportion_empty_prompts", "timestep_bias_strategy",
+                         "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end", "timestep_bias_portion")
+
+
+def trajectory(args, mixed_precision: str, dataset, image_column: str, caption_column: str) -> dict:
+    """What a resume must match (sd_memfree/resume.py): the SD script's settings plus SDXL's."""
+    from types import SimpleNamespace
+
+    from sd_memfree.resume import data_fingerprint, trajectory_settings
+
+    settings = trajectory_settings(SimpleNamespace(**{"input_perturbation": 0, **vars(args)}), mixed_precision, len(dataset),
+                                   data_fingerprint(dataset, image_column, caption_column))
+    settings.update({name: getattr(args, name) for name in SDXL_TRAJECTORY_FLAGS})
+    return settings
+
+
 def main(args) -> dict:
-    """Train; returns a summary (steps, merges, skip statistics, output paths)."""
+    """Train under ``output_dir``'s run lock (as the SD script); returns a summary (steps, merges,
+    skip statistics, output paths)."""
+    from train_scripts.train_sd_ietagc import take_run_lock
+
+    lock = take_run_lock(args.output_dir)
+    try:
+        return train(args)
+    finally:
+        if lock is not None:
+            lock.release()
+            out = Path(args.output_dir)
+            if lock.created_dir and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run stopped by bad input leaves no trace
+
+
+def train(args) -> dict:
+    """The training run itself (see :func:`main`)."""
     import datasets
     import diffusers
     import transformers
@@ -294,6 +328,7 @@ def main(args) -> dict:
     from sd_memfree import MemFree, checkpointing, hub
     from sd_memfree.data import check_resolution, check_samples, load_image_caption_dataset
     from sd_memfree.losses import min_snr_weights, per_sample_loss
+    from sd_memfree.resume import check_same_trajectory, write_trajectory
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
     from sd_memfree.steplog import StepLossLog
     from sd_memfree.stopping import all_finite
@@ -329,8 +364,10 @@ def main(args) -> dict:
     if resume_dir is not None and not checkpointing.is_complete(resume_dir):
         raise ValueError(f"{resume_dir} is {checkpointing.describe_foreign(resume_dir)}; this script resumes only its own checkpoints: "
                          "start a new --output_dir (from a pipeline folder holding those weights).")
+    settings = trajectory(args, accelerator.mixed_precision, dataset, image_column, caption_column)
     if resume_dir is not None:
         mf.check_compatible(MemFreeConfig.load_json(resume_dir / "memfree_config.json"))
+        check_same_trajectory(resume_dir, settings)
     elif checkpointing.list_checkpoints(output_dir):
         raise ValueError(f"--output_dir {output_dir} already holds checkpoints of a run; pass --resume_from_checkpoint=latest "
                          "to continue it, or choose a new --output_dir.")
@@ -432,6 +469,7 @@ def main(args) -> dict:
             if accelerator.is_main_process:
                 mf.save_json(tmp / "memfree_config.json")
                 (tmp / "train_args.json").write_text(json.dumps(plain_args, indent=2))
+                write_trajectory(tmp, settings)
                 # [memfree] the live tensors may hold a proxy's weights: publish the last merge's
                 save_checkpoint_model(accelerator.unwrap_model(unet), tmp, args.use_lora, trainable=memfree.merged_weights())
                 if ema_unet is not None:
@@ -582,11 +620,12 @@ def main(args) -> dict:
 def cli(argv=None) -> None:
     """Command-line entry: one-line errors for bad input instead of tracebacks (exit 2)."""
     from sd_memfree.data import DataError
+    from sd_memfree.runlock import RunLockHeld
 
     args = parse_args(argv)
     try:
         main(args)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # OutputDirError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
