@@ -216,3 +216,14 @@ def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(sdxl2
     assert torch.equal(states[0]["loss_bank_0"]["bank"], states[1]["loss_bank_0"]["bank"])
     assert (states[0]["loss_bank_0"]["bank"] > 0).sum() > 0
     assert torch.equal(states[0]["strengths"]["values"], states[1]["strengths"]["values"])
+
+
+def test_a_diverging_run_stops_without_saving_non_finite_weights(sdxl20, tiny_data_dir, tmp_path, capsys):
+    """A learning rate of 1e30 makes the weights inf after the first step: the run stops with one
+    line (exit 1) before the checkpoint at step 2, and nothing is written."""
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        train.cli(args(sdxl20, tiny_data_dir, out, "--learning_rate=1e30", "--checkpointing_steps=2", "--max_grad_norm=0", steps=4))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("error: the run diverged at step 2") and "NaN/inf" in err
+    assert not list(out.glob("checkpoint-*")) and not (out / "unet").exists()

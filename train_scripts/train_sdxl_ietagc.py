@@ -331,7 +331,7 @@ def train(args) -> dict:
     from sd_memfree.resume import check_same_trajectory, write_trajectory
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
     from sd_memfree.steplog import StepLossLog
-    from sd_memfree.stopping import all_finite
+    from sd_memfree.stopping import MAX_NONFINITE_STEPS, NonFiniteWatch, RunStopped, all_finite
     from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
                                       upcast_trainable_)
     from train_scripts.train_sd_ietagc import check_model_folder
@@ -491,6 +491,25 @@ def train(args) -> dict:
         if rows:
             progress.set_postfix(step_loss=rows[-1][1], lr=rows[-1][2])
 
+    # Non-finite losses are counted on the device and read only where the loop syncs anyway.
+    watch = NonFiniteWatch(accelerator.device)
+
+    def stop_if_diverged(checkpoint_due: bool) -> None:
+        """One sync, agreed by every process: stop when the loss was NaN/inf in MAX_NONFINITE_STEPS
+        consecutive steps, or before a checkpoint of non-finite weights."""
+        bad_weights = ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if checkpoint_due else torch.tensor(False)
+        flags = torch.stack([watch.worst, bad_weights.to(watch.worst.device).long()])
+        if accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        worst, weights_bad = flags.tolist()
+        watch.reset()
+        if worst >= MAX_NONFINITE_STEPS or weights_bad:
+            progress.close()  # the message starts a line of its own
+            what = (f"the loss was NaN/inf in {worst} consecutive optimizer steps" if worst >= MAX_NONFINITE_STEPS
+                    else "the trained weights became NaN/inf")
+            raise RunStopped(f"the run diverged at step {counters.global_step * step_unit}: {what}; nothing non-finite was saved; "
+                             f"lower --learning_rate (now {args.learning_rate:g}) or check the data, then resume from a good checkpoint or start again.")
+
     progress = tqdm(range(memfree.total_steps), initial=counters.global_step * step_unit, desc="Steps", disable=not accelerator.is_local_main_process)
     start_step = counters.global_step
     batches = iter(loader)
@@ -531,7 +550,9 @@ def train(args) -> dict:
             else:
                 raise ValueError(f"Unknown prediction type {prediction_type}")
             weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type) if args.snr_gamma is not None else None
-            loss = memfree.reduce(per_sample_loss(model_pred, target), timesteps, sample_ids, weights)  # [memfree] AGC inside
+            losses = per_sample_loss(model_pred, target)
+            watch.observe(losses)  # raw losses: AGC never keeps a non-finite one, so it must not hide it
+            loss = memfree.reduce(losses, timesteps, sample_ids, weights)  # [memfree] AGC inside
             step_log.add(loss)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -540,6 +561,7 @@ def train(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
+        watch.end_step()
         if not accelerator.optimizer_step_was_skipped:
             lr_scheduler.step()
         if ema_unet is not None:
@@ -551,10 +573,12 @@ def train(args) -> dict:
         if events.logs:
             flush_logs()  # earlier steps first: trackers drop steps that go back
             accelerator.log(events.logs, step=total)
-        if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps:
+        checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
+        if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps or checkpoint_due:
             flush_logs()
-        if total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps:
-            flush_logs()
+        if checkpoint_due or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps:
+            stop_if_diverged(checkpoint_due)
+        if checkpoint_due:
             save_checkpoint()
         if events.reload_data:  # [memfree] shards changed: drop batches prefetched from the old ones
             batches = iter(loader)
@@ -573,7 +597,7 @@ def train(args) -> dict:
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
-            raise ValueError(f"the trained weights are NaN/inf after step {summary['global_step']}: the final model was not saved; "
+            raise RunStopped(f"the trained weights are NaN/inf after step {summary['global_step']}: the final model was not saved; "
                              f"lower --learning_rate (now {args.learning_rate:g}) and start again.")
         staging = output_dir / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
@@ -618,9 +642,10 @@ def train(args) -> dict:
 
 
 def cli(argv=None) -> None:
-    """Command-line entry: one-line errors for bad input instead of tracebacks (exit 2)."""
+    """Command-line entry: one-line errors instead of tracebacks; exit 2 bad input, 1 the run diverged."""
     from sd_memfree.data import DataError
     from sd_memfree.runlock import RunLockHeld
+    from sd_memfree.stopping import RunStopped
 
     args = parse_args(argv)
     try:
@@ -628,6 +653,9 @@ def cli(argv=None) -> None:
     except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # OutputDirError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunStopped as e:  # diverged (exit 1)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
 
 
 if __name__ == "__main__":
