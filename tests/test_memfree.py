@@ -33,6 +33,7 @@ def run(model, optimizer, lr_scheduler, memfree, steps: int):
     """A loop shaped as docs/plugin.md's: batches from the sampler, noise from the proxy stream."""
     x = features()
     batches = iter(memfree.batch_sampler(2))
+    happened = []
     for _ in range(steps):
         ids = torch.tensor([i for i, _ in next(batches)])
         t = torch.randint(0, 4, (len(ids),), generator=memfree.generator)
@@ -42,8 +43,11 @@ def run(model, optimizer, lr_scheduler, memfree, steps: int):
         optimizer.step()
         optimizer.zero_grad()
         lr_scheduler.step()
-        if memfree.step().reload_data:
+        events = memfree.step()
+        happened.append(events)
+        if events.reload_data:
             batches = iter(memfree.sampler)
+    return happened
 
 
 FULL = MemFreeConfig(num_shards=2, merge_every=2, agc_ratio=1.5, agc_ema=0.5, redistribute_fraction=0.5, loss_aware_augmentation=True)
@@ -75,9 +79,15 @@ def test_agc_skips_a_low_loss_and_counts_it():
 def test_rounds_merge_redistribute_and_finish():
     model, optimizer, lr_scheduler, memfree = toy(FULL, steps=12)
     assert memfree.lr_schedule_steps == 6  # each of the 2 proxies takes 6 of the 12 steps
-    run(model, optimizer, lr_scheduler, memfree, 12)
+    events = run(model, optimizer, lr_scheduler, memfree, 12)
     assert memfree.proxies.num_merges == 3  # 12 steps / (2 proxies x 2 steps)
     assert memfree.counters.redistributions == 3  # mid-round, in each of the 3 rounds
+    # Each round: proxy 0 step 1, proxy 1 step 1, redistribution, proxy 0 step 2, proxy 1 step 2, merge.
+    assert [i for i, e in enumerate(events) if e.merged] == [3, 7, 11]
+    assert [i for i, e in enumerate(events) if e.redistributed] == [1, 5, 9]
+    assert all(e.reload_data == e.redistributed for e in events)
+    assert set(events[1].logs) == {"redistribution/moved", "shards/size_0", "shards/size_1"}
+    assert events[3].logs["merge/index"] == 1 and sum(events[3].logs[f"shards/size_{k}"] for k in range(2)) == N
     assert memfree.finish() == {}  # the budget ended with a merge
     merged = torch.cat(memfree.merged_weights())
     assert torch.equal(merged, torch.cat([p.detach().flatten() for p in model.parameters()]))
