@@ -13,13 +13,15 @@ import sys
 
 
 def _make_tiny_model(argv: list[str]) -> None:
-    from sd_memfree.tiny import make_tiny_model
+    from sd_memfree.tiny import make_tiny_model, make_tiny_sdxl_model
 
     p = argparse.ArgumentParser(prog="sd-memfree make-tiny-model", description="Write a tiny offline Stable-Diffusion-architecture pipeline folder.")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="sd", choices=["sd", "sdxl"],
+                   help="sd: StableDiffusionPipeline; sdxl: StableDiffusionXLPipeline (two text encoders, size and crop conditioning)")
     a = p.parse_args(argv)
-    print(make_tiny_model(a.dir, seed=a.seed))
+    print((make_tiny_sdxl_model if a.arch == "sdxl" else make_tiny_model)(a.dir, seed=a.seed))
 
 
 def _make_tiny_dataset(argv: list[str]) -> None:
@@ -93,9 +95,10 @@ def _card(argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "make-tiny-model": (_make_tiny_model, "write a tiny offline SD pipeline folder"),
+    "make-tiny-model": (_make_tiny_model, "write a tiny offline SD (or --arch sdxl: SDXL) pipeline folder"),
     "make-tiny-dataset": (_make_tiny_dataset, "write a small captioned image set"),
     "train": (_recipe("train_scripts.train_sd_ietagc"), "run train_scripts/train_sd_ietagc.py (same flags)"),
+    "train-sdxl": (_recipe("train_scripts.train_sdxl_ietagc"), "run train_scripts/train_sdxl_ietagc.py (same flags)"),
     "score": (_score, "score a model's memorization (eval/score_memorization.py)"),
     "card": (_card, "put memorization scores into a trained model's card (and --push_to_hub)"),
     "demo": (_recipe("train_scripts.demo"), "the embedded demo on the tiny model and data (CPU, minutes)"),

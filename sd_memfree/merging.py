@@ -2,7 +2,10 @@
 
 A merge replaces the trainable weights by the weighted mean of the proxies' weights
 (method.md section 1): ``merged = sum_k w_k * theta_k / sum_k w_k``. The policy of *which*
-weights lives in ``merge_weights``; ``ProxySet`` (proxies.py) decides *when*.
+weights lives in ``merge_weight`` / ``merge_weights``; ``ProxySet`` (proxies.py) decides *when*.
+``ProxySet`` and ``weighted_average`` share one implementation: the weight ``merge_weight`` and
+the running sum ``accumulate_``, so the pure reference and the merge the scripts run give the
+same bits.
 
 Invariants:
 - Sums are computed in float32, whatever the dtype of the inputs, so that fp16/bf16 weights do
@@ -50,7 +53,7 @@ def weighted_average(tensors: Sequence[Tensor], weights: Sequence[float]) -> Ten
     for tensor, weight in zip(tensors, weights):
         # Skipping (rather than multiplying by 0) keeps a NaN in an unused proxy out of the mean.
         if weight != 0:
-            acc.add_(tensor.to(device=acc.device, dtype=torch.float32), alpha=float(weight))
+            accumulate_([acc], [tensor], weight)
     return acc.div_(total).to(first.dtype)
 
 
@@ -104,6 +107,18 @@ def _add_staged(staged: list[tuple[Tensor, Tensor, torch.device]], weight: float
         acc.add_(host_copy.float() * weight)  # unfused, as above
 
 
+def merge_weight(shard_size: int, steps_taken: int) -> int:
+    """Unnormalised merge weight ``n_k * s_k`` of one proxy: its shard size times the optimizer
+    steps it took this round (``ProxySet`` folds its weights into the running sum with it).
+
+    Raises:
+        ValueError: if a value is negative.
+    """
+    if shard_size < 0 or steps_taken < 0:
+        raise ValueError(f"merge weights need non-negative values, got shard size {shard_size} and {steps_taken} steps.")
+    return shard_size * steps_taken
+
+
 def merge_weights(shard_sizes: Sequence[int], steps_taken: Sequence[int]) -> list[float]:
     """Normalised merge weights ``w_k = n_k * s_k / sum_j n_j * s_j``.
 
@@ -128,7 +143,7 @@ def merge_weights(shard_sizes: Sequence[int], steps_taken: Sequence[int]) -> lis
         raise ValueError(
             f"merge_weights needs non-negative values, got {list(shard_sizes)} and {list(steps_taken)}."
         )
-    raw = [n * s for n, s in zip(shard_sizes, steps_taken)]
+    raw = [merge_weight(n, s) for n, s in zip(shard_sizes, steps_taken)]
     total = sum(raw)
     if total == 0:
         return [0.0] * len(raw)

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .merging import accumulate_
+from .merging import accumulate_, merge_weight
 
 OPTIMIZER_STATE_MODES = ("per_proxy", "shared")
 
@@ -241,7 +241,7 @@ class ProxySet:
                 f"proxy {k} already ended its turn this round; its weights were reset to the merged "
                 "weights, so it cannot train again before merge()."
             )
-        weight = self._shard_sizes[k] * steps_taken
+        weight = merge_weight(self._shard_sizes[k], steps_taken)
         if weight > 0:
             accumulate_(self._sum, self.params, weight)
             self._total_weight += weight

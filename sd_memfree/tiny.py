@@ -485,3 +485,71 @@ def tiny_base_model(cache_dir: str | os.PathLike | None = None, config: TinyBase
         path.parent.mkdir(parents=True, exist_ok=True)
         build_tiny_base(path, cfg, progress=progress)
     return path
+
+
+# --- tiny SDXL-architecture model (kept apart from the SD builder above) -------------------------
+
+# Micro-conditioning of SDXL: six numbers (original size, crop top-left, target size), each
+# embedded with this many channels, plus the pooled text embedding of the second text encoder.
+TINY_SDXL_TIME_EMBED_DIM = 8
+
+
+def make_tiny_sdxl_pipeline(seed: int = 0, config: TinyModelConfig | None = None, tokenizer_dir: str | None = None):
+    """Build a tiny ``StableDiffusionXLPipeline`` from configs with seeded random weights: two text
+    encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``, hidden states concatenated as
+    the cross-attention input), size and crop conditioning (``addition_embed_type="text_time"``).
+    Deterministic: the same seed gives bit-identical weights."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    cfg = config or TinyModelConfig()
+    text_config = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=cfg.text_hidden,
+                       intermediate_size=4 * cfg.text_hidden, num_attention_heads=4, num_hidden_layers=cfg.text_layers,
+                       vocab_size=49408, max_position_embeddings=77, projection_dim=cfg.text_hidden, hidden_act="gelu")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.sample_size // TINY_VAE_SCALE,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",),
+        cross_attention_dim=2 * cfg.text_hidden,  # both encoders' hidden states, concatenated
+        attention_head_dim=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + cfg.text_hidden,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=cfg.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels), up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        latent_channels=cfg.latent_channels, layers_per_block=1, norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = write_clip_tokenizer_files(tokenizer_dir or tmp)
+        tokenizer = CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>", model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(str(vocab), str(merges), pad_token="!", model_max_length=77)  # SDXL's second tokenizer pads with "!"
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
+def make_tiny_sdxl_model(out_dir: str | os.PathLike, seed: int = 0, config: TinyModelConfig | None = None) -> Path:
+    """Write a tiny SDXL pipeline folder that ``StableDiffusionXLPipeline.from_pretrained`` loads."""
+    out_dir = Path(out_dir)
+    make_tiny_sdxl_pipeline(seed=seed, config=config).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

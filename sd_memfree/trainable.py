@@ -101,3 +101,33 @@ def save_checkpoint_model(unet, folder: str | Path, is_lora: bool, trainable: li
         unet.save_config(folder / "unet")
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"),
                   metadata={"format": "pt"})
+
+
+def kohya_lora_state_dict(unet, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA in the kohya format that AUTOMATIC1111 and ComfyUI load
+    (``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``), by diffusers'
+    own converter (``convert_state_dict_to_kohya``).
+
+    Args:
+        unet: a UNet with a peft LoRA adapter (``add_lora``).
+        state: values to convert instead of the UNet's own (e.g. a merge's, see
+            ``save_checkpoint_model``); None reads ``unet.state_dict()``.
+    """
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    peft_layers = get_peft_model_state_dict(unet, state_dict=state) if getattr(unet, "peft_config", None) else {}
+    if not peft_layers:
+        raise ValueError("the UNet has no LoRA adapter to convert; kohya export applies to LoRA training (--use_lora).")
+    # The "unet." prefix is how the converter tells UNet layers (lora_unet_*) from text encoders'.
+    return convert_state_dict_to_kohya({f"unet.{k}": v.detach().contiguous() for k, v in peft_layers.items()})
+
+
+def save_kohya_lora(unet, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``kohya_lora_state_dict(unet, state)`` as one safetensors file (A1111 / ComfyUI's
+    ``models/loras``); returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(kohya_lora_state_dict(unet, state), str(path), metadata={"format": "pt"})
+    return path

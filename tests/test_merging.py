@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_memfree.merging import accumulate_, merge_weights, weighted_average
+from sd_memfree.merging import accumulate_, merge_weight, merge_weights, weighted_average
 
 
 def test_weighted_average_hand_computed():
@@ -107,3 +107,27 @@ def test_merge_weights_rejects_mismatches():
         merge_weights([1, 2], [1])
     with pytest.raises(ValueError, match="non-negative"):
         merge_weights([1, 2], [1, -1])
+
+
+def test_merge_weight_is_size_times_steps_and_rejects_negatives():
+    assert merge_weight(3, 4) == 12 and merge_weight(5, 0) == 0
+    with pytest.raises(ValueError, match="non-negative"):
+        merge_weight(-1, 2)
+
+
+def test_proxyset_merge_and_weighted_average_give_the_same_bits():
+    """One implementation: ProxySet's running-sum merge is weighted_average of the proxies' weights
+    with weights n_k * s_k, to the last bit (values chosen so a fused multiply-add would differ)."""
+    from sd_memfree.proxies import ProxySet
+
+    starts = [torch.tensor([0.1, 1 / 3, 2.0 / 7]), torch.tensor([0.7, -1 / 9, 5.0 / 11])]
+    param = torch.nn.Parameter(starts[0].clone())
+    proxies = ProxySet([param], 2, [3, 7])
+    ends = [torch.tensor([0.3, 0.123456789, -1 / 7]), torch.tensor([1 / 13, 0.987654321, 2 / 3])]
+    for k, end in enumerate(ends):
+        proxies.begin_turn(k)
+        with torch.no_grad():
+            param.copy_(end)
+        proxies.end_turn(5 if k == 0 else 2)
+    proxies.merge()
+    assert torch.equal(param.detach(), weighted_average(ends, [merge_weight(3, 5), merge_weight(7, 2)]))

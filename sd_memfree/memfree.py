@@ -1,0 +1,426 @@
+"""``MemFree``: IET-AGC / IET-AGC+ as one object any diffusers training loop can use.
+
+In the spirit of Opacus' ``PrivacyEngine``: the training loop stays as it was; the plugin owns the
+method's state and every cross-process sync. It holds the shard split (``ShardAssignment``), the
+proxies (``ProxySet``), one loss bank per proxy (``LossBank``), the skip statistics (``SkipStats``),
+the loss-aware augmentation strengths (``AugmentationStrengths``), one RNG stream per proxy
+(``ProxyGenerators``) and the round schedule (``RoundSchedule``, the one source of truth for
+"where are we"). The loop makes a handful of calls (docs/plugin.md)::
+
+    memfree = MemFree(config, num_samples=len(dataset), num_train_timesteps=1000,
+                      max_train_steps=steps, seed=seed, accelerator=accelerator)
+    lr_scheduler = get_scheduler(..., num_training_steps=memfree.lr_schedule_steps)
+    memfree.attach(params, optimizer, lr_scheduler)
+    loader = memfree.dataloader(train_dataset, batch_size, collate_fn=collate)
+    for batch in loader:                                   # rebuilt when step() says so
+        g = memfree.generator                              # the live proxy's noise stream
+        ...                                                # forward, per-sample losses [B]
+        loss = memfree.reduce(losses, timesteps, batch["sample_ids"], weights)
+        accelerator.backward(loss); optimizer.step(); optimizer.zero_grad()
+        lr_scheduler.step()
+        events = memfree.step()                            # turns, merges, redistribution
+    memfree.finish()                                       # the final merge
+
+Invariants:
+- The order of operations and the random streams are those of ``train_sd_ietagc.py``'s loop:
+  a loop written with ``MemFree`` trains bit-identical weights (tests/test_memfree.py).
+- ``reduce`` never synchronises host and device (one gather of the micro-batch's losses only in
+  plain data-parallel training with AGC, so every process's bank sees the global batch);
+  ``step`` syncs only when a merge or redistribution is due; ``log_values`` syncs (logging time).
+- With the config off (one shard, AGC off) ``reduce`` is the (weighted) mean and ``step``,
+  ``finish`` do nothing but count.
+- ``state_dict()`` holds tensors and plain data only (sd_memfree/state.py writes it without
+  pickle); ``stateful_objects()`` names the same objects under the names the SD script's
+  checkpoints use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .agc import LossBank, SkipStats
+from .config import MemFreeConfig
+from .losses import masked_mean
+from .proxies import ProxySet, check_spread
+from .schedule import RoundSchedule
+from .shards import ShardAssignment
+from .state import Counters, ProxyGenerators
+
+
+@dataclass
+class StepEvents:
+    """What ``MemFree.step`` did after an optimizer step.
+
+    Attributes:
+        logs: tracker values of the merge / redistribution (empty when neither happened).
+        merged: the proxies were merged.
+        redistributed: shards exchanged samples.
+        reload_data: the shard membership changed: batches the data loader prefetched belong to
+            the old shards, so build a new iterator (``iter(loader)``) before the next batch.
+    """
+
+    logs: dict[str, Any] = field(default_factory=dict)
+    merged: bool = False
+    redistributed: bool = False
+    reload_data: bool = False
+
+
+class MemFree:
+    """IET-AGC / IET-AGC+ for one training run (method.md, sections 1-4).
+
+    Args:
+        config: the mitigation settings.
+        num_samples: N, the training set size (sample ids ``0..N-1``).
+        num_train_timesteps: the noise scheduler's ``num_train_timesteps`` (loss banks' size).
+        max_train_steps: the budget, optimizer steps summed over proxies and processes (shortened
+            to whole shares per proxy, see ``RoundSchedule``; ``total_steps`` is what runs).
+        seed: the run seed (shard split, data order, per-proxy RNG streams).
+        accelerator: an ``accelerate.Accelerator``; gives rank, world size, device and gather.
+        rank, world_size, device: the same without accelerate (``torch.distributed`` must be
+            initialised when ``world_size > 1``).
+        gradient_accumulation_steps: micro-steps per optimizer step.
+        params, optimizer, lr_scheduler: as ``attach`` (pass them here when the LR scheduler does
+            not need ``lr_schedule_steps``).
+        storage_device: where the merged weights, the running sum and stashed optimizer states
+            live: "cpu" for full fine-tuning (K copies of a UNet's optimizer state do not fit on
+            the accelerator), the training device for LoRA (small tensors).
+
+    Invariant: K proxies are spread over W processes when K > 1 and W > 1 (process p trains the
+    proxies ``k % W == p``, no gradient all-reduce: do not wrap the model in DDP, see
+    ``data_parallel``); with K = 1, W processes train data-parallel as usual.
+    """
+
+    def __init__(self, config: MemFreeConfig, *, num_samples: int, num_train_timesteps: int, max_train_steps: int,
+                 seed: int = 0, accelerator: Any = None, rank: int | None = None, world_size: int | None = None,
+                 device: torch.device | str | None = None, gradient_accumulation_steps: int | None = None,
+                 params: list[torch.nn.Parameter] | None = None, optimizer: Any = None, lr_scheduler: Any = None,
+                 storage_device: torch.device | str = "cpu") -> None:
+        if not isinstance(config, MemFreeConfig):
+            raise TypeError(f"MemFree needs a MemFreeConfig, got {type(config).__name__}; build one with MemFreeConfig(...).")
+        self.config = mf = config
+        self.accelerator = accelerator
+        if accelerator is not None:
+            rank = accelerator.process_index if rank is None else rank
+            world_size = accelerator.num_processes if world_size is None else world_size
+            device = accelerator.device if device is None else device
+            if gradient_accumulation_steps is None:
+                gradient_accumulation_steps = accelerator.gradient_accumulation_steps
+        self.rank, self.world_size = rank or 0, world_size or 1
+        self.device = torch.device(device if device is not None else "cpu")
+        self.gradient_accumulation_steps = gradient_accumulation_steps or 1
+        self.num_samples, self.num_train_timesteps, self.seed = num_samples, num_train_timesteps, seed
+        self.storage_device = storage_device
+        K = self.num_proxies = mf.num_shards
+        W = self.world_size
+        if K > 1:
+            check_spread(K, W)  # before anything is built: W must divide K
+        # With several shards, proxies are independent between merges: each process trains its
+        # own proxies (no per-step gradient all-reduce), and a merge is one all-reduce.
+        self.proxies_spread = K > 1 and W > 1
+        self.local_proxies = [k for k in range(K) if k % W == self.rank] if self.proxies_spread else list(range(K))
+        self.data_world, self.data_rank = (1, 0) if self.proxies_spread else (W, self.rank)
+        self.assignment = ShardAssignment(num_samples, K, seed)  # raises if K > num_samples
+        # Which proxy trains and when turns end, merges and redistributions are due; the sampler
+        # reads it too. Every proxy takes the same number of steps, so every shard weighs the same.
+        self.schedule = RoundSchedule(K, mf.merge_every, self.local_proxies, max_train_steps,
+                                      redistribute_at=mf.redistribute_at if mf.redistribution_enabled else None,
+                                      gradient_accumulation_steps=self.gradient_accumulation_steps)
+        self.strengths = self.augment = None
+        if mf.loss_aware_augmentation:  # per-sample strengths in shared memory, read by the data workers
+            from .augment import AugmentationStrengths, LossAwareAugment
+
+            self.strengths = AugmentationStrengths(num_samples)
+            self.augment = LossAwareAugment(self.strengths, max_magnitude=mf.augment_max_magnitude)
+        self.banks = [LossBank(num_train_timesteps, ratio=mf.agc_ratio, ema=mf.agc_ema, device=self.device)
+                      for _ in range(K)] if mf.agc_enabled else []
+        self.skip_stats = SkipStats(num_train_timesteps, num_proxies=K, device=self.device) if mf.agc_enabled else None
+        self.run_skip_stats = SkipStats(num_train_timesteps, num_proxies=K, device=self.device) if mf.agc_enabled else None
+        if mf.agc_enabled:
+            self.assignment.to(self.device)
+        # RNG streams belong to proxies (see ProxyGenerators); without shards each process gets
+        # its own stream so data-parallel processes draw different noise.
+        self.rng = ProxyGenerators([seed * 1000 + k for k in range(K)] if K > 1 else [seed * 1000 + self.rank], device=self.device)
+        self.counters = Counters(global_step=0, micro_step=0, sampler_origin=0, turn_steps=0, redistributions=0)
+        self.proxies: ProxySet | None = None
+        self.sampler = None
+        self._finished = False
+        if params is not None:
+            self.attach(params, optimizer, lr_scheduler)
+
+    # -- sizes ----------------------------------------------------------------------------------
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps the run takes, summed over proxies and processes."""
+        return self.schedule.total_steps
+
+    @property
+    def local_steps(self) -> int:
+        """Optimizer steps this process takes (the loop's ``max_train_steps``)."""
+        return self.schedule.local_steps
+
+    @property
+    def step_unit(self) -> int:
+        """Optimizer steps of all processes per local step (W with spread proxies, else 1)."""
+        return self.world_size if self.proxies_spread else 1
+
+    @property
+    def lr_schedule_steps(self) -> int:
+        """``num_training_steps`` for the LR scheduler: with one optimizer state per proxy each
+        proxy has its own schedule position, spanning its own steps."""
+        if self.num_proxies > 1 and self.config.proxy_optimizer_state == "per_proxy":
+            return self.schedule.steps_per_proxy
+        return self.schedule.local_steps
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether the model is wrapped for gradient all-reduce (``accelerator.prepare(model)``):
+        only without shards. With shards the proxies never all-reduce gradients."""
+        return self.num_proxies == 1
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def attach(self, params: list[torch.nn.Parameter], optimizer: Any, lr_scheduler: Any = None) -> "MemFree":
+        """Take over the trainable tensors, their optimizer and LR scheduler (each proxy swaps in
+        its own optimizer state and schedule position). Call before ``accelerator.prepare`` of
+        the optimizer and before any step; a no-op with one shard. Returns self."""
+        if self.num_proxies > 1 and self.proxies is None:
+            self.proxies = ProxySet(list(params), self.num_proxies, self.assignment.sizes(), optimizer=optimizer,
+                                    lr_scheduler=lr_scheduler, optimizer_state=self.config.proxy_optimizer_state,
+                                    storage_device=self.storage_device,
+                                    rank=self.rank if self.proxies_spread else 0,
+                                    world_size=self.world_size if self.proxies_spread else 1)
+        return self
+
+    def shard_at(self, micro_step: int) -> int:
+        """The shard (= proxy) whose data feeds micro-step ``micro_step``."""
+        return self.schedule.proxy_at_micro(micro_step)
+
+    def batch_sampler(self, batch_size: int):
+        """The ``ShardBatchSampler`` handing out ``(sample_id, aug_seed)`` micro-batches from the
+        shard the schedule names (this process's slice in data-parallel training); its next
+        iterator starts at the current micro-step."""
+        from .data import ShardBatchSampler
+
+        self.sampler = ShardBatchSampler(self._members(), batch_size, self.seed, self.shard_at,
+                                         data_rank=self.data_rank, data_world=self.data_world)
+        self.sampler.set_members(self._members(), self.counters.sampler_origin, self.counters.redistributions)
+        self.sampler.start = self.counters.micro_step
+        return self.sampler
+
+    def dataloader(self, dataset, batch_size: int, **kwargs):
+        """A ``DataLoader`` over ``dataset`` with ``batch_sampler(batch_size)``; the dataset is
+        indexed by ``(sample_id, aug_seed)`` (``sd_memfree.data.IndexedCaptionDataset``). Its own
+        seeded generator leaves the global RNG untouched."""
+        from torch.utils.data import DataLoader
+
+        kwargs.setdefault("generator", torch.Generator().manual_seed(self.seed))
+        return DataLoader(dataset, batch_sampler=self.batch_sampler(batch_size), **kwargs)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    @property
+    def current_proxy(self) -> int:
+        """The proxy that trains on the next micro-batch."""
+        return self.shard_at(self.counters.micro_step)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The live proxy's RNG stream (VAE sampling, noise, timesteps), on the training device."""
+        return self.rng[self.current_proxy if self.num_proxies > 1 else 0]
+
+    def reduce(self, losses: torch.Tensor, timesteps: torch.Tensor, sample_ids: torch.Tensor,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss of one micro-batch: the mean of the kept per-sample losses.
+
+        AGC (when on): samples whose loss is abnormally low for their timestep are skipped, then
+        the live proxy's loss bank, the augmentation strengths and the skip counts take the batch.
+        Counts the micro-step. No host-device sync.
+
+        Args:
+            losses: Tensor [B] of per-sample losses before weighting (``losses.per_sample_loss``).
+            timesteps: LongTensor [B] of training timesteps, on the training device.
+            sample_ids: LongTensor [B] of sample ids (the batch's ``sample_ids``).
+            weights: Tensor [B] of per-sample weights (Min-SNR), None for 1.
+
+        Returns:
+            The scalar loss to backpropagate.
+        """
+        keep = None
+        if self.banks:  # AGC: skip abnormally low losses for their timestep, then update the bank
+            k = self.current_proxy
+            bank = self.banks[k]
+            detached = losses.detach()
+            keep = bank.keep_mask(detached, timesteps)
+            seen_losses, seen_t, seen_ids, seen_keep = detached, timesteps, sample_ids, keep
+            if self.data_world > 1:  # data-parallel: every process's bank and strengths take the whole global batch
+                seen = self._gather(torch.stack([detached.double(), timesteps.double(), sample_ids.double()], dim=1))
+                seen_losses, seen_t, seen_ids = seen[:, 0].float(), seen[:, 1].long(), seen[:, 2].long()
+                seen_keep = bank.keep_mask(seen_losses, seen_t)
+            if self.strengths is not None:  # loss-aware augmentation strength for the next draw
+                from .augment import augmentation_strength
+
+                self.strengths.update(seen_ids, augmentation_strength(seen_losses, seen_t, bank.bank, self.config.agc_ratio,
+                                                                      self.config.augment_alpha), seen_keep)
+            bank.update(seen_losses, seen_t)
+            finite = torch.isfinite(detached)  # a non-finite loss is not a skip: it is the loop's to report
+            self.skip_stats.update(keep, timesteps, k, valid=finite)
+            self.run_skip_stats.update(keep, timesteps, k, valid=finite)
+            self.assignment.record_skips(sample_ids, keep)
+        self.counters.micro_step += 1
+        return masked_mean(losses, keep, weights)
+
+    def step(self) -> StepEvents:
+        """After each optimizer step (and after ``lr_scheduler.step()``): ends turns, merges and
+        redistributes when the schedule says so, and switches the live proxy.
+
+        Returns:
+            What happened; when ``reload_data`` is set, rebuild the data iterator.
+        """
+        self.counters.global_step += 1
+        events = StepEvents()
+        if self.num_proxies > 1:
+            events = self._round_events(self.schedule.after_step(self.counters.global_step - 1))
+        if self.strengths is not None:
+            self.strengths.flush()
+        return events
+
+    def _round_events(self, event) -> StepEvents:
+        events = StepEvents()
+        proxies, assignment, mf = self.proxies, self.assignment, self.config
+        if proxies is None:
+            raise RuntimeError("MemFree.step() with shards needs attach(params, optimizer, lr_scheduler) first.")
+        total = self.counters.global_step * self.step_unit
+        if event.turn_ends:
+            if event.round_done_for_proxy:  # its h steps are done: bank its weights, restart from merged
+                proxies.end_turn(event.steps_in_round)
+            elif event.next_proxy != event.proxy:  # half-way: keep its weights for its second half
+                proxies.pause_turn()
+        if event.merge:
+            events.merged = True
+            events.logs.update(proxies.merge())  # one all-reduce across processes
+        if event.redistribute:  # IET-AGC+ redistribution on its schedule
+            counts = assignment.skip_counts.clone()
+            if self.proxies_spread:  # every process decides from the same global counts
+                torch.distributed.all_reduce(counts)
+                if self.strengths is not None:  # each sample's strength comes from the process that trained it
+                    self.strengths.flush()
+                    owned = torch.isin(assignment.shard_of, torch.tensor(self.local_proxies)).to(self.strengths.values.dtype)
+                    synced = self.strengths.values * owned
+                    torch.distributed.all_reduce(synced)
+                    self.strengths.values.copy_(synced)
+            moves = assignment.redistribute(mf.redistribute_fraction, total, counts=counts)
+            proxies.shard_sizes = assignment.sizes()
+            self.counters.redistributions += 1
+            self.counters.sampler_origin = self.counters.micro_step
+            if self.sampler is not None:
+                self.sampler.set_members(self._members(), self.counters.sampler_origin, self.counters.redistributions)
+                self.sampler.start = self.counters.micro_step
+            events.redistributed = events.reload_data = True
+            events.logs["redistribution/moved"] = sum(len(m["sample_ids"]) for m in moves)
+        if events.merged or events.redistributed:
+            events.logs.update({f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())})
+        if event.turn_ends and event.next_proxy is not None:
+            proxies.begin_turn(event.next_proxy)  # a paused proxy gets its own weights back
+        return events
+
+    def finish(self) -> dict[str, float]:
+        """The final merge: the budget ends with a merge (``RoundSchedule``), so only a run
+        stopped mid-round merges here, every local proxy weighted by the steps it took in that
+        round. Idempotent. Returns the merge's logging values ({} when nothing was merged)."""
+        if self._finished or self.proxies is None:
+            self._finished = True
+            return {}
+        self._finished = True
+        taken = self.schedule.steps_in_round(self.counters.global_step)
+        if not taken:
+            return {}
+        self.proxies.end_round(taken)
+        return self.proxies.merge()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def log_values(self) -> dict[str, float]:
+        """Skip rates since the last call and the mean augmentation strength (syncs: call at
+        logging time, at the same steps on every process)."""
+        logs: dict[str, float] = {}
+        if self.skip_stats is not None:
+            logs.update(self.skip_stats.summary())
+        if self.strengths is not None:
+            logs["augment/mean_strength"] = self.strengths.mean()
+        return logs
+
+    def total_skip_counts(self) -> torch.Tensor:
+        """Whole-run skips per sample, summed over processes (a collective with W > 1)."""
+        total = self.assignment.total_skip_counts.clone()
+        if self.world_size > 1:  # each process counted the samples it trained on
+            torch.distributed.all_reduce(total)
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        """Whole-run skip rates (this process's proxies), the shard split and move log, merges."""
+        out: dict[str, Any] = {}
+        if self.run_skip_stats is not None:
+            out.update(self.run_skip_stats.summary())
+        out.update(self.assignment.summary())
+        out["num_merges"] = self.proxies.num_merges if self.proxies is not None else 0
+        return out
+
+    def merged_weights(self) -> list[torch.Tensor] | None:
+        """The last merge's values of the trainable tensors (views, in ``params`` order), or None
+        without shards. What a checkpoint publishes while the live tensors hold a proxy's weights."""
+        if self.proxies is None:
+            return None
+        return list(torch.split(self.proxies.state_dict()["merged"], [p.numel() for p in self.proxies.params]))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def stateful_objects(self) -> dict[str, Any]:
+        """The stateful objects under the names train_sd_ietagc.py's checkpoints use (None where
+        off), for ``state.save_process_state``; call ``on_state_loaded()`` after loading them."""
+        objects = {"counters": self.counters, "rng": self.rng, "assignment": self.assignment,
+                   "proxies": self.proxies, "strengths": self.strengths}
+        for k, bank in enumerate(self.banks):
+            objects[f"loss_bank_{k}"] = bank
+        return objects
+
+    def state_dict(self) -> dict[str, Any]:
+        """This process's method state: tensors and plain data only (no pickle needed)."""
+        return {name: obj.state_dict() for name, obj in self.stateful_objects().items() if obj is not None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s output. Load the model's trainable tensors and the optimizer
+        and LR scheduler states first: the live proxy is switched here (a paused one gets its
+        own weights back)."""
+        for name, obj in self.stateful_objects().items():
+            if obj is None:
+                continue
+            if name not in state:
+                raise ValueError(f"MemFree state has no '{name}': it was saved with another configuration; resume with the same settings.")
+            obj.load_state_dict(state[name])
+        self.on_state_loaded()
+
+    def on_state_loaded(self) -> None:
+        """After the stateful objects were loaded: the sampler takes the loaded shards and the
+        proxy whose turn it is becomes live."""
+        if self.sampler is not None:
+            self.sampler.set_members(self._members(), self.counters.sampler_origin, self.counters.redistributions)
+            self.sampler.start = self.counters.micro_step
+        if self.proxies is not None and self.proxies.live != self.current_proxy:
+            self.proxies.begin_turn(self.current_proxy)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _members(self) -> list[list[int]]:
+        return [self.assignment.members(k) for k in range(self.num_proxies)]
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator is not None:
+            return self.accelerator.gather(tensor)
+        out = torch.empty((self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        torch.distributed.all_gather_into_tensor(out, tensor.contiguous())
+        return out
+

@@ -1,0 +1,229 @@
+"""train_scripts/train_sdxl_ietagc.py on the tiny SDXL model, offline: upstream's flags, full and
+LoRA outputs that StableDiffusionXLPipeline loads, the method on, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train_scripts import train_sdxl_ietagc as train
+
+UPSTREAM_FLAGS = """
+pretrained_model_name_or_path pretrained_vae_model_name_or_path revision variant dataset_name dataset_config_name
+train_data_dir image_column caption_column validation_prompt num_validation_images validation_epochs max_train_samples
+proportion_empty_prompts output_dir cache_dir seed resolution center_crop random_flip train_batch_size num_train_epochs
+max_train_steps checkpointing_steps checkpoints_total_limit resume_from_checkpoint gradient_accumulation_steps
+gradient_checkpointing learning_rate scale_lr lr_scheduler lr_warmup_steps timestep_bias_strategy timestep_bias_multiplier
+timestep_bias_begin timestep_bias_end timestep_bias_portion snr_gamma use_ema allow_tf32 dataloader_num_workers
+use_8bit_adam adam_beta1 adam_beta2 adam_weight_decay adam_epsilon max_grad_norm push_to_hub hub_token prediction_type
+hub_model_id logging_dir report_to mixed_precision local_rank enable_npu_flash_attention
+enable_xformers_memory_efficient_attention noise_offset image_interpolation_mode
+train_text_encoder rank debug_loss
+""".split()  # train_text_to_image_sdxl.py; last line: only in train_text_to_image_lora_sdxl.py (diffusers main, 2026)
+
+METHOD = ["--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--agc_ema=0.1", "--redistribute_fraction=0.5",
+          "--loss_aware_augmentation"]
+
+
+@pytest.fixture(scope="module")
+def sdxl20(tmp_path_factory) -> Path:
+    """The tiny SDXL model with a 20-timestep scheduler, so AGC's loss banks fill up in a few steps."""
+    from sd_memfree.tiny import make_tiny_sdxl_model
+
+    d = make_tiny_sdxl_model(tmp_path_factory.mktemp("sdxl") / "m", seed=0)
+    cfg_path = d / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_train_timesteps"] = 20
+    cfg_path.write_text(json.dumps(cfg))
+    return d
+
+
+def args(model, data, out, *extra, steps=8):
+    return [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
+            "--resolution=32", "--train_batch_size=2", f"--max_train_steps={steps}", "--learning_rate=1e-3",
+            "--lr_warmup_steps=0", "--seed=3", "--report_to=none", "--checkpointing_steps=1000000", "--random_flip", *extra]
+
+
+def run(argv):
+    return train.main(train.parse_args(argv))
+
+
+def test_help_lists_every_upstream_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert [f for f in UPSTREAM_FLAGS if f"--{f}" not in text] == []
+    a = train.parse_args(["--pretrained_model_name_or_path=x", "--train_data_dir=y"])
+    assert (a.resolution, a.train_batch_size, a.learning_rate, a.lr_scheduler, a.lr_warmup_steps, a.validation_epochs) == (1024, 16, 1e-4, "constant", 500, 1)
+    assert (a.timestep_bias_strategy, a.timestep_bias_portion, a.rank, a.output_dir, a.proportion_empty_prompts) == ("none", 0.25, 4, "sdxl-model-finetuned", 0)
+    assert train.parse_args(["--pretrained_model_name_or_path=x", "--train_data_dir=y", "--use_lora"]).output_dir == "sd-model-finetuned-lora"
+
+
+def test_full_with_the_method_loads_in_the_sdxl_pipeline(sdxl20, tiny_data_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "full"
+    summary = run(args(sdxl20, tiny_data_dir, out, *METHOD, "--timestep_bias_strategy=later", "--proportion_empty_prompts=0.5"))
+    assert summary["num_merges"] == 2 and 0 < summary["agc/skip_rate"] < 1
+    state = json.loads((out / "memfree_state.json").read_text())
+    assert state["moves"] and sum(state["shard_sizes"]) == 12
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    base = load_file(sdxl20 / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(base[n], p) for n, p in pipe.unet.state_dict().items())  # trained
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_lora_with_shards_and_kohya_export_load(sdxl20, tiny_data_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "lora"
+    run(args(sdxl20, tiny_data_dir, out, *METHOD, "--use_lora", "--save_kohya_lora"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl20)
+    pipe.load_lora_weights(str(out))
+    kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+    again = StableDiffusionXLPipeline.from_pretrained(sdxl20)
+    again.load_lora_weights(str(out / "pytorch_lora_weights_kohya.safetensors"))
+    x, text, pooled = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 64), torch.randn(1, 32)
+    cond = {"time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]), "text_embeds": pooled}
+    with torch.no_grad():
+        a = pipe.unet(x, 5, text, added_cond_kwargs=cond).sample
+        b = again.unet(x, 5, text, added_cond_kwargs=cond).sample
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_resume_equals_a_straight_run(sdxl20, tiny_data_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(args(sdxl20, tiny_data_dir, straight, *METHOD, steps=8))
+    run(args(sdxl20, tiny_data_dir, resumed, *METHOD, "--checkpointing_steps=4", steps=4))
+    run(args(sdxl20, tiny_data_dir, resumed, *METHOD, "--checkpointing_steps=4", "--resume_from_checkpoint=latest", steps=8))
+    a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert json.loads((straight / "memfree_state.json").read_text()) == json.loads((resumed / "memfree_state.json").read_text())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--train_text_encoder"], "--train_text_encoder is not supported"),
+    (["--save_kohya_lora"], "add --use_lora"),
+    (["--use_ema", "--num_shards=2"], "--use_ema with --num_shards > 1"),
+    (["--proportion_empty_prompts=2"], "must be in [0, 1]"),
+    (["--timestep_bias_strategy=later", "--timestep_bias_multiplier=0"], "must be > 0"),
+])
+def test_bad_flags_stop_with_one_line(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--pretrained_model_name_or_path=x", "--train_data_dir=y", *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err
+
+
+def test_an_sd_model_is_refused_naming_the_missing_parts(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.cli(args(tiny_model_dir, tiny_data_dir, tmp_path / "x"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "text_encoder_2, tokenizer_2" in err
+
+
+@pytest.mark.multiprocess
+def test_two_processes_equal_one_process(sdxl20, tiny_data_dir, tmp_path):
+    """2 processes (gloo, one proxy each) == 1 process taking turns, bit for bit: each proxy owns
+    its RNG and data streams wherever it runs (MemFree), and merges add unfused per-proxy terms."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    mp, sp = tmp_path / "mp", tmp_path / "sp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "train_scripts" / "train_sdxl_ietagc.py"), *args(sdxl20, tiny_data_dir, mp, *METHOD, steps=8)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.set_num_threads(1)
+    try:
+        summary = run(args(sdxl20, tiny_data_dir, sp, *METHOD, steps=8))
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert summary["num_merges"] == 2 and summary["moves"]
+    a = load_file(mp / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(sp / "unet" / "diffusion_pytorch_model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert json.loads((mp / "memfree_state.json").read_text())["moves"] == json.loads((sp / "memfree_state.json").read_text())["moves"]
+
+
+def test_cli_builds_the_tiny_sdxl_model_and_runs_the_recipe(tmp_path, capsys):
+    """``sd-memfree make-tiny-model --arch sdxl`` writes an SDXL folder (two text encoders, text_time
+    conditioning); ``sd-memfree train-sdxl`` is the recipe's command line (its bad input: exit 2)."""
+    from sd_memfree import cli
+
+    cli.main(["make-tiny-model", str(tmp_path / "m"), "--arch", "sdxl"])
+    model = tmp_path / "m"
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert json.loads((model / "unet" / "config.json").read_text())["addition_embed_type"] == "text_time"
+    assert (model / "text_encoder_2" / "config.json").exists() and (model / "tokenizer_2").is_dir()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train-sdxl", f"--pretrained_model_name_or_path={model}", "--train_data_dir=x", "--train_text_encoder"])
+    assert e.value.code == 2 and "--train_text_encoder is not supported" in capsys.readouterr().err
+
+
+def test_resume_with_other_settings_or_a_held_lock_stops(sdxl20, tiny_data_dir, tmp_path, capsys):
+    from sd_memfree.runlock import RunLock
+
+    out = tmp_path / "run"
+    run(args(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", steps=2))
+    with pytest.raises(SystemExit) as e:
+        train.cli(args(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", "--resume_from_checkpoint=latest",
+                       "--timestep_bias_strategy=later", steps=4))
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the data loading's progress bars
+    assert e.value.code == 2 and err.startswith("error: ") and "--timestep_bias_strategy=none" in err
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.cli(args(sdxl20, tiny_data_dir, out, "--resume_from_checkpoint=latest", steps=4))
+        assert e.value.code == 2 and "pid" in capsys.readouterr().err
+    finally:
+        lock.release()
+
+
+@pytest.mark.multiprocess
+def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(sdxl20, tiny_data_dir, tmp_path):
+    """Data-parallel (K = 1) on 2 processes: MemFree gathers each micro-batch's losses, so both
+    processes' loss banks and augmentation strengths are the same and take the global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from sd_memfree.state import read_process_state
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    out = tmp_path / "dp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "train_scripts" / "train_sdxl_ietagc.py"),
+           *args(sdxl20, tiny_data_dir, out, "--agc_ratio=1.02", "--agc_ema=0.1", "--loss_aware_augmentation", "--checkpointing_steps=4", steps=4)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [read_process_state(out / "checkpoint-4", r)["objects"] for r in (0, 1)]
+    assert torch.equal(states[0]["loss_bank_0"]["bank"], states[1]["loss_bank_0"]["bank"])
+    assert (states[0]["loss_bank_0"]["bank"] > 0).sum() > 0
+    assert torch.equal(states[0]["strengths"]["values"], states[1]["strengths"]["values"])
+
+
+def test_a_diverging_run_stops_without_saving_non_finite_weights(sdxl20, tiny_data_dir, tmp_path, capsys):
+    """A learning rate of 1e30 makes the weights inf after the first step: the run stops with one
+    line (exit 1) before the checkpoint at step 2, and nothing is written."""
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        train.cli(args(sdxl20, tiny_data_dir, out, "--learning_rate=1e30", "--checkpointing_steps=2", "--max_grad_norm=0", steps=4))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("error: the run diverged at step 2") and "NaN/inf" in err
+    assert not list(out.glob("checkpoint-*")) and not (out / "unet").exists()

@@ -1,0 +1,662 @@
+#!/usr/bin/env python
+"""Fine-tune Stable Diffusion XL (full or LoRA) with IET-AGC / IET-AGC+ memorization mitigation.
+
+A drop-in for diffusers' ``examples/text_to_image/train_text_to_image_sdxl.py`` and
+``train_text_to_image_lora_sdxl.py``: every flag of both keeps its name, default and meaning;
+``--use_lora`` switches to LoRA. The method is ``sd_memfree.MemFree`` (docs/plugin.md): this recipe
+has no method code of its own; its loop is upstream's with the ``# [memfree]`` calls. Differences
+from upstream: docs/plugin.md, "The SDXL recipe".
+
+    accelerate launch train_scripts/train_sdxl_ietagc.py \
+        --pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0 \
+        --train_data_dir=./my_images --resolution=1024 --num_shards=4 --merge_every=2000 \
+        --agc_ratio=1.25 --use_lora --output_dir=sdxl-private
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from sd_memfree.config import MemFreeConfig
+
+logger = logging.getLogger("sd_memfree.train_sdxl")
+
+LOG_EVERY = 10  # optimizer steps between host syncs for logging (the step itself never syncs)
+INTERPOLATION_MODES = ["nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # --- upstream flags (train_text_to_image_sdxl.py and train_text_to_image_lora_sdxl.py) --------
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, required=True,
+                        help="Path to pretrained model or model identifier from huggingface.co/models.")
+    parser.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                        help="Path to a pretrained VAE with better numerical stability (e.g. madebyollin/sdxl-vae-fp16-fix).")
+    parser.add_argument("--revision", type=str, default=None, help="Revision of pretrained model identifier from huggingface.co/models.")
+    parser.add_argument("--variant", type=str, default=None, help="Variant of the model files of the pretrained model identifier, e.g. fp16.")
+    parser.add_argument("--dataset_name", type=str, default=None, help="Name of a Hub dataset, or a local folder of files that datasets can read.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Dataset, leave as None if there's only one config.")
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help="A folder of training images in imagefolder layout with a metadata.jsonl of captions. Ignored if --dataset_name is given.")
+    parser.add_argument("--image_column", type=str, default="image", help="The column of the dataset containing an image.")
+    parser.add_argument("--caption_column", type=str, default="text", help="The column of the dataset containing a caption or a list of captions.")
+    parser.add_argument("--validation_prompt", type=str, default=None, help="A prompt sampled --num_validation_images times every --validation_epochs.")
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Number of images generated for --validation_prompt.")
+    parser.add_argument("--validation_epochs", type=int, default=1, help="Run validation every X epochs.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Truncate the number of training examples to this value if set.")
+    parser.add_argument("--proportion_empty_prompts", type=float, default=0,
+                        help="Proportion of image prompts to be replaced with empty strings. Defaults to 0 (no prompt replacement).")
+    parser.add_argument("--output_dir", type=str, default=None,
+                        help="Where the model and checkpoints are written (upstream default: sdxl-model-finetuned, or sd-model-finetuned-lora with --use_lora).")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument("--resolution", type=int, default=1024, help="Input images are resized to this resolution.")
+    parser.add_argument("--center_crop", default=False, action="store_true", help="Center crop instead of random crop.")
+    parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    parser.add_argument("--train_text_encoder", action="store_true",
+                        help="Train LoRA on the text encoders too (LoRA script's flag); not supported with sd_memfree (error if set).")
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size (per device, per proxy) for the training dataloader.")
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help="Total number of optimizer steps, summed over proxies. If provided, overrides num_train_epochs.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every X optimizer steps.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to store.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='A checkpoint folder of this script, or "latest" (newest complete one in output_dir).')
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Updates steps to accumulate before an optimizer step.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet backward pass.")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after warmup).")
+    parser.add_argument("--scale_lr", action="store_true", default=False,
+                        help="Scale the learning rate by the number of GPUs, gradient accumulation steps, and batch size.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant",
+                        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Number of steps for the warmup in the lr scheduler.")
+    parser.add_argument("--timestep_bias_strategy", type=str, default="none", choices=["earlier", "later", "range", "none"],
+                        help="Bias the sampled timesteps towards earlier or later ones, or a range (full fine-tuning script's flag).")
+    parser.add_argument("--timestep_bias_multiplier", type=float, default=1.0, help="Weight of the biased timesteps (2.0 doubles them).")
+    parser.add_argument("--timestep_bias_begin", type=int, default=0, help="First timestep of the 'range' bias.")
+    parser.add_argument("--timestep_bias_end", type=int, default=1000, help="End (exclusive) of the 'range' bias.")
+    parser.add_argument("--timestep_bias_portion", type=float, default=0.25, help="Portion of timesteps biased by 'earlier' / 'later'.")
+    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (https://arxiv.org/abs/2303.09556); 5.0 recommended.")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet (full fine-tuning).")
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses; 0 loads in the main process.")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="Use 8-bit AdamW from bitsandbytes.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer.")
+    parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Push the model (not the checkpoints) to the Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="The token to use to push to the Model Hub.")
+    parser.add_argument("--prediction_type", type=str, default=None,
+                        help="'epsilon', 'v_prediction' or 'sample'; None keeps the scheduler's prediction_type.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="The Hub repository to push to (default: output_dir's name).")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard log directory, relative to output_dir.")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "comet_ml", "all" or "none".')
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Mixed precision; defaults to the accelerate config.")
+    parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
+    parser.add_argument("--enable_npu_flash_attention", action="store_true", help="Flash attention on Ascend NPUs; not supported here (error if set).")
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Whether or not to use xformers.")
+    parser.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    parser.add_argument("--rank", type=int, default=4, help="The dimension of the LoRA update matrices (with --use_lora).")
+    parser.add_argument("--debug_loss", action="store_true",
+                        help="Log the loss of each training file (LoRA script's flag); not supported with sd_memfree (error if set).")
+    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
+                        help="The image interpolation method to use for resizing images.")
+    # --- ours ---------------------------------------------------------------------------------
+    parser.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (as train_text_to_image_lora_sdxl.py) instead of the full UNet.")
+    parser.add_argument("--save_kohya_lora", action="store_true",
+                        help="With --use_lora, also write pytorch_lora_weights_kohya.safetensors, the kohya format AUTOMATIC1111 and ComfyUI load.")
+    MemFreeConfig.add_arguments(parser)
+
+    args = parser.parse_args(argv)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1 and env_local_rank != args.local_rank:
+        args.local_rank = env_local_rank
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("no training data given: pass --dataset_name (Hub name or local folder) or --train_data_dir (imagefolder).")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        parser.error(f"--proportion_empty_prompts={args.proportion_empty_prompts} must be in [0, 1].")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        parser.error("--hub_token with --report_to=wandb would expose the token (W&B records the command line); "
+                     "log in with `hf auth login` and drop --hub_token.")
+    for flag, why in (("train_text_encoder", "text-encoder LoRA is not sharded or merged by sd_memfree"),
+                      ("debug_loss", "AGC reports per-sample skips instead (memfree_skip_counts.json)"),
+                      ("enable_npu_flash_attention", "Ascend NPUs are not supported")):
+        if getattr(args, flag):
+            parser.error(f"--{flag} is not supported with sd_memfree ({why}); drop the flag.")
+    if args.timestep_bias_strategy != "none" and args.timestep_bias_multiplier <= 0:
+        parser.error(f"--timestep_bias_multiplier={args.timestep_bias_multiplier} must be > 0; to turn the bias off use --timestep_bias_strategy none.")
+    if args.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+        parser.error(f"--prediction_type={args.prediction_type} is unknown; use epsilon, v_prediction or sample (or leave it unset).")
+    if args.save_kohya_lora and not args.use_lora:
+        parser.error("--save_kohya_lora converts LoRA weights; add --use_lora or drop the flag.")
+    if args.output_dir is None:  # each upstream script's own default
+        args.output_dir = "sd-model-finetuned-lora" if args.use_lora else "sdxl-model-finetuned"
+    try:
+        args.memfree = MemFreeConfig.from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.use_ema and args.use_lora:
+        parser.error("--use_ema applies to full fine-tuning only; drop it or --use_lora.")
+    if args.use_ema and args.memfree.sharding_enabled:
+        parser.error("--use_ema with --num_shards > 1 is not supported: merging already averages the proxies; drop --use_ema.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    return args
+
+
+def timestep_weights(args, num_timesteps: int) -> torch.Tensor | None:
+    """Upstream's ``generate_timestep_weights``: sampling weights of each timestep, None for uniform."""
+    if args.timestep_bias_strategy == "none":
+        return None
+    weights = torch.ones(num_timesteps)
+    portion = int(args.timestep_bias_portion * num_timesteps)
+    if args.timestep_bias_strategy == "later":
+        biased = slice(-portion, None)
+    elif args.timestep_bias_strategy == "earlier":
+        biased = slice(0, portion)
+    else:
+        if args.timestep_bias_begin < 0 or args.timestep_bias_end > num_timesteps:
+            raise ValueError(f"--timestep_bias_begin/--timestep_bias_end must lie in [0, {num_timesteps}], "
+                             f"got {args.timestep_bias_begin} and {args.timestep_bias_end}.")
+        biased = slice(args.timestep_bias_begin, args.timestep_bias_end)
+    weights[biased] *= args.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
+class SDXLCaptionDataset:
+    """Items ``{"pixel_values", "input_ids", "input_ids_2", "original_size", "crop_top_left", "sample_id"}``
+    for keys ``(sample_id, aug_seed)`` (``MemFree``'s sampler), preprocessed as upstream's SDXL
+    scripts do: resize, flip, crop, with the original size and crop corner for SDXL's
+    micro-conditioning. All randomness of an item comes from ``aug_seed`` (the same item in any
+    worker and after a resume); whether a sample's prompt is emptied
+    (``--proportion_empty_prompts``) is drawn once per sample, as upstream's precomputed embeddings."""
+
+    def __init__(self, hf_dataset, image_column, caption_column, tokenizers, args, seed: int, augment=None):
+        from torchvision import transforms
+
+        from sd_memfree.data import IndexedCaptionDataset
+
+        self.base = IndexedCaptionDataset(hf_dataset, image_column, caption_column, tokenizers[0], None, None, augment=augment)
+        self.tokenizers = tokenizers
+        self.resolution, self.center_crop, self.random_flip = args.resolution, args.center_crop, args.random_flip
+        mode = getattr(transforms.InterpolationMode, args.image_interpolation_mode.upper())
+        self.resize = transforms.Resize(args.resolution, interpolation=mode)
+        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+        self.empty = [random.Random(seed * 1_000_003 + i).random() < args.proportion_empty_prompts for i in range(len(hf_dataset))]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _pixels(self, image, sample_id: int, aug_seed: int):
+        from torchvision.transforms import RandomCrop
+        from torchvision.transforms import functional as TF
+
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(aug_seed)
+            image = image.convert("RGB")
+            if self.base.augment is not None:  # loss-aware RandAugment on the image as loaded
+                image = self.base.augment(image, sample_id)
+            original_size = (image.height, image.width)
+            image = self.resize(image)
+            if self.random_flip and torch.rand(()) < 0.5:
+                image = TF.hflip(image)
+            if self.center_crop:
+                y1 = max(0, int(round((image.height - self.resolution) / 2.0)))
+                x1 = max(0, int(round((image.width - self.resolution) / 2.0)))
+                image = TF.center_crop(image, [self.resolution, self.resolution])
+            else:
+                y1, x1, h, w = RandomCrop.get_params(image, (self.resolution, self.resolution))
+                image = TF.crop(image, y1, x1, h, w)
+            return self.to_tensor(image), original_size, (y1, x1)
+
+    def __getitem__(self, key) -> dict:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys) -> list[dict]:
+        ids = [int(i) for i, _ in keys]
+        images = self.base.ds[ids][self.base.image_column]
+        captions = ["" if self.empty[i] else self.base.caption_for(i, s) for i, (_, s) in zip(ids, keys)]
+        tokens = [t(captions, max_length=t.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+                  for t in self.tokenizers]
+        items = []
+        for j, (image, i, (_, aug_seed)) in enumerate(zip(images, ids, keys)):
+            pixels, original_size, crop_top_left = self._pixels(image, i, aug_seed)
+            items.append({"pixel_values": pixels, "input_ids": tokens[0][j], "input_ids_2": tokens[1][j],
+                          "original_size": original_size, "crop_top_left": crop_top_left, "sample_id": i})
+        return items
+
+
+def collate(examples) -> dict:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format).float(),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "input_ids_2": torch.stack([e["input_ids_2"] for e in examples]),
+        "original_sizes": torch.tensor([e["original_size"] for e in examples], dtype=torch.long),
+        "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.long),
+        "sample_ids": torch.tensor([e["sample_id"] for e in examples], dtype=torch.long),
+    }
+
+
+def encode_prompt(text_encoders, input_ids: list[torch.Tensor]):
+    """Upstream's ``encode_prompt``: both encoders' penultimate hidden states, concatenated, and the
+    second encoder's pooled (projected) embedding."""
+    hidden = []
+    for encoder, ids in zip(text_encoders, input_ids):
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), out.text_embeds
+
+
+def log_validation(pipe, args, accelerator, epoch: int, is_final: bool = False) -> list:
+    """``--num_validation_images`` images of ``--validation_prompt``, logged to the trackers."""
+    import numpy as np
+
+    pipe = pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed if args.seed is not None else 0)
+    with accelerator.autocast():
+        images = [pipe(args.validation_prompt, num_inference_steps=25, generator=generator, height=args.resolution,
+                       width=args.resolution).images[0] for _ in range(args.num_validation_images)]
+    phase = "test" if is_final else "validation"
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(phase, np.stack([np.asarray(img) for img in images]), epoch, dataformats="NHWC")
+    return images
+
+
+# Settings of this script that change what the steps after a resume compute, beyond the SD
+# script's (resume.TRAJECTORY_FLAGS).
+SDXL_TRAJECTORY_FLAGS = ("pretrained_vae_model_name_or_path", "proportion_empty_prompts", "timestep_bias_strategy",
+                         "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end", "timestep_bias_portion")
+
+
+def trajectory(args, mixed_precision: str, dataset, image_column: str, caption_column: str) -> dict:
+    """What a resume must match (sd_memfree/resume.py): the SD script's settings plus SDXL's."""
+    from types import SimpleNamespace
+
+    from sd_memfree.resume import data_fingerprint, trajectory_settings
+
+    settings = trajectory_settings(SimpleNamespace(**{"input_perturbation": 0, **vars(args)}), mixed_precision, len(dataset),
+                                   data_fingerprint(dataset, image_column, caption_column))
+    settings.update({name: getattr(args, name) for name in SDXL_TRAJECTORY_FLAGS})
+    return settings
+
+
+def main(args) -> dict:
+    """Train under ``output_dir``'s run lock (as the SD script); returns a summary (steps, merges,
+    skip statistics, output paths)."""
+    from train_scripts.train_sd_ietagc import take_run_lock
+
+    lock = take_run_lock(args.output_dir)
+    try:
+        return train(args)
+    finally:
+        if lock is not None:
+            lock.release()
+            out = Path(args.output_dir)
+            if lock.created_dir and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run stopped by bad input leaves no trace
+
+
+def train(args) -> dict:
+    """The training run itself (see :func:`main`)."""
+    import datasets
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sd_memfree import MemFree, checkpointing, hub
+    from sd_memfree.data import check_resolution, check_samples, load_image_caption_dataset
+    from sd_memfree.losses import min_snr_weights, per_sample_loss
+    from sd_memfree.resume import check_same_trajectory, write_trajectory
+    from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
+    from sd_memfree.steplog import StepLossLog
+    from sd_memfree.stopping import MAX_NONFINITE_STEPS, NonFiniteWatch, RunStopped, all_finite
+    from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
+                                      upcast_trainable_)
+    from train_scripts.train_sd_ietagc import check_model_folder
+
+    mf: MemFreeConfig = args.memfree
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    for lib in (datasets, transformers, diffusers):
+        (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process else lib.utils.logging.set_verbosity_error)()
+    if args.seed is not None:
+        set_seed(args.seed)
+    seed = args.seed if args.seed is not None else 0
+
+    # ---- Validate what a user can get wrong, before any model loads ---------------------------
+    check_model_folder(args.pretrained_model_name_or_path,
+                       ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"))
+    vae_path, vae_sub = (args.pretrained_vae_model_name_or_path, None) if args.pretrained_vae_model_name_or_path else (args.pretrained_model_name_or_path, "vae")
+    vae_config = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
+    check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1), generates_images=bool(args.validation_prompt))
+    with accelerator.main_process_first():
+        dataset, image_column, caption_column = load_image_caption_dataset(
+            dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
+            cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
+            max_train_samples=args.max_train_samples, seed=args.seed, verify_images=False)
+    dataset, _ = check_samples(dataset, image_column, caption_column, progress=accelerator.is_local_main_process)
+    resume_dir = checkpointing.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
+    if resume_dir is not None and not checkpointing.is_complete(resume_dir):
+        raise ValueError(f"{resume_dir} is {checkpointing.describe_foreign(resume_dir)}; this script resumes only its own checkpoints: "
+                         "start a new --output_dir (from a pipeline folder holding those weights).")
+    settings = trajectory(args, accelerator.mixed_precision, dataset, image_column, caption_column)
+    if resume_dir is not None:
+        mf.check_compatible(MemFreeConfig.load_json(resume_dir / "memfree_config.json"))
+        check_same_trajectory(resume_dir, settings)
+    elif checkpointing.list_checkpoints(output_dir):
+        raise ValueError(f"--output_dir {output_dir} already holds checkpoints of a run; pass --resume_from_checkpoint=latest "
+                         "to continue it, or choose a new --output_dir.")
+
+    # ---- Models ---------------------------------------------------------------------------------
+    base = args.pretrained_model_name_or_path
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=s, revision=args.revision, use_fast=False) for s in ("tokenizer", "tokenizer_2")]
+    text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision, variant=args.variant),
+                     CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=args.revision, variant=args.variant)]
+    vae = AutoencoderKL.from_pretrained(vae_path, subfolder=vae_sub, revision=args.revision, variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", revision=args.revision, variant=args.variant)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.requires_grad_(False)
+    # SDXL's own VAE overflows in fp16: it stays in float32 unless a fixed one is given (as upstream).
+    vae.to(accelerator.device, dtype=torch.float32 if args.pretrained_vae_model_name_or_path is None else weight_dtype)
+    for encoder in text_encoders:
+        encoder.requires_grad_(False)
+        encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.use_lora:
+        unet.to(accelerator.device, dtype=weight_dtype)
+        add_lora(unet, args.rank)
+        if accelerator.mixed_precision in ("fp16", "bf16"):
+            upcast_trainable_(unet)
+    unet.train()
+    ema_unet = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config) if args.use_ema else None
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise ValueError("xformers is not available: pip install xformers or drop --enable_xformers_memory_efficient_attention.")
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # ---- The method, optimizer, schedule ([memfree]) --------------------------------------------
+    num_samples = len(dataset)
+    data_world = 1 if (mf.num_shards > 1 and accelerator.num_processes > 1) else accelerator.num_processes
+    steps_per_epoch = max(1, math.ceil(num_samples / (args.train_batch_size * data_world * args.gradient_accumulation_steps)))
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    memfree = MemFree(mf, num_samples=num_samples, num_train_timesteps=noise_scheduler.config.num_train_timesteps,  # [memfree]
+                      max_train_steps=args.max_train_steps, seed=seed, accelerator=accelerator,
+                      storage_device=accelerator.device if args.use_lora else "cpu")
+    if args.scale_lr:
+        args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    params = trainable_parameters(unet)
+    optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
+    memfree.attach(params, optimizer, lr_scheduler)  # [memfree]
+    if memfree.data_parallel:  # [memfree] with shards, proxies never all-reduce gradients
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    else:
+        optimizer = accelerator.prepare(optimizer)
+    if ema_unet is not None:
+        ema_unet.to(accelerator.device)
+    bias = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
+    bias = bias.to(accelerator.device) if bias is not None else None
+
+    train_dataset = SDXLCaptionDataset(dataset, image_column, caption_column, tokenizers, args, seed, augment=memfree.augment)  # [memfree]
+    loader = memfree.dataloader(train_dataset, args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)  # [memfree]
+
+    stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+                "ema": ema_unet, "scaler": accelerator.scaler, **memfree.stateful_objects()}  # [memfree]
+    if not args.use_lora:  # the checkpoint's unet/ holds these weights once
+        weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
+    if resume_dir is not None:
+        load_process_state(resume_dir, accelerator.process_index, accelerator.num_processes, stateful)
+        memfree.on_state_loaded()  # [memfree]
+    counters = memfree.counters
+    step_unit = memfree.step_unit
+    plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if args.push_to_hub:
+            args.hub_model_id = hub.create_repo(args.hub_model_id or output_dir.name, token=args.hub_token)
+        accelerator.init_trackers("text2image-fine-tune", config={k: v for k, v in plain_args.items() if v is not None})
+        mf.save_json(output_dir / "memfree_config.json")
+
+    def save_checkpoint() -> None:
+        step = counters.global_step * step_unit
+        with checkpointing.atomic_checkpoint_dir(output_dir, step, is_main_process=accelerator.is_main_process,
+                                                 wait_for_everyone=accelerator.wait_for_everyone) as tmp:
+            save_process_state(tmp, accelerator.process_index, accelerator.num_processes, stateful)
+            if accelerator.is_main_process:
+                mf.save_json(tmp / "memfree_config.json")
+                (tmp / "train_args.json").write_text(json.dumps(plain_args, indent=2))
+                write_trajectory(tmp, settings)
+                # [memfree] the live tensors may hold a proxy's weights: publish the last merge's
+                save_checkpoint_model(accelerator.unwrap_model(unet), tmp, args.use_lora, trainable=memfree.merged_weights())
+                if ema_unet is not None:
+                    ema_unet.save_pretrained(str(tmp / "unet_ema"))
+        if accelerator.is_main_process:
+            checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=output_dir / f"{checkpointing.CHECKPOINT_PREFIX}{step}")
+
+    def validation_pipeline(unet_module):
+        return StableDiffusionXLPipeline.from_pretrained(base, vae=vae, unet=unet_module, revision=args.revision,
+                                                         variant=args.variant, torch_dtype=weight_dtype)
+
+    step_log = StepLossLog(LOG_EVERY, args.gradient_accumulation_steps, device=accelerator.device)
+
+    def flush_logs() -> None:
+        rows = step_log.flush(accelerator.gather if accelerator.num_processes > 1 else None)
+        for i, (step, value, lr) in enumerate(rows):
+            extra = memfree.log_values() if i == len(rows) - 1 else {}  # [memfree] skip rates, augmentation strength
+            accelerator.log({"train_loss": value, "lr": lr, **extra}, step=step)
+        if rows:
+            progress.set_postfix(step_loss=rows[-1][1], lr=rows[-1][2])
+
+    # Non-finite losses are counted on the device and read only where the loop syncs anyway.
+    watch = NonFiniteWatch(accelerator.device)
+
+    def stop_if_diverged(checkpoint_due: bool) -> None:
+        """One sync, agreed by every process: stop when the loss was NaN/inf in MAX_NONFINITE_STEPS
+        consecutive steps, or before a checkpoint of non-finite weights."""
+        bad_weights = ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if checkpoint_due else torch.tensor(False)
+        flags = torch.stack([watch.worst, bad_weights.to(watch.worst.device).long()])
+        if accelerator.num_processes > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        worst, weights_bad = flags.tolist()
+        watch.reset()
+        if worst >= MAX_NONFINITE_STEPS or weights_bad:
+            progress.close()  # the message starts a line of its own
+            what = (f"the loss was NaN/inf in {worst} consecutive optimizer steps" if worst >= MAX_NONFINITE_STEPS
+                    else "the trained weights became NaN/inf")
+            raise RunStopped(f"the run diverged at step {counters.global_step * step_unit}: {what}; nothing non-finite was saved; "
+                             f"lower --learning_rate (now {args.learning_rate:g}) or check the data, then resume from a good checkpoint or start again.")
+
+    progress = tqdm(range(memfree.total_steps), initial=counters.global_step * step_unit, desc="Steps", disable=not accelerator.is_local_main_process)
+    start_step = counters.global_step
+    batches = iter(loader)
+    target_size = torch.tensor([args.resolution, args.resolution], device=accelerator.device)
+    while counters.global_step < memfree.local_steps:
+        batch = next(batches)
+        g = memfree.generator  # [memfree] the live proxy's random stream
+        with accelerator.accumulate(unet):
+            pixel_values = batch["pixel_values"].to(accelerator.device, dtype=vae.dtype, non_blocking=True)
+            sample_ids = batch["sample_ids"].to(accelerator.device, non_blocking=True)
+            with torch.no_grad():
+                latents = vae.encode(pixel_values).latent_dist.sample(generator=g) * vae.config.scaling_factor
+                latents = latents.to(weight_dtype)
+                prompt_embeds, pooled = encode_prompt(text_encoders, [batch["input_ids"].to(accelerator.device),
+                                                                      batch["input_ids_2"].to(accelerator.device)])
+            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+            if args.noise_offset:
+                noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g, device=latents.device, dtype=latents.dtype)
+            bsz = latents.shape[0]
+            if bias is None:
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g, device=latents.device)
+            else:
+                timesteps = torch.multinomial(bias, bsz, replacement=True, generator=g)
+            timesteps = timesteps.long()
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            time_ids = torch.cat([batch["original_sizes"].to(accelerator.device), batch["crop_top_lefts"].to(accelerator.device),
+                                  target_size.expand(bsz, 2)], dim=1).to(weight_dtype)
+            with accelerator.autocast():
+                model_pred = unet(noisy, timesteps, prompt_embeds, added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled},
+                                  return_dict=False)[0]
+            prediction_type = noise_scheduler.config.prediction_type
+            if prediction_type == "epsilon":
+                target = noise
+            elif prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            elif prediction_type == "sample":  # as upstream: the model predicts noise, compared in sample space
+                target, model_pred = latents, model_pred - noise
+            else:
+                raise ValueError(f"Unknown prediction type {prediction_type}")
+            weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type) if args.snr_gamma is not None else None
+            losses = per_sample_loss(model_pred, target)
+            watch.observe(losses)  # raw losses: AGC never keeps a non-finite one, so it must not hide it
+            loss = memfree.reduce(losses, timesteps, sample_ids, weights)  # [memfree] AGC inside
+            step_log.add(loss)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        watch.end_step()
+        if not accelerator.optimizer_step_was_skipped:
+            lr_scheduler.step()
+        if ema_unet is not None:
+            ema_unet.step(unet.parameters())
+        step_log.end_step((counters.global_step + 1) * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
+        events = memfree.step()  # [memfree] turns, merges, redistribution
+        progress.update(step_unit)
+        total = counters.global_step * step_unit
+        if events.logs:
+            flush_logs()  # earlier steps first: trackers drop steps that go back
+            accelerator.log(events.logs, step=total)
+        checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
+        if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps or checkpoint_due:
+            flush_logs()
+        if checkpoint_due or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps:
+            stop_if_diverged(checkpoint_due)
+        if checkpoint_due:
+            save_checkpoint()
+        if events.reload_data:  # [memfree] shards changed: drop batches prefetched from the old ones
+            batches = iter(loader)
+        if args.validation_prompt and accelerator.is_main_process and counters.global_step < memfree.local_steps \
+                and counters.global_step % steps_per_epoch == 0 and (counters.global_step // steps_per_epoch - 1) % args.validation_epochs == 0:
+            log_validation(validation_pipeline(accelerator.unwrap_model(unet)), args, accelerator, counters.global_step // steps_per_epoch)
+    flush_logs()
+    progress.close()
+
+    # ---- Final merge and save ---------------------------------------------------------------------
+    memfree.finish()  # [memfree]
+    total_skips = memfree.total_skip_counts()  # [memfree] whole-run skips per sample, all processes
+    accelerator.wait_for_everyone()
+    summary = {"global_step": counters.global_step * step_unit, "num_shards": mf.num_shards, "output_dir": str(output_dir),
+               "steps_this_run": (counters.global_step - start_step) * step_unit, **memfree.summary()}
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
+            raise RunStopped(f"the trained weights are NaN/inf after step {summary['global_step']}: the final model was not saved; "
+                             f"lower --learning_rate (now {args.learning_rate:g}) and start again.")
+        staging = output_dir / ".tmp-final"
+        shutil.rmtree(staging, ignore_errors=True)
+        if args.use_lora:
+            StableDiffusionXLPipeline.save_lora_weights(save_directory=str(staging), unet_lora_layers=lora_state_dict(final_unet),
+                                                        safe_serialization=True)
+            if args.save_kohya_lora:
+                save_kohya_lora(final_unet, staging / "pytorch_lora_weights_kohya.safetensors")
+        else:
+            if ema_unet is not None:
+                ema_unet.copy_to(final_unet.parameters())
+            parts = {"vae": vae} if args.pretrained_vae_model_name_or_path else {}  # the base model's own VAE otherwise, as it is
+            pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=final_unet, revision=args.revision, variant=args.variant, **parts)
+            pipe.save_pretrained(str(staging), safe_serialization=True)
+        checkpointing.publish_entries(staging, output_dir)
+        state = {"num_samples": num_samples, "global_step": summary["global_step"], **memfree.assignment.summary(),
+                 "num_merges": summary["num_merges"]}
+        (output_dir / "memfree_state.json").write_text(json.dumps(state, indent=2))
+        if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
+            from sd_memfree.scoring.generate import caption_text
+            from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts
+
+            write_skip_counts(output_dir / SKIP_COUNTS_FILE, total_skips.cpu().tolist(),
+                              [caption_text(c) for c in dataset[caption_column]], sample_file_names(dataset, image_column))
+        images = []
+        if args.validation_prompt:
+            if args.use_lora:  # validate the LoRA just saved, loaded the way users load it
+                pipe = StableDiffusionXLPipeline.from_pretrained(base, vae=vae, revision=args.revision, variant=args.variant, torch_dtype=weight_dtype)
+                pipe.load_lora_weights(str(output_dir))
+            else:
+                pipe = validation_pipeline(final_unet)
+            images = log_validation(pipe, args, accelerator, args.num_train_epochs, is_final=True)
+        repo_id = args.hub_model_id or output_dir.name
+        hub.write_model_card(output_dir, repo_id=repo_id, base_model=base, method_config=mf.to_dict(),
+                             training_args={k: getattr(args, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "resolution",
+                                                                          "mixed_precision", "gradient_accumulation_steps", "seed")},
+                             is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir)
+        if args.push_to_hub:
+            summary["hub_repo"] = hub.push_to_hub(output_dir, repo_id, token=args.hub_token)
+    accelerator.end_training()
+    return summary
+
+
+def cli(argv=None) -> None:
+    """Command-line entry: one-line errors instead of tracebacks; exit 2 bad input, 1 the run diverged."""
+    from sd_memfree.data import DataError
+    from sd_memfree.runlock import RunLockHeld
+    from sd_memfree.stopping import RunStopped
+
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # OutputDirError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RunStopped as e:  # diverged (exit 1)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+
+
+if __name__ == "__main__":
+    cli()
