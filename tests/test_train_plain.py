@@ -551,3 +551,41 @@ def test_plain_step_is_upstreams_math(tiny_model_dir, tiny_data_dir, tmp_path, m
     assert saved.keys() == replayed.keys()
     for name, tensor in saved.items():
         torch.testing.assert_close(tensor, replayed[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.multiprocess
+def test_train_loss_is_averaged_over_processes(tiny_model_dir, tiny_data_dir, tmp_path):
+    """2 processes data-parallel (gloo), 3 steps: the tracker's train_loss at step s is the mean of
+    the two processes' step-s losses (upstream: ``accelerator.gather(loss.repeat(bsz)).mean()``),
+    gathered once per flush. Each process records its own losses through a spy on masked_mean."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(train.__file__).resolve().parents[1]
+    out = tmp_path / "dp"
+    launcher = tmp_path / "spy_launch.py"
+    launcher.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        "from sd_memfree import losses\n"
+        "from train_scripts import train_sd_ietagc as train\n"
+        "seen, real = [], losses.masked_mean\n"
+        "def spy(*a, **k):\n"
+        "    loss = real(*a, **k)\n"
+        "    seen.append(loss.item())\n"
+        "    return loss\n"
+        "losses.masked_mean = spy\n"
+        "args = train.parse_args(sys.argv[1:])\n"
+        "train.main(args)\n"
+        "open(os.path.join(args.output_dir, 'losses_%s.json' % os.environ['RANK']), 'w').write(json.dumps(seen))\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
+           *base_args(tiny_model_dir, tiny_data_dir, out, "--report_to=tensorboard", steps=3)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = [json.loads((out / f"losses_{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(v) == 3 for v in per_rank) and per_rank[0] != per_rank[1]
+    logged = _scalars(out)["train_loss"]
+    assert [s for s, _ in logged] == [1, 2, 3]
+    assert [v for _, v in logged] == pytest.approx([(a + b) / 2 for a, b in zip(*per_rank)], rel=1e-6)
