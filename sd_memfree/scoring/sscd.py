@@ -123,10 +123,10 @@ def download_sscd(name: str, timeout: float = 60.0) -> Path:
     manual = f"download {url} to {dest} (or pass its path to --sscd_model)"
     if offline():
         raise MissingWeightsError(f"SSCD model '{name}' is not in the cache and HF_HUB_OFFLINE is set: {manual}.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
     try:
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)  # an unwritable cache is reported like a failed download
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
