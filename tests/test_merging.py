@@ -107,3 +107,22 @@ def test_merge_weights_rejects_mismatches():
         merge_weights([1, 2], [1])
     with pytest.raises(ValueError, match="non-negative"):
         merge_weights([1, 2], [1, -1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_add_rounds_as_product_then_add_and_leaves_no_temporary(monkeypatch, dtype):
+    """The host-side add of staged device copies (merging._add_staged) forms weight * copy in the
+    staging copy itself: the sums must be bit-identical to ``acc + (copy.float() * weight)``, the
+    unfused rounding that makes one process taking turns and one process per proxy merge alike.
+    The copies are fresh staging tensors (accumulate_ made them), so they may be overwritten."""
+    from sd_memfree import merging
+
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: None)  # CPU stand-in
+    g = torch.Generator().manual_seed(0)
+    accs = [torch.randn(1000, generator=g) * 10, torch.randn(3, 7, generator=g)]
+    copies = [torch.randn(1000, generator=g).to(dtype), torch.randn(3, 7, generator=g).to(dtype)]
+    weight = 7 / 3  # not a power of two: the product rounds
+    expected = [a + (c.float() * weight) for a, c in zip(accs, copies)]
+    merging._add_staged([(a, c, torch.device("cuda")) for a, c in zip(accs, copies)], weight)
+    for got, want in zip(accs, expected):
+        assert torch.equal(got, want)
