@@ -973,13 +973,18 @@ def _run(args, report: Report, device) -> int:
     data["runs"] = runs = {}
     data["interleaved"] = {}
     done_order = [f"{p}/{m}/{n}" for m in args.modes for p in args.precisions for n in args.configs]
-    # Side-by-side windows of a (precision, mode) run right after its last configuration.
-    last_of_group = {f"{p}/{m}": [k for k in done_order if k.startswith(f"{p}/{m}/")][-1]
-                     for m in args.modes for p in args.precisions}
     ctx = {"args": args, "device": device, "unet_spec": unet_spec, "host_pixels": host_pixels, "host_input_ids": host_ids}
     encoders_for = None
+    previous_group = None
     for key in done_order:
         precision, mode, name = key.split("/")
+        # The side-by-side windows of a precision/mode run once its configurations are done (run or
+        # skipped), with its encoders still built: the next group's first key, or after the loop.
+        if previous_group not in (None, f"{precision}/{mode}") and \
+                interleave_group(args, report, ctx, previous_group, runs) == "stop":
+            data["skipped"].extend(done_order[done_order.index(key):])
+            return 3
+        previous_group = f"{precision}/{mode}"
         if device.type == "cpu" and precision == "fp16" and mode == "full":
             # accelerate runs fp16 without autocast on a CPU, so fp32 weights meet fp16 latents.
             data["skipped"].append(f"{key} (CPU: accelerate has no fp16 autocast there; runs on a GPU)")
@@ -1017,10 +1022,8 @@ def _run(args, report: Report, device) -> int:
         data["ratios"], data["goals"] = ratios_and_goals(runs, data["interleaved"])
         report.save()
         report.log(describe(key, run, data["ratios"].get(key)))
-        group = f"{precision}/{mode}"
-        if last_of_group.get(group) == key and interleave_group(args, report, ctx, group, runs) == "stop":
-            data["skipped"].extend(done_order[done_order.index(key) + 1:])
-            return 3
+    if previous_group is not None and interleave_group(args, report, ctx, previous_group, runs) == "stop":
+        return 3
     data["complete"] = not data["errors"] and not any("(CPU:" not in k for k in data["skipped"])
     return 0 if not data["errors"] else 1
 

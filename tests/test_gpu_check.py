@@ -172,3 +172,22 @@ def test_wheel_requirements_pin_what_is_installed_and_leave_torch_out():
     assert reqs["diffusers"] == md.version("diffusers") and reqs["peft"] == md.version("peft")
     assert {"transformers", "accelerate", "pytest", "pytest-timeout", "huggingface-hub", "safetensors"} <= set(reqs)
     assert not {"torch", "torchvision", "numpy"} & set(reqs) and not any(r.startswith("nvidia-") for r in reqs)
+
+
+@pytest.mark.slow
+def test_side_by_side_windows_alternate_and_give_the_ratio_per_round(tmp_path):
+    """plain and IET-AGC, LoRA bf16, 3 rounds of 1-step windows: 3 step times each, the order
+    reversed every other round, ratio per round = plain step / method step, the median is `time`."""
+    out = tmp_path / "gpu.json"
+    rc = gpu_check.main(["--dry_run", "--device", "cpu", "--out", str(out), "--no_tests", "--modes", "lora",
+                         "--precisions", "bf16", "--configs", "plain,iet_agc", "--interleave_windows", "3"])
+    written = json.loads(out.read_text())
+    assert rc == 0 and written["errors"] == [] and written["complete"] is True
+    side = written["interleaved"]["bf16/lora"]
+    assert side["configs"] == ["plain", "iet_agc"] and side["windows"] == 3
+    plain, method = side["step_s"]["plain"], side["step_s"]["iet_agc"]
+    assert len(plain) == len(method) == 3
+    per_round = sorted(p / m for p, m in zip(plain, method))
+    assert side["ratio"]["iet_agc"]["median"] == pytest.approx(per_round[1], rel=1e-3)
+    assert written["ratios"]["bf16/lora/iet_agc"]["time"] == pytest.approx(per_round[1], abs=1e-4)
+    assert written["goals"] == []  # the goals are about full fine-tuning
