@@ -131,12 +131,26 @@ class ProxySet:
         self.world_size = world_size
         self.local_proxies = [k for k in range(num_proxies) if k % world_size == rank]
         self._group = self._merge_group(process_group) if world_size > 1 else None
+        # Host buffers that are copied to a CUDA device at every turn boundary (``merged`` at every
+        # end_turn and merge, a paused proxy's weights at its next begin_turn) live in pinned
+        # (page-locked) memory when the storage is the CPU and the params are on a CUDA device: a
+        # host-to-device copy from pinned memory runs at ~54 GB/s on the H200 machine against
+        # ~6.4 GB/s from pageable memory (docs/benchmarks.md, GPU check), which made the reset to
+        # ``merged`` a large part of a full fine-tuning turn end. The running sum is only read and
+        # written on the host (device copies are staged by accumulate_), so it stays pageable;
+        # stashed optimizer states are already pinned (a non-blocking device-to-host copy lands in
+        # torch's pinned host cache). Pinning is not done without CUDA (it needs the driver).
+        self._pin = (
+            self.storage_device.type == "cpu"
+            and torch.cuda.is_available()
+            and any(p.device.type == "cuda" for p in self.params)
+        )
 
         # One flat float32 buffer holds the running sum and, in its last slot, the total weight:
         # a merge is then a single all-reduce of this buffer and nothing else.
         self._numel = sum(p.numel() for p in self.params)
         self._buffer = torch.zeros(self._numel + 1, dtype=torch.float32, device=self.storage_device)
-        self._merged_flat = torch.zeros(self._numel, dtype=torch.float32, device=self.storage_device)
+        self._merged_flat = self._host_buffer()
         self._sum = self._views(self._buffer)
         self._merged = self._views(self._merged_flat)
         accumulate_(self._merged, self.params, 1.0)  # merged = the starting weights
@@ -216,7 +230,7 @@ class ProxySet:
         if self._turn_ended[k]:
             raise RuntimeError(f"proxy {k} already ended its round; it cannot be paused before merge().")
         if k not in self._paused:
-            self._paused[k] = torch.empty(self._numel, dtype=torch.float32, device=self.storage_device)
+            self._paused[k] = self._host_buffer(empty=True)
         with torch.no_grad():
             for slot, p in zip(self._views(self._paused[k]), self.params):
                 slot.copy_(p, non_blocking=True)
@@ -282,6 +296,10 @@ class ProxySet:
             dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM, group=self._group)
             total = self._buffer[-1].item()
         if total > 0:
+            if self._pin:
+                # The last end_turn's copy out of pinned ``merged`` may still be in flight (it is
+                # asynchronous from pinned memory): let it finish before the host overwrites it.
+                self._synchronize_host_copies()
             torch.div(self._buffer[: self._numel], total, out=self._merged_flat)
             self._copy_into_params(self._merged)
         self._buffer.zero_()
@@ -343,6 +361,7 @@ class ProxySet:
                 f"but this run trains {self._numel}."
             )
         self.shard_sizes = state["shard_sizes"]
+        self._synchronize_host_copies()  # no copy out of pinned ``merged`` may be in flight (merge)
         self._merged_flat.copy_(state["merged"])
         self._buffer[: self._numel].copy_(state["running_sum"])
         self._total_weight = int(state["total_weight"])
@@ -350,7 +369,7 @@ class ProxySet:
         self._turn_ended = list(state["turn_ended"])
         self._is_paused = [False] * self.num_proxies
         for k, flat in state.get("paused", {}).items():  # absent in checkpoints of earlier versions: none paused
-            self._paused[int(k)] = flat.to(self.storage_device, dtype=torch.float32).clone()
+            self._paused[int(k)] = self._host_buffer(empty=True).copy_(flat)
             self._is_paused[int(k)] = True
         self._live = int(state["live"])
         self.num_merges = int(state["num_merges"])
@@ -371,6 +390,11 @@ class ProxySet:
             views.append(flat[offset : offset + p.numel()].view(p.shape))
             offset += p.numel()
         return views
+
+    def _host_buffer(self, empty: bool = False) -> Tensor:
+        """A flat float32 buffer of every trainable value on ``storage_device`` (pinned: see __init__)."""
+        make = torch.empty if empty else torch.zeros
+        return make(self._numel, dtype=torch.float32, device=self.storage_device, pin_memory=self._pin)
 
     def _merge_group(self, process_group: Any) -> Any:
         if not dist.is_initialized():

@@ -131,3 +131,22 @@ def test_proxyset_merge_and_weighted_average_give_the_same_bits():
         proxies.end_turn(5 if k == 0 else 2)
     proxies.merge()
     assert torch.equal(param.detach(), weighted_average(ends, [merge_weight(3, 5), merge_weight(7, 2)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_add_rounds_as_product_then_add_and_leaves_no_temporary(monkeypatch, dtype):
+    """The host-side add of staged device copies (merging._add_staged) forms weight * copy in the
+    staging copy itself: the sums must be bit-identical to ``acc + (copy.float() * weight)``, the
+    unfused rounding that makes one process taking turns and one process per proxy merge alike.
+    The copies are fresh staging tensors (accumulate_ made them), so they may be overwritten."""
+    from sd_memfree import merging
+
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: None)  # CPU stand-in
+    g = torch.Generator().manual_seed(0)
+    accs = [torch.randn(1000, generator=g) * 10, torch.randn(3, 7, generator=g)]
+    copies = [torch.randn(1000, generator=g).to(dtype), torch.randn(3, 7, generator=g).to(dtype)]
+    weight = 7 / 3  # not a power of two: the product rounds
+    expected = [a + (c.float() * weight) for a, c in zip(accs, copies)]
+    merging._add_staged([(a, c, torch.device("cuda")) for a, c in zip(accs, copies)], weight)
+    for got, want in zip(accs, expected):
+        assert torch.equal(got, want)

@@ -533,3 +533,39 @@ def test_end_round_folds_live_and_paused_proxies_for_a_stop_mid_round():
     proxies.end_round({0: 2, 1: 1, 2: 0})
     proxies.merge()
     assert _values(layer) == ([[4.0, 2.0]], [2.0])
+
+
+def test_host_buffers_are_pageable_when_params_are_not_on_cuda():
+    """Pinning needs the CUDA driver and only speeds up copies to a CUDA device: CPU params keep
+    ordinary memory (on a GPU machine too)."""
+    layer = _linear([[1.0, 2.0]], [0.0])
+    proxies = ProxySet(list(layer.parameters()), 2, [1, 1])
+    proxies.pause_turn()
+    assert not proxies.state_dict()["merged"].is_pinned() and not proxies._paused[0].is_pinned()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_params_with_cpu_storage_use_pinned_merged_and_pause_slots():
+    """Full fine-tuning layout: ``merged`` and pause slots (copied to the GPU at turn boundaries)
+    are pinned, the host-only running sum is not; the asynchronous copies out of pinned ``merged``
+    still give the exact weights: mean of [[3, 3]], 1 (paused, resumed, 1 step) and the merged
+    start [[1, 2]], 0 (1 step), sizes [1, 1] -> [[2, 2.5]], 0.5; a second round from there."""
+    layer = _linear([[1.0, 2.0]], [0.0]).cuda()
+    proxies = ProxySet(list(layer.parameters()), 2, [1, 1], storage_device="cpu")
+    assert proxies.state_dict()["merged"].is_pinned() and not proxies._buffer.is_pinned()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 3.0]]))
+        layer.bias.fill_(1.0)
+    proxies.pause_turn()
+    assert proxies._paused[0].is_pinned()
+    proxies.begin_turn(0)
+    proxies.end_turn(1)
+    proxies.begin_turn(1)
+    proxies.end_turn(1)
+    proxies.merge()
+    assert layer.weight.tolist() == [[2.0, 2.5]] and layer.bias.tolist() == [0.5]
+    proxies.begin_turn(0)
+    proxies.end_turn(1)
+    proxies.merge()
+    assert layer.weight.tolist() == [[2.0, 2.5]] and layer.bias.tolist() == [0.5]
