@@ -526,7 +526,9 @@ def main(args: argparse.Namespace) -> dict:
                         elif r.status == "paused":
                             r.signal(signal.SIGCONT, "training")
                             save_run(r)
-                    elif r.status == "training":
+                    elif r.status == "training" and r.reached < r.job["max_steps"]:
+                        # A run at its last target is only finishing (final merge and save): paused
+                        # there it would never end, and the grid would wait for --max_seconds.
                         r.signal(signal.SIGSTOP, "paused")
                         save_run(r)
             else:
