@@ -144,10 +144,15 @@ def test_spawned_loader_worker_shares_strengths():
 
 
 class _Rows(list):
-    """The two things IndexedCaptionDataset reads from a datasets.Dataset: rows and a caption column."""
+    """What IndexedCaptionDataset reads from a datasets.Dataset: a caption column, and a batch of
+    rows by a list of indices (as a dict of columns, like ``datasets.Dataset.__getitem__``)."""
 
     def __getitem__(self, key):
-        return [row["text"] for row in self] if key == "text" else list.__getitem__(self, key)
+        if key == "text":
+            return [row["text"] for row in self]
+        if isinstance(key, list):
+            return {column: [list.__getitem__(self, i)[column] for i in key] for column in ("image", "text")}
+        return list.__getitem__(self, key)
 
 
 class _Tokenizer:

@@ -116,11 +116,13 @@ def test_shard_checkpoint_holds_the_last_merge_not_the_live_proxy(tiny_model_dir
 
     method = ["--num_shards=2", "--merge_every=2"]
     run(args(tiny_model_dir, tiny_data_dir, tmp_path / "four", *method, steps=4))
-    run(args(tiny_model_dir, tiny_data_dir, tmp_path / "six", *method, "--checkpointing_steps=5", steps=6))
-    ckpt_unet = UNet2DConditionModel.from_pretrained(tmp_path / "six" / "checkpoint-5", subfolder="unet").state_dict()
+    # 8 steps: two whole rounds (a budget of 6 would shorten the second round to one step each,
+    # so that step 5 would end proxy 0's turn).
+    run(args(tiny_model_dir, tiny_data_dir, tmp_path / "eight", *method, "--checkpointing_steps=5", steps=8))
+    ckpt_unet = UNet2DConditionModel.from_pretrained(tmp_path / "eight" / "checkpoint-5", subfolder="unet").state_dict()
     merged4 = load_file(tmp_path / "four" / "unet" / "diffusion_pytorch_model.safetensors")
     assert same({k: ckpt_unet[k] for k in merged4}, merged4)
-    live = read_live_trainable(tmp_path / "six" / "checkpoint-5")
+    live = read_live_trainable(tmp_path / "eight" / "checkpoint-5")
     assert any(not torch.equal(live[k], merged4[k]) for k in live)
 
 
@@ -266,9 +268,10 @@ def test_lora_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_dat
 
 @pytest.fixture(scope="module")
 def shard_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
-    """checkpoint-2 of a K=2 run with AGC."""
+    """checkpoint-2 of a K=2 run with AGC, half-way through its one whole round (a 2-step budget
+    would shorten that round to one step per proxy, and no longer budget could resume from it)."""
     out = tmp_path_factory.mktemp("traj") / "a"
-    run(args(tiny_model_dir, tiny_data_dir, out, "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--checkpointing_steps=2", steps=2))
+    run(args(tiny_model_dir, tiny_data_dir, out, "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--checkpointing_steps=2", steps=4))
     return out / "checkpoint-2"
 
 
@@ -302,5 +305,5 @@ def test_resume_on_other_data_of_the_same_size_stops(tiny_model_dir, tiny_data_d
     method = ["--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", f"--resume_from_checkpoint={shard_checkpoint}"]
     line = one_line_error(capsys, args(tiny_model_dir, other, tmp_path / "b", *method, steps=8))
     assert f"other data ({len(rows)} samples, fingerprint" in line and "this run's" in line
-    summary = run(args(tiny_model_dir, tiny_data_dir, tmp_path / "c", *method, steps=3))
-    assert summary["steps_this_run"] == 1
+    summary = run(args(tiny_model_dir, tiny_data_dir, tmp_path / "c", *method, steps=8))
+    assert summary["steps_this_run"] == 6
