@@ -938,6 +938,13 @@ def _run(args, report: Report, device) -> int:
         data["complete"] = True
         return 0
 
+    if device.type == "cpu":
+        # torch's fused CPU attention kernel fails in bf16 backward unless ATen runs its AVX-512
+        # kernels ("pack_vnni2 is only supported when avx512 is supported"); the dry run checks our
+        # code path, not that kernel, so it uses the plain math attention on every CPU.
+        # (The flag is named after CUDA but switches off the fused flash kernel on the CPU too.)
+        torch.backends.cuda.enable_flash_sdp(False)
+        data["cpu_attention"] = "math (torch's fused CPU attention needs AVX-512 for bf16 backward)"
     unet_spec, vae_spec, text_spec = (TINY_UNET, TINY_VAE, TINY_TEXT) if args.dry_run else (SD15_UNET, SD15_VAE, SD15_TEXT)
     vae_scale = 2 ** (len(vae_spec["block_out_channels"]) - 1)
     latent = args.resolution // vae_scale

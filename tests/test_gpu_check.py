@@ -134,6 +134,10 @@ def test_without_side_by_side_windows_the_steady_state_goals_are_not_measured():
 
 
 def test_missing_dependency_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    # diffusers records at its first import whether peft is there; import it first, so hiding peft
+    # here does not leak into later tests of this process.
+    import diffusers  # noqa: F401
+
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now fails, as on a machine without it
     out = tmp_path / "gpu.json"
     assert gpu_check.main(["--dry_run", "--out", str(out), "--no_tests"]) == 2
