@@ -8,7 +8,9 @@ checkpoint therefore holds ``trajectory.json``: the values of :data:`TRAJECTORY_
 fingerprint of the training data; a resume compares them and stops with one line naming every
 flag that differs, its saved value and its new value.
 
-Not compared, on purpose: ``--max_train_steps`` / ``--num_train_epochs`` (a run may be extended),
+Not compared, on purpose: ``--max_train_steps`` / ``--num_train_epochs`` (a run may be extended;
+but with shards, a budget that is not a whole number of rounds shortens its last round, so a
+checkpoint inside such a round resumes only under the same budget: :func:`check_budget_change`),
 ``--checkpointing_steps``, logging, validation, output and hub flags, ``--dataloader_num_workers``
 (batches are a pure function of the step), and paths (a dataset or model folder may move; the
 data fingerprint catches other data).
@@ -208,3 +210,35 @@ def continue_from_upstream(folder: str | os.PathLike, unet: Any, is_lora: bool, 
     else:
         log.warning(f"{folder} has no optimizer.bin; the optimizer moments start from zero.")
     return step
+
+
+def check_budget_change(checkpoint: str | os.PathLike, step: int, saved_budget: int | None, budget: int,
+                        num_shards: int, merge_every: int) -> None:
+    """Raise one line if resuming ``checkpoint`` (taken at optimizer ``step``) under another
+    ``--max_train_steps`` would change the rounds it was trained in.
+
+    With K > 1 shards, rounds are K x H steps (summed over proxies) and a budget that is not a
+    whole number of rounds ends with a shortened round (``RoundSchedule``). Two budgets schedule
+    the same rounds up to the start of the earlier of their shortened rounds, so a checkpoint can
+    move to another budget only if its step is not past that point.
+
+    Args:
+        checkpoint: the checkpoint folder (for the message).
+        step: its optimizer step, summed over proxies and processes.
+        saved_budget: the ``--max_train_steps`` it was written with (None: unknown, e.g. another
+            script's checkpoint, which has no shards; nothing to check).
+        budget: this run's ``--max_train_steps``.
+        num_shards, merge_every: K and H (equal to the checkpoint's: the trajectory check).
+    """
+    if num_shards <= 1 or saved_budget is None or saved_budget == budget:
+        return
+    round_steps = num_shards * merge_every
+    limit = min(saved_budget, budget) // round_steps * round_steps
+    if step <= limit:
+        return
+    raise ValueError(
+        f"checkpoint {checkpoint} (step {step}) was written with --max_train_steps={saved_budget} but this run has "
+        f"--max_train_steps={budget}: rounds are {num_shards} proxies x --merge_every={merge_every} = {round_steps} steps and a "
+        f"budget that is not a whole number of rounds shortens its last round, so the two budgets schedule different rounds "
+        f"after step {limit}; resume with --max_train_steps={saved_budget}, or from a checkpoint at step <= {limit}"
+    )

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from sd_memfree.resume import TRAJECTORY_FILE, check_same_trajectory, data_fingerprint, write_trajectory
+from sd_memfree.resume import TRAJECTORY_FILE, check_budget_change, check_same_trajectory, data_fingerprint, write_trajectory
 
 
 def test_check_names_each_flag_saved_value_first_and_the_data(tmp_path):
@@ -69,3 +69,20 @@ def test_fingerprint_follows_captions_files_and_order_not_the_folder(tiny_data_d
         image_column: [{"bytes": open(r["path"], "rb").read() + (b"\0" if i == 0 else b""), "path": None} for i, r in enumerate(raw[image_column])],
         caption_column: raw[caption_column]}).cast_column(image_column, datasets.Image())
     assert data_fingerprint(embedded, image_column, caption_column) != data_fingerprint(again, image_column, caption_column)
+
+
+def test_budget_change_is_refused_only_past_the_rounds_both_budgets_share():
+    """K=2, H=2: rounds of 4 steps. Budgets 8 and 12 are whole rounds: any step resumes from one
+    to the other. Budget 10 shortens its third round (steps 9-10, one step per proxy): a
+    checkpoint at step 9 or 10 of it cannot move to 12 (there step 9 is proxy 0's first of two),
+    but step 8 can; and a checkpoint at step 9 of a 12-step run cannot move to 10."""
+    for step, saved, new in [(6, 8, 12), (8, 12, 8), (8, 10, 12), (9, 10, 10), (3, 10, 6)]:
+        check_budget_change("ckpt", step, saved, new, num_shards=2, merge_every=2)
+    check_budget_change("ckpt", 9, 10, 12, num_shards=1, merge_every=2)  # no shards: no rounds
+    check_budget_change("ckpt", 9, None, 12, num_shards=2, merge_every=2)  # unknown budget (another script)
+    for step, saved, new, limit in [(9, 10, 12, 8), (10, 10, 12, 8), (9, 12, 10, 8), (5, 6, 8, 4), (5, 6, 9, 4)]:
+        with pytest.raises(ValueError) as exc:
+            check_budget_change("ckpt", step, saved, new, num_shards=2, merge_every=2)
+        line = str(exc.value)
+        assert "\n" not in line and f"--max_train_steps={saved} but this run has --max_train_steps={new}" in line
+        assert f"from a checkpoint at step <= {limit}" in line
