@@ -111,12 +111,13 @@ def test_full_checkpoint_holds_unet_and_ema_loadable(tiny_model_dir, tiny_data_d
 def test_shard_checkpoint_holds_the_last_merge_not_the_live_proxy(tiny_model_dir, tiny_data_dir, tmp_path):
     """K=2, H=2: the first merge is at step 4; checkpoint-5 is taken while proxy 0 is one step
     into round 2. Its unet/ must equal the merge at step 4, i.e. the final output of a 4-step run
-    (a complete round), not proxy 0's live weights."""
+    (a complete round), not proxy 0's live weights. (The budget is 8 steps, two whole rounds: with
+    6 the last round is shortened to one step per proxy, so proxy 0's turn would end at step 5.)"""
     from diffusers import UNet2DConditionModel
 
     method = ["--num_shards=2", "--merge_every=2"]
     run(args(tiny_model_dir, tiny_data_dir, tmp_path / "four", *method, steps=4))
-    run(args(tiny_model_dir, tiny_data_dir, tmp_path / "six", *method, "--checkpointing_steps=5", steps=6))
+    run(args(tiny_model_dir, tiny_data_dir, tmp_path / "six", *method, "--checkpointing_steps=5", steps=8))
     ckpt_unet = UNet2DConditionModel.from_pretrained(tmp_path / "six" / "checkpoint-5", subfolder="unet").state_dict()
     merged4 = load_file(tmp_path / "four" / "unet" / "diffusion_pytorch_model.safetensors")
     assert same({k: ckpt_unet[k] for k in merged4}, merged4)
