@@ -238,7 +238,7 @@ def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(model
            str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    states = [torch.load(out / "checkpoint-4" / f"state_rank{r}.pt", weights_only=False)["objects"] for r in (0, 1)]
+    states = [read_process_state(out / "checkpoint-4", r)["objects"] for r in (0, 1)]
     banks = [s["loss_bank_0"]["bank"] for s in states]
     strengths = [s["strengths"]["values"] for s in states]
     assert (banks[0] > 0).sum() > 0 and strengths[0].max() > 0
