@@ -111,7 +111,8 @@ def test_full_checkpoint_holds_unet_and_ema_loadable(tiny_model_dir, tiny_data_d
 def test_shard_checkpoint_holds_the_last_merge_not_the_live_proxy(tiny_model_dir, tiny_data_dir, tmp_path):
     """K=2, H=2: the first merge is at step 4; checkpoint-5 is taken while proxy 0 is one step
     into round 2. Its unet/ must equal the merge at step 4, i.e. the final output of a 4-step run
-    (a complete round), not proxy 0's live weights."""
+    (a complete round), not proxy 0's live weights. (The budget is 8 steps, two whole rounds: with
+    6 the last round is shortened to one step per proxy, so proxy 0's turn would end at step 5.)"""
     from diffusers import UNet2DConditionModel
 
     method = ["--num_shards=2", "--merge_every=2"]

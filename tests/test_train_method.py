@@ -238,8 +238,6 @@ def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(model
            str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from sd_memfree.state import read_process_state
-
     states = [read_process_state(out / "checkpoint-4", r)["objects"] for r in (0, 1)]
     banks = [s["loss_bank_0"]["bank"] for s in states]
     strengths = [s["strengths"]["values"] for s in states]

@@ -336,17 +336,17 @@ def test_train_loss_logged_for_every_optimizer_step(tiny_model_dir, tiny_data_di
     """12 steps x 2 micro-batches: the tracker holds train_loss at steps 1..12 (flushed at 10 and
     12), each the mean of that step's two micro-batch losses, as upstream's
     ``train_loss += loss / gradient_accumulation_steps``; the progress bar shows step_loss and lr."""
-    from sd_memfree import losses
+    from sd_memfree.memfree import MemFree
 
     micro = []
-    real = losses.masked_mean
+    real = MemFree.reduce
 
-    def spy(*a, **k):
+    def spy(*a, **k):  # the loss of each micro-batch, as the loop backpropagates it
         loss = real(*a, **k)
         micro.append(loss.item())
         return loss
 
-    monkeypatch.setattr(losses, "masked_mean", spy)
+    monkeypatch.setattr(MemFree, "reduce", spy)
     out = tmp_path / "logged"
     run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--gradient_accumulation_steps=2",
                   "--lr_scheduler=linear", "--lr_warmup_steps=4", "--report_to=tensorboard", steps=12))
@@ -508,9 +508,10 @@ def test_plain_step_is_upstreams_math(tiny_model_dir, tiny_data_dir, tmp_path, m
     from diffusers import UNet2DConditionModel
 
     from sd_memfree import losses
+    from sd_memfree.memfree import MemFree
 
     inputs, targets, ours = [], [], []
-    real_forward, real_loss, real_mean = UNet2DConditionModel.forward, losses.per_sample_loss, losses.masked_mean
+    real_forward, real_loss, real_mean = UNet2DConditionModel.forward, losses.per_sample_loss, MemFree.reduce
 
     def forward(self, sample, timestep, encoder_hidden_states, *a, **k):
         inputs.append((sample.detach().clone(), timestep.detach().clone(), encoder_hidden_states.detach().clone()))
@@ -527,7 +528,7 @@ def test_plain_step_is_upstreams_math(tiny_model_dir, tiny_data_dir, tmp_path, m
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
     monkeypatch.setattr(losses, "per_sample_loss", per_sample)
-    monkeypatch.setattr(losses, "masked_mean", mean)
+    monkeypatch.setattr(MemFree, "reduce", mean)
     out = tmp_path / "ours"
     run(base_args(tiny_model_dir, tiny_data_dir, out, steps=3))
     monkeypatch.undo()
@@ -557,7 +558,7 @@ def test_plain_step_is_upstreams_math(tiny_model_dir, tiny_data_dir, tmp_path, m
 def test_train_loss_is_averaged_over_processes(tiny_model_dir, tiny_data_dir, tmp_path):
     """2 processes data-parallel (gloo), 3 steps: the tracker's train_loss at step s is the mean of
     the two processes' step-s losses (upstream: ``accelerator.gather(loss.repeat(bsz)).mean()``),
-    gathered once per flush. Each process records its own losses through a spy on masked_mean."""
+    gathered once per flush. Each process records its own losses through a spy on MemFree.reduce."""
     import os
     import subprocess
     import sys
@@ -568,14 +569,14 @@ def test_train_loss_is_averaged_over_processes(tiny_model_dir, tiny_data_dir, tm
     launcher.write_text(
         "import json, os, sys\n"
         f"sys.path.insert(0, {str(repo)!r})\n"
-        "from sd_memfree import losses\n"
+        "from sd_memfree.memfree import MemFree\n"
         "from train_scripts import train_sd_ietagc as train\n"
-        "seen, real = [], losses.masked_mean\n"
+        "seen, real = [], MemFree.reduce\n"
         "def spy(*a, **k):\n"
         "    loss = real(*a, **k)\n"
         "    seen.append(loss.item())\n"
         "    return loss\n"
-        "losses.masked_mean = spy\n"
+        "MemFree.reduce = spy\n"
         "args = train.parse_args(sys.argv[1:])\n"
         "train.main(args)\n"
         "open(os.path.join(args.output_dir, 'losses_%s.json' % os.environ['RANK']), 'w').write(json.dumps(seen))\n")

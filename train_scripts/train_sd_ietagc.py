@@ -305,23 +305,18 @@ def train(args, stop) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sd_memfree import checkpointing, hub
-    from sd_memfree.agc import LossBank, SkipStats
-    from sd_memfree.data import (IndexedCaptionDataset, ShardBatchSampler, build_image_transforms, check_resolution,
-                                 check_samples, collate, load_image_caption_dataset)
-    from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
-    from sd_memfree.proxies import ProxySet, check_spread
+    from sd_memfree import MemFree, checkpointing, hub
+    from sd_memfree.data import (IndexedCaptionDataset, build_image_transforms, check_resolution, check_samples, collate,
+                                 load_image_caption_dataset)
+    from sd_memfree.losses import min_snr_weights, per_sample_loss
+    from sd_memfree.proxies import check_spread
     from sd_memfree.resume import (check_same_trajectory, continue_from_upstream, data_fingerprint, trajectory_settings,
                                    write_trajectory)
-    from sd_memfree.schedule import RoundSchedule
-    from sd_memfree.shards import ShardAssignment
     from sd_memfree.steplog import StepLossLog
-    from sd_memfree.state import (Counters, ProxyGenerators, TrainableWeights, load_process_state, save_process_state,
-                                  weights_from_model_folders)
+    from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
     from sd_memfree.stopping import MAX_NONFINITE_STEPS, SIGNAL_EXIT_CODES, NonFiniteWatch, RunStopped, all_finite
     from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
                                       trainable_parameters, upcast_trainable_)
@@ -346,11 +341,8 @@ def train(args, stop) -> dict:
             lib.utils.logging.set_verbosity_error()
     rank, world = accelerator.process_index, accelerator.num_processes
     K = mf.num_shards
-    # [memfree] With several shards, proxies are independent between merges: each process trains
-    # its own proxies (no per-step gradient all-reduce), and a merge is one all-reduce.
-    proxies_spread = K > 1 and world > 1
     if K > 1:
-        check_spread(K, world)  # before anything loads: W must divide K
+        check_spread(K, world)  # before the data is decoded: W must divide K (MemFree checks it again)
     if args.seed is not None:
         set_seed(args.seed)
     seed = args.seed if args.seed is not None else 0
@@ -372,7 +364,17 @@ def train(args, stop) -> dict:
         log.warning(f"--drop_bad_samples: dropped {len(dropped)} bad sample(s), listed in {output_dir / 'dropped_samples.json'}: "
                     + "; ".join(f"{d['where']}: {d['problem']}" for d in dropped[:5]))
     num_samples = len(dataset)
-    assignment = ShardAssignment(num_samples, K, seed)  # [memfree] raises if K > num_samples
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    # The budget. With several shards each process trains its own proxies (no data parallelism).
+    samples_per_step = args.train_batch_size * (1 if K > 1 and world > 1 else world) * args.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(num_samples / samples_per_step))
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    memfree = MemFree(mf, num_samples=num_samples, num_train_timesteps=noise_scheduler.config.num_train_timesteps,  # [memfree]
+                      max_train_steps=args.max_train_steps, seed=seed, accelerator=accelerator,
+                      storage_device=accelerator.device if args.use_lora else "cpu")  # raises if K > num_samples
     resume_dir = checkpointing.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     # What a resume must match (resume.py), also written into every checkpoint.
     trajectory = trajectory_settings(args, accelerator.mixed_precision, num_samples,
@@ -408,9 +410,6 @@ def train(args, stop) -> dict:
             args.hub_model_id = hub.create_repo(args.hub_model_id or output_dir.name, token=args.hub_token)
 
     # ---- Models -----------------------------------------------------------------------------------
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision)
     text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant)
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant)
@@ -441,10 +440,7 @@ def train(args, stop) -> dict:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # ---- Optimizer, budget, schedule ----------------------------------------------------------
-    # [memfree] Each process trains len(local) proxies; data-parallel only without shards.
-    local = [k for k in range(K) if k % world == rank] if proxies_spread else list(range(K))
-    data_world, data_rank = (1, 0) if proxies_spread else (world, rank)
+    # ---- Optimizer, schedule --------------------------------------------------------------------
     if args.scale_lr:
         args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * world
     if args.use_8bit_adam:
@@ -458,65 +454,32 @@ def train(args, stop) -> dict:
     params = trainable_parameters(unet)
     optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-
-    samples_per_step = args.train_batch_size * data_world * args.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(num_samples / samples_per_step))
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    # [memfree] The round schedule (sd_memfree/schedule.py) says, from the step count alone, which
-    # proxy trains and when turns end, merges and redistributions are due; the sampler reads it too.
-    # Every proxy takes the same number of steps, so every shard weighs the same in the final merge.
-    schedule = RoundSchedule(K, mf.merge_every, local, args.max_train_steps,
-                             redistribute_at=mf.redistribute_at if mf.redistribution_enabled else None,
-                             gradient_accumulation_steps=args.gradient_accumulation_steps)
+    # Every proxy takes the same number of steps (MemFree's round schedule), so every shard weighs
+    # the same in the final merge.
+    schedule = memfree.schedule
     if schedule.total_steps != args.max_train_steps or schedule.last_round_steps:
         log.warning(f"--max_train_steps={args.max_train_steps} is not a whole number of rounds ({K} proxies x --merge_every={mf.merge_every}): "
                     f"the last round is shortened to {schedule.last_round_steps} step(s) per proxy so that every shard weighs the same "
                     f"in the final merge; training runs {schedule.total_steps} steps ({schedule.dropped_steps} that cannot be shared equally dropped).")
-    total_steps = schedule.total_steps  # [memfree] summed over proxies
-    step_unit = world if proxies_spread else 1  # optimizer steps of all processes per local step
-    local_max_steps = schedule.local_steps
-    # [memfree] Every proxy has its own LR schedule position: its schedule spans its own steps.
-    per_proxy_steps = schedule.steps_per_proxy if mf.proxy_optimizer_state == "per_proxy" else local_max_steps
+    total_steps = memfree.total_steps  # summed over proxies and processes
+    step_unit = memfree.step_unit  # optimizer steps of all processes per local step
+    local_max_steps = memfree.local_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=per_proxy_steps)
+                                 num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
+    memfree.attach(params, optimizer, lr_scheduler)  # [memfree] proxies swap optimizer state and LR position
 
     # ---- Data ---------------------------------------------------------------------------------------
-    strengths = augment = None
-    if mf.loss_aware_augmentation:  # [memfree] per-sample strengths in shared memory, read by the data workers
-        from sd_memfree.augment import AugmentationStrengths, LossAwareAugment, augmentation_strength
-
-        strengths = AugmentationStrengths(num_samples)
-        augment = LossAwareAugment(strengths, max_magnitude=mf.augment_max_magnitude)
     geometric, to_tensor = build_image_transforms(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
-    train_dataset = IndexedCaptionDataset(dataset, image_column, caption_column, tokenizer, geometric, to_tensor, augment=augment)
-    H = mf.merge_every
+    train_dataset = IndexedCaptionDataset(dataset, image_column, caption_column, tokenizer, geometric, to_tensor,
+                                          augment=memfree.augment)  # [memfree] loss-aware augmentation (None when off)
     gas = args.gradient_accumulation_steps
-
-    def shard_at(micro_step: int) -> int:  # [memfree] which shard feeds this micro-step
-        return schedule.proxy_at_micro(micro_step)
-
-    sampler = ShardBatchSampler([assignment.members(k) for k in range(K)], args.train_batch_size, seed, shard_at,
-                                data_rank=data_rank, data_world=data_world)
-    loader = DataLoader(train_dataset, batch_sampler=sampler, collate_fn=collate, num_workers=args.dataloader_num_workers,
-                        generator=torch.Generator().manual_seed(seed))  # own generator: the global RNG stays untouched
-
-    # ---- Method components ([memfree]) ----------------------------------------------------------
-    banks = [LossBank(noise_scheduler.config.num_train_timesteps, ratio=mf.agc_ratio, ema=mf.agc_ema, device=accelerator.device) for _ in range(K)] if mf.agc_enabled else []
-    skip_stats = SkipStats(noise_scheduler.config.num_train_timesteps, num_proxies=K, device=accelerator.device) if mf.agc_enabled else None
-    run_skip_stats = SkipStats(noise_scheduler.config.num_train_timesteps, num_proxies=K, device=accelerator.device) if mf.agc_enabled else None
-    if mf.agc_enabled:
-        assignment.to(accelerator.device)
-    proxies = None
-    if K > 1:
-        proxies = ProxySet(params, K, assignment.sizes(), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                           optimizer_state=mf.proxy_optimizer_state,
-                           storage_device="cpu" if not args.use_lora else accelerator.device,
-                           rank=rank if proxies_spread else 0, world_size=world if proxies_spread else 1)
+    # Each micro-batch comes from the shard of the proxy that trains (the loader has its own seeded
+    # generator: the global RNG stays untouched).
+    loader = memfree.dataloader(train_dataset, args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)  # [memfree]
 
     # Without shards, accelerate wraps the UNet as upstream (DDP over processes). With shards the
     # UNet stays unwrapped: proxies never all-reduce gradients.
-    if K == 1:
+    if memfree.data_parallel:  # [memfree]
         unet, optimizer = accelerator.prepare(unet, optimizer)
     else:
         unet.to(accelerator.device)
@@ -524,15 +487,13 @@ def train(args, stop) -> dict:
     if ema_unet is not None:
         ema_unet.to("cpu" if args.offload_ema else accelerator.device)
 
-    # [memfree] RNG streams belong to proxies (see ProxyGenerators); without shards each process
-    # gets its own stream so data-parallel processes draw different noise.
-    rng = ProxyGenerators([seed * 1000 + k for k in range(K)] if K > 1 else [seed * 1000 + rank], device=accelerator.device)
-    counters = Counters(global_step=0, micro_step=0, sampler_origin=0, turn_steps=0, redistributions=0)
+    counters = memfree.counters
+    # Every process's state for an exact resume; the method's objects under their checkpoint names,
+    # in the order of earlier versions (the state file numbers tensors in this order).
+    method_state = memfree.stateful_objects()  # [memfree]
     stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                "counters": counters, "rng": rng, "assignment": assignment, "proxies": proxies, "ema": ema_unet, "strengths": strengths,
-                "scaler": accelerator.scaler}
-    for k, bank in enumerate(banks):
-        stateful[f"loss_bank_{k}"] = bank
+                **{name: method_state.pop(name) for name in ("counters", "rng", "assignment", "proxies")}, "ema": ema_unet,
+                "strengths": method_state.pop("strengths"), "scaler": accelerator.scaler, **method_state}
     if not args.use_lora:  # the checkpoint's unet/ and unet_ema/ hold these weights once; LoRA's are small
         weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
 
@@ -549,8 +510,8 @@ def train(args, stop) -> dict:
                     "moments only; the data order and random streams are this script's, so this is not that run's exact continuation.")
     elif resume_dir is not None:
         load_process_state(resume_dir, rank, world, stateful)
-        sampler.set_members([assignment.members(k) for k in range(K)], counters.sampler_origin, counters.redistributions)
         log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
+    memfree.on_state_loaded()  # [memfree] the sampler and the live proxy follow the (loaded) counters
 
     # Secrets (--hub_token) never reach train_args.json, the tracker config or the card.
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
@@ -565,7 +526,7 @@ def train(args, stop) -> dict:
         write_run_config(output_dir)
 
     log.info(f"***** Running training: {num_samples} samples, {K} shard(s), {total_steps} optimizer steps (summed over proxies), "
-             f"batch {args.train_batch_size} per process x {data_world} x accumulation {gas} *****")
+             f"batch {args.train_batch_size} per process x {memfree.data_world} x accumulation {gas} *****")
     progress = tqdm(range(total_steps), initial=counters.global_step * step_unit, desc="Steps", disable=not accelerator.is_local_main_process)
 
     def run_state_files(folder: Path) -> None:
@@ -575,10 +536,8 @@ def train(args, stop) -> dict:
         if accelerator.is_main_process:
             write_run_config(folder)
             write_trajectory(folder, trajectory)
-            merged = None
-            if proxies is not None:  # [memfree] the live parameters hold a proxy's weights; publish the merge's
-                merged = torch.split(proxies.state_dict()["merged"], [p.numel() for p in params])
-            save_checkpoint_model(accelerator.unwrap_model(unet), folder, args.use_lora, trainable=merged)
+            # With shards the live parameters hold a proxy's weights: publish the last merge's.
+            save_checkpoint_model(accelerator.unwrap_model(unet), folder, args.use_lora, trainable=memfree.merged_weights())  # [memfree]
             if ema_unet is not None:
                 ema_unet.save_pretrained(str(folder / "unet_ema"))
 
@@ -591,12 +550,6 @@ def train(args, stop) -> dict:
             checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=output_dir / f"{checkpointing.CHECKPOINT_PREFIX}{step}")
         log.info(f"Saved checkpoint-{step}")
 
-    def current_proxy() -> int:
-        return shard_at(counters.micro_step)
-
-    if proxies is not None and proxies.live != current_proxy():
-        proxies.begin_turn(current_proxy())
-    sampler.start = counters.micro_step
     data_iter = iter(loader)
     # train_loss of every optimizer step, read from the device in one sync per flush (StepLossLog).
     step_log = StepLossLog(LOG_EVERY, gas, device=accelerator.device)
@@ -611,15 +564,12 @@ def train(args, stop) -> dict:
         for step, value, lr in rows[:-1]:
             accelerator.log({"train_loss": value, "lr": lr}, step=step)
         step, value, lr = rows[-1]
-        logs = {"train_loss": value, "lr": lr}
-        if skip_stats is not None:
-            logs.update(skip_stats.summary())
-        if strengths is not None:
-            logs["augment/mean_strength"] = strengths.mean()
+        logs = {"train_loss": value, "lr": lr, **memfree.log_values()}  # [memfree] skip rates, augmentation strength
         accelerator.log(logs, step=step)
         postfix = {"step_loss": value, "lr": lr}
         if K > 1:
-            postfix.update(proxy=current_proxy() if counters.global_step < local_max_steps else "-", round=counters.global_step // (H * len(local)))
+            postfix.update(proxy=memfree.current_proxy if counters.global_step < local_max_steps else "-",
+                           round=counters.global_step // (mf.merge_every * len(memfree.local_proxies)))
         if "agc/skip_rate" in logs:
             postfix["skip"] = f"{logs['agc/skip_rate']:.2f}"
         progress.set_postfix(**postfix)
@@ -666,8 +616,7 @@ def train(args, stop) -> dict:
     stop.defer()  # from here on SIGTERM / Ctrl-C finish the optimizer step and write a checkpoint
     while counters.global_step < local_max_steps:
         batch = next(data_iter)
-        k = current_proxy()
-        g = rng[k if K > 1 else 0]
+        g = memfree.generator  # [memfree] the live proxy's random stream
         with accelerator.accumulate(unet):
             pixel_values = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype, non_blocking=True)
             input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
@@ -694,30 +643,14 @@ def train(args, stop) -> dict:
             losses = per_sample_loss(model_pred, target)  # [B], before any SNR weighting
             watch.observe(losses)  # raw losses: AGC never keeps a non-finite one, so it must not hide it
             weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, noise_scheduler.config.prediction_type) if args.snr_gamma is not None else None
-            keep = None
-            if banks:  # [memfree] AGC: skip abnormally low losses for their timestep, then update the bank
-                detached = losses.detach()
-                keep = banks[k].keep_mask(detached, timesteps)
-                seen_losses, seen_t, seen_ids, seen_keep = detached, timesteps, sample_ids, keep
-                if data_world > 1:  # [memfree] data-parallel: every process's bank and strengths take the whole global batch
-                    seen = accelerator.gather(torch.stack([detached.double(), timesteps.double(), sample_ids.double()], dim=1))
-                    seen_losses, seen_t, seen_ids = seen[:, 0].float(), seen[:, 1].long(), seen[:, 2].long()
-                    seen_keep = banks[k].keep_mask(seen_losses, seen_t)
-                if strengths is not None:  # [memfree] loss-aware augmentation strength for the next draw
-                    strengths.update(seen_ids, augmentation_strength(seen_losses, seen_t, banks[k].bank, mf.agc_ratio, mf.augment_alpha), seen_keep)
-                banks[k].update(seen_losses, seen_t)
-                finite = torch.isfinite(detached)  # a non-finite loss is not a skip: the non-finite watch reports it
-                skip_stats.update(keep, timesteps, k, valid=finite)
-                run_skip_stats.update(keep, timesteps, k, valid=finite)
-                assignment.record_skips(sample_ids, keep)
-            loss = masked_mean(losses, keep, weights)
+            # AGC skips abnormally low losses for their timestep; reduce also counts the micro-step.
+            loss = memfree.reduce(losses, timesteps, sample_ids, weights)  # [memfree]
             step_log.add(loss)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)  # a list: really clips (upstream passes an exhausted iterator for LoRA)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        counters.micro_step += 1
         if not accelerator.sync_gradients:
             continue
 
@@ -731,44 +664,12 @@ def train(args, stop) -> dict:
             ema_unet.step(unet.parameters())
             if args.offload_ema:
                 ema_unet.to("cpu", non_blocking=True)
-        counters.global_step += 1
-        step_log.end_step(counters.global_step * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
+        step_log.end_step((counters.global_step + 1) * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
         progress.update(step_unit)
-        reload_data = False
-        if K > 1:
-            event = schedule.after_step(counters.global_step - 1)  # [memfree] what the step just taken completes
-            if event.turn_ends:
-                if event.round_done_for_proxy:  # its H steps are done: bank its weights, restart from merged
-                    proxies.end_turn(event.steps_in_round)
-                elif event.next_proxy != event.proxy:  # half-way: keep its weights for its second half
-                    proxies.pause_turn()
-            if event.merge:
-                info = proxies.merge()  # [memfree] one all-reduce across processes
-                flush_logs()  # earlier steps first: trackers such as wandb drop steps that go back
-                accelerator.log({**info, **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
-            if event.redistribute:  # [memfree] IET-AGC+ redistribution on its schedule
-                counts = assignment.skip_counts.clone()
-                if proxies_spread:  # every process decides from the same global counts
-                    torch.distributed.all_reduce(counts)
-                    if strengths is not None:  # each sample's strength comes from the process that trained it
-                        strengths.flush()
-                        owned = torch.isin(assignment.shard_of, torch.tensor(local)).to(strengths.values.dtype)
-                        synced = strengths.values * owned
-                        torch.distributed.all_reduce(synced)
-                        strengths.values.copy_(synced)
-                moves = assignment.redistribute(mf.redistribute_fraction, counters.global_step * step_unit, counts=counts)
-                proxies.shard_sizes = assignment.sizes()
-                counters.redistributions += 1
-                counters.sampler_origin = counters.micro_step
-                sampler.set_members([assignment.members(j) for j in range(K)], counters.sampler_origin, counters.redistributions)
-                reload_data = True
-                flush_logs()
-                accelerator.log({"redistribution/moved": sum(len(m["sample_ids"]) for m in moves),
-                                 **{f"shards/size_{j}": s for j, s in enumerate(assignment.sizes())}}, step=counters.global_step * step_unit)
-            if event.turn_ends and event.next_proxy is not None:
-                proxies.begin_turn(event.next_proxy)  # a paused proxy gets its own weights back
-        if strengths is not None:
-            strengths.flush()
+        events = memfree.step()  # [memfree] counts the step; turns, merges, redistribution
+        if events.logs:
+            flush_logs()  # earlier steps first: trackers such as wandb drop steps that go back
+            accelerator.log(events.logs, step=counters.global_step * step_unit)  # [memfree]
         total = counters.global_step * step_unit  # optimizer steps summed over proxies and processes
         # The last step is checkpointed too when it falls on --checkpointing_steps, as upstream.
         checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
@@ -792,8 +693,7 @@ def train(args, stop) -> dict:
             saved = f"saved {output_dir / f'{checkpointing.CHECKPOINT_PREFIX}{total}'}" if not last_step_nonfinite else f"newest checkpoint: {newest_checkpoint()}"
             raise RunStopped(f"stopped by {signal_name(signum)} after step {total} ({saved}); to continue, run the same command "
                              "with --resume_from_checkpoint latest.", SIGNAL_EXIT_CODES.get(signum, 128 + signum))
-        if reload_data:  # membership changed: prefetched batches of the old shards are dropped
-            sampler.start = counters.micro_step
+        if events.reload_data:  # [memfree] membership changed: prefetched batches of the old shards are dropped
             data_iter = iter(loader)
         # Validation after epoch e (0-based) when e % --validation_epochs == 0, as upstream; the
         # last step is left to the final validation.
@@ -813,20 +713,15 @@ def train(args, stop) -> dict:
     loop_seconds, loop_cpu_seconds = time.perf_counter() - loop_start, time.process_time() - loop_cpu_start
 
     # ---- Final merge and save --------------------------------------------------------------------
-    # [memfree] The budget ends with a merge (see RoundSchedule). Only a run stopped mid-round
-    # merges here, with every local proxy weighted by the steps it took in that round.
-    taken = schedule.steps_in_round(counters.global_step) if proxies is not None else {}
-    if taken:
-        proxies.end_round(taken)
-        proxies.merge()
+    # The budget ends with a merge (see RoundSchedule). Only a run stopped mid-round merges here,
+    # with every local proxy weighted by the steps it took in that round.
+    memfree.finish()  # [memfree]
     accelerator.wait_for_everyone()
     summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir),
                "train_loop_seconds": loop_seconds, "train_loop_cpu_seconds": loop_cpu_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
-    if run_skip_stats is not None:  # whole-run skip rates (this process's proxies)
-        summary.update(run_skip_stats.summary())
-    total_skips = assignment.total_skip_counts.clone()  # [memfree] whole-run skips per sample, all processes
-    if world > 1:  # each process counted the samples it trained on
-        torch.distributed.all_reduce(total_skips)
+    method_summary = memfree.summary()  # [memfree] whole-run skip rates (this process's proxies), shards, merges
+    summary.update({k: v for k, v in method_summary.items() if k.startswith("agc/")})
+    total_skips = memfree.total_skip_counts()  # [memfree] whole-run skips per sample, all processes
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         # Never publish a non-finite model, e.g. one that diverged in its last few steps, under the stop checks' limit.
@@ -842,8 +737,8 @@ def train(args, stop) -> dict:
                 ema_unet.copy_to(final_unet.parameters())
             save_full_pipeline(final_unet, args.pretrained_model_name_or_path, staging, revision=args.revision, variant=args.variant)
         checkpointing.publish_entries(staging, output_dir)
-        state = {"num_samples": num_samples, "global_step": counters.global_step * step_unit, **assignment.summary()}
-        state["num_merges"] = proxies.num_merges if proxies is not None else 0
+        state = {"num_samples": num_samples, "global_step": counters.global_step * step_unit,
+                 **{k: v for k, v in method_summary.items() if not k.startswith("agc/")}}  # shard split and moves, merges
         tmp = output_dir / "memfree_state.json.partial"
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, output_dir / "memfree_state.json")
