@@ -308,3 +308,16 @@ def test_resume_on_other_data_of_the_same_size_stops(tiny_model_dir, tiny_data_d
     assert f"other data ({len(rows)} samples, fingerprint" in line and "this run's" in line
     summary = run(args(tiny_model_dir, tiny_data_dir, tmp_path / "c", *method, steps=8))
     assert summary["steps_this_run"] == 6
+
+
+def test_resume_into_another_budget_from_a_shortened_round_stops(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """K=2, H=2, 6 steps: the second round is shortened to one step per proxy (steps 5-6), so
+    checkpoint-5 holds proxy 0 after its only step of that round. Under an 8-step budget step 5 is
+    proxy 0's first of two: resuming there would mix the two schedules. One line names both budgets;
+    the same budget resumes."""
+    method = ["--num_shards=2", "--merge_every=2", "--checkpointing_steps=5"]
+    run(args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *method, steps=6))
+    ckpt = tmp_path / "a" / "checkpoint-5"
+    line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *method, f"--resume_from_checkpoint={ckpt}", steps=8))
+    assert "--max_train_steps=6 but this run has --max_train_steps=8" in line and "step <= 4" in line, line
+    assert run(args(tiny_model_dir, tiny_data_dir, tmp_path / "c", *method, f"--resume_from_checkpoint={ckpt}", steps=6))["steps_this_run"] == 1

@@ -313,8 +313,8 @@ def train(args, stop) -> dict:
                                  load_image_caption_dataset)
     from sd_memfree.losses import min_snr_weights, per_sample_loss
     from sd_memfree.proxies import check_spread
-    from sd_memfree.resume import (check_same_trajectory, continue_from_upstream, data_fingerprint, trajectory_settings,
-                                   write_trajectory)
+    from sd_memfree.resume import (check_budget_change, check_same_trajectory, continue_from_upstream, data_fingerprint,
+                                   trajectory_settings, write_trajectory)
     from sd_memfree.steplog import StepLossLog
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
     from sd_memfree.stopping import MAX_NONFINITE_STEPS, SIGNAL_EXIT_CODES, NonFiniteWatch, RunStopped, all_finite
@@ -386,6 +386,10 @@ def train(args, stop) -> dict:
                          "drop --num_shards, or start a new --output_dir from a pipeline holding its UNet.")
     if resume_dir is not None and not upstream:
         check_same_trajectory(resume_dir, trajectory)
+        saved_args = resume_dir / "train_args.json"
+        saved_budget = json.loads(saved_args.read_text()).get("max_train_steps") if saved_args.is_file() else None
+        check_budget_change(resume_dir, checkpointing.checkpoint_step(resume_dir), saved_budget, args.max_train_steps,
+                            K, mf.merge_every)
     elif args.resume_from_checkpoint and resume_dir is None:
         log.info(f"--resume_from_checkpoint={args.resume_from_checkpoint}: no complete checkpoint yet, starting a new run.")
     start = (checkpointing.checkpoint_step(resume_dir) if not upstream else int(resume_dir.name.split("-")[-1])) if resume_dir is not None else -1
