@@ -899,6 +899,7 @@ def main(argv=None) -> int:
         diffusers.utils.logging.set_verbosity_error()  # .to(dtype) of built (not loaded) models warns every time
     data["env"] = environment(device)
     report.log(f"device {data['env'].get('gpu', device)}; torch {torch.__version__}; xformers {data['env']['xformers']}")
+    flash_sdp = torch.backends.cuda.flash_sdp_enabled()  # _run may switch it off on the CPU
     try:
         return _run(args, report, device)
     except BudgetExceeded as e:
@@ -906,6 +907,9 @@ def main(argv=None) -> int:
         report.log("error: " + str(e))
         return 3
     finally:
+        # A process-wide switch: left off, it would change the attention kernel (and the bits) of
+        # everything the calling process trains next, e.g. later tests of the same pytest run.
+        torch.backends.cuda.enable_flash_sdp(flash_sdp)
         runs = data.get("runs", {})
         data["ratios"], data["goals"] = ratios_and_goals(runs, data.get("interleaved"))
         report.save()

@@ -195,3 +195,12 @@ def test_side_by_side_windows_alternate_and_give_the_ratio_per_round(tmp_path):
     assert side["ratio"]["iet_agc"]["median"] == pytest.approx(per_round[1], rel=1e-3)
     assert written["ratios"]["bf16/lora/iet_agc"]["time"] == pytest.approx(per_round[1], abs=1e-4)
     assert written["goals"] == []  # the goals are about full fine-tuning
+
+
+def test_dry_run_leaves_the_attention_kernel_switch_as_it_was(tmp_path):
+    """The CPU dry run switches torch's fused attention off; the caller's setting must come back
+    (a later in-process training run would otherwise compute other bits)."""
+    assert torch.backends.cuda.flash_sdp_enabled()
+    gpu_check.main(["--dry_run", "--device", "cpu", "--out", str(tmp_path / "gpu.json"), "--no_tests", "--modes", "lora",
+                    "--precisions", "bf16", "--configs", "plain", "--interleave_windows", "1"])
+    assert torch.backends.cuda.flash_sdp_enabled()
