@@ -47,6 +47,13 @@ def histogram_png(gen_sim: torch.Tensor, train_sim: torch.Tensor | None, thresho
     ax.set_xlabel("max SSCD cosine similarity to the training set")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
+    return _png_bytes(fig)
+
+
+def _png_bytes(fig) -> bytes:
+    """Lay out ``fig``, render it as PNG bytes and close it (matplotlib keeps open figures alive)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -76,11 +83,7 @@ def noise_magnitude_png(magnitudes, copies) -> bytes:
     ax.set_xlabel("||eps(x_t, prompt) - eps(x_t, '')||, mean of the first sampling steps")
     ax.set_ylabel("generations")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png_bytes(fig)
 
 
 def _fmt(v) -> str:
