@@ -92,35 +92,14 @@ def make_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None, tok
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     cfg = config or TinyModelConfig()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.sample_size // TINY_VAE_SCALE,
-        in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
-        block_out_channels=cfg.unet_channels,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",),
-        cross_attention_dim=cfg.text_hidden,
-        attention_head_dim=8,
-        norm_num_groups=cfg.norm_num_groups,
-    )
+    unet = _tiny_unet(cfg, cross_attention_dim=cfg.text_hidden)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=cfg.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
-        latent_channels=cfg.latent_channels,
-        layers_per_block=1,
-        norm_num_groups=cfg.norm_num_groups,
-        sample_size=cfg.sample_size,
-    )
+    vae = _tiny_vae(cfg)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -146,6 +125,41 @@ def make_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None, tok
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _tiny_unet(cfg: "TinyModelConfig", **kwargs):
+    """The tiny UNet both builders share (SD, and SDXL with its extra conditioning in ``kwargs``)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=cfg.sample_size // TINY_VAE_SCALE,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",),
+        attention_head_dim=8,
+        norm_num_groups=cfg.norm_num_groups,
+        **kwargs,
+    )
+
+
+def _tiny_vae(cfg: "TinyModelConfig"):
+    """The tiny VAE both builders share."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=cfg.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        latent_channels=cfg.latent_channels,
+        layers_per_block=1,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
     )
 
 
@@ -502,7 +516,7 @@ def make_tiny_sdxl_pipeline(seed: int = 0, config: TinyModelConfig | None = None
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     cfg = config or TinyModelConfig()
@@ -510,28 +524,16 @@ def make_tiny_sdxl_pipeline(seed: int = 0, config: TinyModelConfig | None = None
                        intermediate_size=4 * cfg.text_hidden, num_attention_heads=4, num_hidden_layers=cfg.text_layers,
                        vocab_size=49408, max_position_embeddings=77, projection_dim=cfg.text_hidden, hidden_act="gelu")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=cfg.sample_size // TINY_VAE_SCALE,
-        in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
-        block_out_channels=cfg.unet_channels,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",),
+    unet = _tiny_unet(
+        cfg,
         cross_attention_dim=2 * cfg.text_hidden,  # both encoders' hidden states, concatenated
-        attention_head_dim=8,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM + cfg.text_hidden,
-        norm_num_groups=cfg.norm_num_groups,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=cfg.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels), up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
-        latent_channels=cfg.latent_channels, layers_per_block=1, norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size,
-    )
+    vae = _tiny_vae(cfg)
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     torch.manual_seed(seed + 3)
