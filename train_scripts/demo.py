@@ -1,23 +1,30 @@
-"""The embedded demo: plain fine-tuning copies training images, IET-AGC+ copies fewer. On a CPU.
+"""The embedded demo: plain fine-tuning copies its duplicated training images, IET-AGC+ does not. On a CPU.
 
     sd-memfree demo --out demo_out
 
-1. Set-up (once, cached): the pretrained tiny base model (``sd_memfree.tiny.tiny_base_model``:
-   a VAE trained on shapes and landscapes, a UNet pretrained on shapes) and a stand-in SSCD.
-2. A small captioned set of landscapes (a domain the base never generated) in which some images
-   and captions repeat many times, like LAION's duplicates.
-3. The real training script fine-tunes the base twice with the same seed and step budget: plain,
-   and with IET-AGC+ (shard proxies, merges, AGC, redistribution, loss-aware augmentation).
-4. The real scorer generates one image per training caption for each model and scores it,
-   recording the model-only detection score (Wen et al.) of every generation; beside it we
-   measure the held-out denoising loss (quality on landscapes never trained on).
-5. One ``report.html`` that leads with what carries information offline: pixel copies, the
-   detection score, the held-out denoising loss, training's skip counts; then per caption, what
-   each model generates next to its nearest training image. The terminal prints the headline.
+The regime is the one the papers claim, scaled down (the memorization benchmark's, one seed; see
+docs/memorization_benchmark.md):
 
-The copy test ``d1/d2 < 1/3`` is in pixel space. Without ``--sscd_model`` (a real SSCD file) the
-similarity model is a stand-in with random weights: its figures carry no information, so the
-report leaves them out and says so.
+1. Set-up (once, cached): the pretrained tiny 16 px base (``sd_memfree.tiny.tiny_base_model``
+   with ``BASE``: a VAE trained on shapes and landscapes, a UNet pretrained on shapes only) and a
+   stand-in SSCD.
+2. 256 distinct procedural landscapes (a domain the base's UNet never saw), 8 of them repeated
+   32 times with their captions (a duplicated minority, like LAION's duplicates); held-out: 64
+   other landscapes.
+3. The real training script fine-tunes the base twice with the same seed and 3000-step budget,
+   side by side (one process each): plain, and IET-AGC+ (shard proxies, merges, AGC,
+   redistribution, loss-aware augmentation).
+4. The real scorer generates one image per training row (so 32 per duplicated caption) and
+   records the model-only detection score (Wen et al.) of each; the copy test ``d1/d2 < 1/3`` is
+   counted against the VAE's reconstructions of the training images, because at 16 px the
+   tiny VAE cannot reproduce raw pixels and the raw-pixel test would be blind. Its ceiling (a
+   perfect memoriser: the VAE's own reconstructions of the training latents) is printed beside
+   every rate. Beside it: the held-out denoising loss (quality on landscapes never trained on).
+5. One ``report.html``: the headline table, then per caption (duplicated first) what each model
+   generates next to its nearest training image. The terminal prints the headline.
+
+Without ``--sscd_model`` (a real SSCD file) the similarity model is a stand-in with random
+weights: its figures carry no information, so the report leaves them out and says so.
 """
 
 from __future__ import annotations
@@ -26,71 +33,150 @@ import argparse
 import base64
 import html
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-HELDOUT_IMAGES = 32  # held-out landscapes (indices 10000+) for the denoising loss
-IETAGC_PLUS_FLAGS = ["--num_shards=4", "--merge_every=10", "--agc_ratio=1.25", "--redistribute_fraction=0.25", "--loss_aware_augmentation"]
+import numpy as np
+
+# The cached base: 16 px, UNet pretrained 1000 steps (the memorization benchmark's base too).
+BASE = dict(size=16, unet_steps=1000)
+QUICK_BASE = dict(size=16, vae_steps=20, unet_steps=20, vae_images=64, unet_images=64)
+# The memorization benchmark's IET-AGC+ setting (docs/memorization_benchmark.md).
+IETAGC_PLUS_FLAGS = ["--num_shards=4", "--merge_every=25", "--agc_ratio=1.25", "--redistribute_fraction=0.25", "--loss_aware_augmentation"]
+RUNS = (("plain", "plain", []), ("IET-AGC+", "ietagc_plus", IETAGC_PLUS_FLAGS))  # name, folder, flags
+CEILING_SEED = 7  # posterior samples of the training latents: the perfect memoriser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sd-memfree demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (report.html, models, generations)")
     p.add_argument("--cache", default=None, help="where the base model is cached (default $SD_MEMFREE_CACHE or ~/.cache/sd_memfree)")
-    p.add_argument("--max_train_steps", type=int, default=600, help="optimizer steps of each fine-tune (same for both)")
+    p.add_argument("--max_train_steps", type=int, default=3000, help="optimizer steps of each fine-tune (same for both)")
     p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--num_images", type=int, default=4, help="distinct training images")
-    p.add_argument("--duplicate_times", type=int, default=16, help="copies of each duplicated image (a quarter of them)")
+    p.add_argument("--num_images", type=int, default=256, help="distinct training images")
+    p.add_argument("--num_duplicated", type=int, default=8, help="how many of them are duplicated ...")
+    p.add_argument("--duplicate_times", type=int, default=32, help="... this many times in total, with their captions")
+    p.add_argument("--heldout_images", type=int, default=64, help="held-out landscapes for the denoising loss")
     p.add_argument("--num_inference_steps", type=int, default=20)
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="fine-tunes run side by side, one process each (1: in this process, one after the other)")
     p.add_argument("--sscd_model", default=None, help="an SSCD TorchScript file or known name (fetched on first use); default: a stand-in with random weights, whose figures the report leaves out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a quickly built base and tiny step counts (tests)")
+    p.add_argument("--quick", action="store_true", help="a quickly built base (tests); pair with small step and image counts")
     args = p.parse_args(argv)
-    if args.max_train_steps < 1 or args.num_images < 2 or args.duplicate_times < 1:
-        p.error("--max_train_steps >= 1, --num_images >= 2 and --duplicate_times >= 1 are required.")
+    if args.max_train_steps < 1 or args.heldout_images < 2 or args.jobs < 1:
+        p.error("--max_train_steps >= 1, --heldout_images >= 2 and --jobs >= 1 are required.")
+    if not 0 < args.num_duplicated <= args.num_images or args.duplicate_times < 2:
+        p.error("need 0 < --num_duplicated <= --num_images and --duplicate_times >= 2 (the demo is about duplicated images).")
     return args
 
 
-def _fine_tune(base: Path, data: Path, out: Path, args, extra: list[str]) -> dict:
+def _train_flags(base: Path, data: Path, out: Path, size: int, args, extra: list[str]) -> list[str]:
+    return [
+        f"--pretrained_model_name_or_path={base}", f"--train_data_dir={data}", f"--output_dir={out}",
+        f"--resolution={size}", "--train_batch_size=8", f"--max_train_steps={args.max_train_steps}",
+        f"--learning_rate={args.learning_rate}", "--lr_scheduler=constant", "--lr_warmup_steps=0",
+        f"--seed={args.seed}", "--report_to=tensorboard", f"--checkpointing_steps={10**9}", "--dataloader_num_workers=0", *extra,
+    ]
+
+
+def _fine_tune_all(jobs: list[tuple[str, list[str], Path]], n_parallel: int) -> None:
+    """Run the training script once per job; side by side in subprocesses when ``n_parallel > 1``.
+
+    Each subprocess gets an equal share of the CPU threads (tiny tensors: one thread per process
+    beats two processes fighting over all of them) and writes its log next to its model.
+    """
     from train_scripts import train_sd_ietagc as train
 
-    return train.main(train.parse_args([
-        f"--pretrained_model_name_or_path={base}", f"--train_data_dir={data}", f"--output_dir={out}",
-        "--resolution=32", "--train_batch_size=8", f"--max_train_steps={args.max_train_steps}",
-        f"--learning_rate={args.learning_rate}", "--lr_scheduler=constant", "--lr_warmup_steps=0",
-        f"--seed={args.seed}", "--report_to=tensorboard", f"--checkpointing_steps={10**9}", *extra,
-    ]))
+    if n_parallel == 1:
+        for name, flags, _ in jobs:
+            print(f"fine-tuning: {name}")
+            train.main(train.parse_args(flags))
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_parallel)),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_MININTERVAL": "5"}
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < n_parallel:
+            name, flags, log = pending.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"fine-tuning: {name} (log: {log})")
+            running.append((name, log, subprocess.Popen([sys.executable, train.__file__, *flags], env=env,
+                                                        stdout=log.open("wb"), stderr=subprocess.STDOUT)))
+        time.sleep(1)
+        for job in [j for j in running if j[2].poll() is not None]:
+            running.remove(job)
+            name, log, proc = job
+            if proc.returncode != 0:
+                for _, _, other in running:
+                    other.terminate()
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+                raise SystemExit(f"error: fine-tuning {name} failed (exit {proc.returncode}): {tail[0]} (full log: {log})")
 
 
-def _score(model: Path, data: Path, sscd: Path, out: Path, num_rows: int, args) -> dict:
+def _score(model: Path, data: Path, sscd, out: Path, num_rows: int, size: int, args) -> dict:
     from sd_memfree.scoring import run as scorer
 
     return scorer.main(scorer.parse_args([
         f"--model={model}", f"--train_data_dir={data}", f"--sscd_model={sscd}", f"--num_prompts={num_rows}",
-        f"--num_inference_steps={args.num_inference_steps}", "--guidance_scale=1.0", "--resolution=32",
-        "--batch_size=64", "--no_clip_score", "--no_fid", "--pixel_size=32", f"--out={out}",
+        f"--num_inference_steps={args.num_inference_steps}", "--guidance_scale=1.0", f"--resolution={size}",
+        "--batch_size=64", "--no_clip_score", "--no_fid", f"--pixel_size={size}", f"--out={out}",
         f"--embedding_cache_dir={Path(args.out) / 'cache' / 'embeddings'}",
     ]))
 
 
-# What each headline row means, in the order the report shows them (informative offline first).
+def copy_test(gen_px: np.ndarray, recon_px: np.ndarray, distinct: list[int], duplicated: np.ndarray) -> dict:
+    """The pixel copy test ``d1/d2 < 1/3`` of one generation per training row against the VAE's
+    reconstructions of the distinct training images (``recon_px[j]`` is row ``distinct[j]``).
+
+    Returns per part (``dup``: rows whose caption repeats, ``uniq``: the others) the copies ``k``
+    of ``n`` with the 95% Wilson interval, the distinct training images copied, and per
+    generation the nearest training row, the copy flag and ``d1/d2`` (for the report).
+    """
+    from train_scripts import memorization_eval as ev
+
+    near = ev.pixel_nearest(gen_px, recon_px)
+    nearest = np.asarray(distinct)[near["nearest"]]
+    copy = near["copy"]
+    out = {"nearest": nearest, "copy": copy, "ratio": near["d1"] / np.maximum(near["d2"], 1e-12),
+           "distinct_copied": int(len(set(nearest[copy].tolist())))}
+    for part, mask in (("dup", duplicated), ("uniq", ~duplicated)):
+        k, n = int(copy[mask].sum()), int(mask.sum())
+        out[part] = {"k": k, "n": n, "interval": ev.wilson_interval(k, n)}
+    return out
+
+
+# What each headline row means, in the order the report shows them.
 HEADLINE_ROWS = {
-    "copy_frac": "fraction of generations that copy a training image (pixel test: nearest distinct training image 3x closer than the second)",
+    "dup_copies": "generations for the duplicated captions that copy a training image: pixel test d1/d2 < 1/3 against the VAE's "
+                  "reconstructions of the distinct training images [95% Wilson interval]",
+    "uniq_copies": "the same for the captions seen once",
     "distinct_copied": "distinct training images copied at least once",
-    "detection_score_mean": "model-only detection score (Wen et al.): mean ||eps(x_t, prompt) - eps(x_t, \"\")|| over the first sampling steps; higher = prompts pull harder",
-    "detection_auc": "ROC AUC of the detection score for finding this run's pixel copies (0.5 = chance; n/a when all or none copy)",
+    "copy_test_ceiling": "what a perfect memoriser scores on the same test (the VAE's reconstructions of the training latents, one per "
+                         "training row: duplicated | seen once): the test's ceiling",
     "heldout_denoising_loss": "denoising loss on held-out landscapes (fixed noise and timesteps): quality on images never trained on, lower is better",
+    "detection_score_mean": "model-only detection score (Wen et al.): mean ||eps(x_t, prompt) - eps(x_t, \"\")|| over the first sampling steps; higher = prompts pull harder",
+    "detection_auc": "ROC AUC of the detection score for finding this run's copies (0.5 = chance; n/a when all or none copy)",
     "skip_vs_copy_spearman": "rank correlation between how often training skipped an image (AGC) and how closely the model copies it (pixels)",
-    "generations": "generations scored (one per training caption)",
+    "generations": "generations scored (one per training row)",
 }
 STANDIN_ROWS = ("sscd_sim_95pc", "sscd_sim_mean", "sscd_frac_gt_0.5")
+
+
+def _rate(part: dict) -> str:
+    lo, hi = part["interval"]
+    return f"{100 * part['k'] / max(part['n'], 1):.0f}% ({part['k']}/{part['n']}) [{100 * lo:.0f}-{100 * hi:.0f}%]"
 
 
 def _cell(v, key: str = "") -> str:
     if v is None:
         return "<td>n/a</td>"
-    if key == "copy_frac":  # a newcomer reads "42%" faster than "0.4211"
-        return f"<td><b>{100 * v:.0f}%</b></td>"
+    if key in ("dup_copies", "uniq_copies"):  # a newcomer reads "42%" faster than "0.4211"
+        return f"<td><b>{html.escape(_rate(v))}</b></td>"
+    if key == "copy_test_ceiling":
+        return f"<td>{100 * v['dup']['k'] / max(v['dup']['n'], 1):.0f}% | {100 * v['uniq']['k'] / max(v['uniq']['n'], 1):.0f}%</td>"
     return f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
 
 
@@ -99,7 +185,7 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
     """One self-contained HTML page comparing the runs (images embedded as data URIs).
 
     Args:
-        runs: name -> {"metrics", "gen_images", "per_image" (scorer rows), "pixel" (pixel_nearest)}.
+        runs: name -> {"per_image" (scorer rows, one per training row), "gen_images", "copies" (``copy_test``)}.
         standin_sscd: the similarity model has random weights: its figures are left out (named as such).
     """
     from sd_memfree.scoring.report import noise_magnitude_png, png_data_uri
@@ -114,7 +200,7 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
     )
     hists = "".join(
         f'<figure><figcaption>{html.escape(n)}</figcaption><img class="hist" alt="detection score {html.escape(n)}" src="data:image/png;base64,'
-        + base64.b64encode(noise_magnitude_png([r["noise_magnitude"] for r in runs[n]["per_image"]], runs[n]["pixel"]["copy"])).decode()
+        + base64.b64encode(noise_magnitude_png([r["noise_magnitude"] for r in runs[n]["per_image"]], runs[n]["copies"]["copy"])).decode()
         + '"></figure>'
         for n in names if all(r.get("noise_magnitude") is not None for r in runs[n]["per_image"])
     )
@@ -124,28 +210,26 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
         "computed with <code>cache/standin_sscd.pt</code>). Pass <code>--sscd_model sscd_disc_large</code> on a machine with a network for the real measure.</p>"
         if standin_sscd else ""
     )
-    # One row per distinct training caption (first generation of it), duplicated captions first.
-    seen, order = set(), []
+    # One row per distinct training caption (its first generation), duplicated captions first.
     counts = {c: train_caps.count(c) for c in set(train_caps)}
-    first = runs[names[0]]["per_image"]
-    for g, row in sorted(enumerate(first), key=lambda gr: -counts.get(gr[1]["text"], 1)):
-        if row["text"] not in seen:
-            seen.add(row["text"])
-            order.append(g)
+    rows_of = {}
+    for g, c in enumerate(train_caps):
+        rows_of.setdefault(c, []).append(g)
+    order = sorted(rows_of, key=lambda c: (-counts[c], rows_of[c][0]))
     rows = []
-    for g in order[:max_rows]:
-        cells = [f"<td class=\"cap\">{html.escape(first[g]['text'])}<br><small>{counts.get(first[g]['text'], 1)}x in training</small></td>"]
+    for c in order[:max_rows]:
+        g = rows_of[c][0]
+        cells = [f"<td class=\"cap\">{html.escape(c)}<br><small>{counts[c]}x in training</small></td>"]
         for n in names:
-            r = runs[n]
-            near = int(r["pixel"]["nearest"][g])
-            copy = bool(r["pixel"]["copy"][g])
-            ratio = float(r["pixel"]["d1"][g] / max(r["pixel"]["d2"][g], 1e-12))
+            r, cp = runs[n], runs[n]["copies"]
+            near, copy = int(cp["nearest"][g]), bool(cp["copy"][g])
             nm = r["per_image"][g].get("noise_magnitude")
             sim = "" if standin_sscd else f' &middot; SSCD sim {r["per_image"][g]["similarity"]:.3f}'
+            of_all = f" &middot; {int(cp['copy'][rows_of[c]].sum())}/{counts[c]} of its generations copy" if counts[c] > 1 else ""
             cells.append(
                 f'<td class="{"copy" if copy else "ok"}"><img alt="{html.escape(n)} generated {g}" src="{png_data_uri(r["gen_images"][g], 96)}">'
                 f'<img alt="nearest training image {near}" src="{png_data_uri(train_imgs[near], 96)}"><br>'
-                f'd1/d2 {ratio:.2f} {"<b>COPY</b>" if copy else ""}'
+                f'd1/d2 {float(cp["ratio"][g]):.2f} {"<b>COPY</b>" if copy else ""}{of_all}'
                 + (f" &middot; detection {nm:.3g}" if nm is not None else "") + f"{sim}</td>"
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
@@ -157,12 +241,12 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
         ".copy{background:#fde2e2}.ok{background:#e6f4ea}.cap{max-width:260px;font-size:12px}.hist{width:520px}figure{display:inline-block;margin:0 1em 0 0}"
         ".what{font-size:12px;color:#555;max-width:420px}.note{background:#fff6d6;padding:6px 10px;border-left:4px solid #e0b000}"
         "</style></head><body><h1>sd-memfree demo: plain fine-tuning vs IET-AGC+</h1>"
-        "<p>Same base model, data, seed and optimizer-step budget. The model is trained on a few landscapes, one of them repeated many "
-        "times with its caption (like LAION's duplicates); then it is asked for every training caption and we check whether it "
-        "reproduces training images.</p>"
+        f"<p>Same base model, data, seed and optimizer-step budget. The model is fine-tuned on {settings['data']}, a domain its UNet never saw; "
+        "then it is asked for every training caption (so many times for each duplicated one) and we check whether it reproduces "
+        "training images.</p>"
         f"<h2>What the two runs did</h2><table><tr><th></th>{head}<th>meaning</th></tr>{table}</table>{sscd_note}"
-        + (f"<h2>Detection score per generation (red: pixel copies)</h2>{hists}" if hists else "")
-        + f"<h2>Generations for training captions</h2><p>Red cells copy a training image.</p><table>{grid_head}{''.join(rows)}</table>"
+        + (f"<h2>Detection score per generation (red: copies)</h2>{hists}" if hists else "")
+        + f"<h2>Generations for training captions</h2><p>Red cells copy a training image (duplicated captions first).</p><table>{grid_head}{''.join(rows)}</table>"
         f"<h2>Settings</h2><p><code>{html.escape(json.dumps(settings))}</code></p>"
         "</body></html>"
     )
@@ -171,6 +255,7 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
 
 
 def main(args: argparse.Namespace) -> dict:
+    from sd_memfree.scoring.risk import roc_auc
     from sd_memfree.scoring.standin import make_standin_sscd
     from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
     from train_scripts import memorization_eval as ev
@@ -178,53 +263,71 @@ def main(args: argparse.Namespace) -> dict:
     t0 = time.time()
     out = Path(args.out)
     cache = out / "cache"
-    base_cfg = TinyBaseConfig(vae_steps=20, unet_steps=20, vae_images=64, unet_images=64) if args.quick else TinyBaseConfig()
+    base_cfg = TinyBaseConfig(**(QUICK_BASE if args.quick else BASE))
+    size = base_cfg.size
     print("set-up: the pretrained tiny base model (built once, a few minutes; then cached)")
     base = tiny_base_model(args.cache, base_cfg)
-    data = cache / f"landscapes-{args.num_images}-x{args.duplicate_times}"
+    data = cache / f"landscapes-{args.num_images}-{args.num_duplicated}x{args.duplicate_times}-{size}px"
     if not (data / "metadata.jsonl").exists():
-        make_tiny_dataset(data, args.num_images, base_cfg.size, duplicate_fraction=0.25, duplicate_times=args.duplicate_times, seed=0, kind="landscapes")
+        make_tiny_dataset(data, args.num_images, size, args.num_duplicated / args.num_images, args.duplicate_times, seed=0, kind="landscapes")
     sscd = args.sscd_model or cache / "standin_sscd.pt"  # a real file or known name goes to the scorer as given
     if not args.sscd_model and not sscd.exists():
         make_standin_sscd(sscd, trunk="resnet18", seed=0)
-    heldout = cache / f"heldout-{HELDOUT_IMAGES}"
+    heldout = cache / f"heldout-{args.heldout_images}-{size}px"
     if not (heldout / "metadata.jsonl").exists():
-        make_tiny_dataset(heldout, HELDOUT_IMAGES, base_cfg.size, seed=0, kind="landscapes", first_index=10_000)
+        make_tiny_dataset(heldout, args.heldout_images, size, seed=0, kind="landscapes", first_index=10_000)
     train_imgs, train_caps, _ = ev.read_imagefolder(data)
     held_imgs, held_caps, _ = ev.read_imagefolder(heldout)
-    train_px = ev.to_pixels(train_imgs, base_cfg.size)
+    counts = {c: train_caps.count(c) for c in set(train_caps)}
+    duplicated = np.array([counts[c] > 1 for c in train_caps])
+    distinct = sorted({c: i for i, c in reversed(list(enumerate(train_caps)))}.values())  # first row of each caption
+    # The VAE is frozen in fine-tuning, so the base's VAE gives every model's references and the ceiling.
+    pipe = ev.load_pipeline(base)
+    recon_px = ev.vae_reconstructions(pipe, [train_imgs[i] for i in distinct])
+    ceiling = copy_test(ev.vae_reconstructions(pipe, train_imgs, sample_seed=CEILING_SEED), recon_px, distinct, duplicated)
+    del pipe
     t_setup = time.time() - t0
 
+    t1 = time.time()
+    _fine_tune_all([(name, _train_flags(base, data, out / folder / "model", size, args, extra), out / folder / "train.log")
+                    for name, folder, extra in RUNS], min(args.jobs, len(RUNS)))
+    t_train = time.time() - t1
     runs, headline = {}, {}
-    for name, extra in (("plain", []), ("IET-AGC+", IETAGC_PLUS_FLAGS)):
-        run_dir = out / ("plain" if name == "plain" else "ietagc_plus")
-        print(f"fine-tuning: {name} ({args.max_train_steps} steps)")
-        _fine_tune(base, data, run_dir / "model", args, extra)
+    for name, folder, _ in RUNS:
+        run_dir = out / folder
         print(f"scoring: {name}")
-        metrics = _score(run_dir / "model", data, sscd, run_dir / "score", len(train_caps), args)
+        metrics = _score(run_dir / "model", data, sscd, run_dir / "score", len(train_caps), size, args)
         per_image = [json.loads(line) for line in (run_dir / "score" / "per_image.jsonl").read_text().splitlines()]
-        gen_imgs = ev.read_imagefolder(run_dir / "score" / "generated")[0]  # same order as per_image.jsonl
-        pixel = ev.pixel_nearest(ev.to_pixels(gen_imgs, base_cfg.size), train_px)
-        runs[name] = {"metrics": metrics, "per_image": per_image, "gen_images": gen_imgs, "pixel": pixel}
+        gen_imgs = ev.read_imagefolder(run_dir / "score" / "generated")[0]  # same order as per_image.jsonl: one per training row
+        copies = copy_test(ev.to_pixels(gen_imgs, size), recon_px, distinct, duplicated)
+        runs[name] = {"per_image": per_image, "gen_images": gen_imgs, "copies": copies}
         g, nm, tr = metrics["gen_vs_train"], metrics.get("noise_magnitude") or {}, metrics.get("training_risk") or {}
+        scores = [r.get("noise_magnitude") for r in per_image]
         headline[name] = {
-            "copy_frac": pixel["copy_frac"], "distinct_copied": f"{pixel['distinct_copied']} / {pixel['distinct_train']}",
-            "detection_score_mean": nm.get("mean"), "detection_auc": nm.get("auc_vs_pixel_copy"),
+            "dup_copies": copies["dup"], "uniq_copies": copies["uniq"],
+            "distinct_copied": f"{copies['distinct_copied']} / {len(distinct)}",
+            "copy_test_ceiling": {"dup": ceiling["dup"], "uniq": ceiling["uniq"]},
             "heldout_denoising_loss": ev.denoising_loss(run_dir / "model", held_imgs, held_caps),
+            "detection_score_mean": nm.get("mean"),
+            "detection_auc": roc_auc(scores, copies["copy"]) if None not in scores else None,
             "skip_vs_copy_spearman": tr.get("spearman_skip_vs_pixel_closeness") if tr else "no AGC, no skips",
             "generations": len(per_image),
             "sscd_sim_95pc": g["sim_95pc"], "sscd_sim_mean": g["mean"], "sscd_frac_gt_0.5": g["frac_gt_0.5"],
         }
-    settings = {"base": str(base), "steps": args.max_train_steps, "learning_rate": args.learning_rate, "seed": args.seed,
+    settings = {"base": str(base), "steps": args.max_train_steps, "learning_rate": args.learning_rate, "batch_size": 8, "seed": args.seed,
                 "ietagc_plus_flags": IETAGC_PLUS_FLAGS, "sscd": str(args.sscd_model or "stand-in (random ResNet-18)"),
-                "data": f"{args.num_images} landscapes, a quarter of them x{args.duplicate_times}"}
+                "data": f"{args.num_images} landscapes, {args.num_duplicated} of them x{args.duplicate_times}",
+                "heldout": f"{args.heldout_images} other landscapes"}
     report = write_report(out / "report.html", runs, train_imgs, train_caps, headline, settings, standin_sscd=not args.sscd_model)
+    ceil = f"{100 * ceiling['dup']['k'] / max(ceiling['dup']['n'], 1):.0f}%"
     for name, h in headline.items():
         sim = "" if not args.sscd_model else f", SSCD sim_95pc {h['sscd_sim_95pc']:.3f}"
-        print(f"{name + ':':<10}{100 * h['copy_frac']:.1f}% of generations copy a training image ({h['distinct_copied']} distinct images), "
-              f"held-out denoising loss {h['heldout_denoising_loss']:.4f}, detection score {h['detection_score_mean'] or float('nan'):.3g}{sim}")
-    print(f"report: {report.resolve()}  (set-up {t_setup:.0f} s, total {time.time() - t0:.0f} s)")
-    return {"report": str(report), "headline": headline, "setup_seconds": t_setup, "seconds": time.time() - t0}
+        print(f"{name + ':':<10}{_rate(h['dup_copies'])} of the generations for duplicated captions copy a training image "
+              f"(a perfect memoriser: {ceil}); seen-once captions {_rate(h['uniq_copies'])}; {h['distinct_copied']} distinct images copied; "
+              f"held-out denoising loss {h['heldout_denoising_loss']:.4f}{sim}")
+    seconds = time.time() - t0
+    print(f"report: {report.resolve()}  (set-up {t_setup:.0f} s, fine-tuning {t_train:.0f} s, total {seconds:.0f} s)")
+    return {"report": str(report), "headline": headline, "setup_seconds": t_setup, "train_seconds": t_train, "seconds": seconds}
 
 
 def cli(argv=None) -> None:
