@@ -169,7 +169,7 @@ def pipeline_class_name(model: str) -> str:
     try:
         name = DiffusionPipeline.load_config(model).get("_class_name")
     except OSError as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         raise ModelError(f"--model {model}: cannot read its model_index.json ({reason}); pass a diffusers pipeline folder "
                          "(save_pretrained) or Hub id, and for a LoRA the base model with --lora_weights.") from None
     if name not in SUPPORTED_PIPELINES:
