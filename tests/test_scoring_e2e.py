@@ -77,6 +77,7 @@ def test_generate_mode_writes_outputs(generated_run, tiny_data_dir):
     assert sorted(p.name for p in (out / "generated").glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
     meta = [json.loads(line) for line in (out / "generated" / "metadata.jsonl").read_text().splitlines()]
     assert [m["seed"] for m in meta] == [42, 43, 44]
+    assert (result["run"]["pipeline"], result["run"]["resolution"]) == ("StableDiffusionPipeline", 32)  # the tiny model's own size
     assert json.loads((out / "metrics.json").read_text())["gen_vs_train"] == result["gen_vs_train"]
     per_image = [json.loads(line) for line in (out / "per_image.jsonl").read_text().splitlines()]
     sims = [p["similarity"] for p in per_image]

@@ -14,6 +14,11 @@ Invariants:
   ``mean over the first DETECTION_STEPS sampling steps of ||eps(x_t, prompt) - eps(x_t, "")||_2``
   on that generation's own trajectory; with classifier-free guidance both predictions are the
   pipeline's own UNet outputs (no extra work), without it one extra UNet call per early step.
+  ``eps(x_t, "")`` is the pipeline's own unconditional prediction, the one its guidance uses, so
+  both paths give the same number: SD's empty-prompt embeddings; SDXL's empty-prompt embeddings
+  and pooled embeddings, or zeros of both when ``force_zeros_for_empty_prompt`` (SDXL base's
+  setting), with the generation's own size and crop conditioning.
+- Generation runs the pipeline class ``model_index.json`` names, one of ``SUPPORTED_PIPELINES``.
 """
 
 from __future__ import annotations
@@ -52,8 +57,9 @@ class NoiseMagnitudeProbe:
 
     A forward hook on ``pipe.unet``: under classifier-free guidance the UNet batch is
     ``[uncond; text]`` (diffusers' order), so ``||eps_text - eps_uncond||`` comes for free; without
-    guidance the hook adds one UNet call with the empty prompt's embedding. Only the first
-    ``steps`` calls of each ``begin`` are used.
+    guidance the hook adds one UNet call with the pipeline's unconditional embeddings (for SDXL
+    also its pooled ones, in ``added_cond_kwargs["text_embeds"]``; the size and crop
+    ``time_ids`` stay the generation's). Only the first ``steps`` calls of each ``begin`` are used.
 
     Usage::
 
@@ -68,7 +74,7 @@ class NoiseMagnitudeProbe:
         self._values: list[torch.Tensor] = []
         self._batch = 0
         self._inside = False
-        self._empty: torch.Tensor | None = None
+        self._empty: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._handle = None
 
     def __enter__(self) -> "NoiseMagnitudeProbe":
@@ -81,11 +87,17 @@ class NoiseMagnitudeProbe:
     def begin(self, batch: int) -> None:
         self._values, self._batch = [], batch
 
-    def _empty_embeds(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+    def _unconditional(self, batch: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(embeds [batch, L, D], pooled [batch, P] or None)``: what the pipeline's own guidance
+        feeds its unconditional half (asked of ``encode_prompt`` itself, so SDXL's
+        ``force_zeros_for_empty_prompt`` is honoured). SD's ``encode_prompt`` returns
+        ``(embeds, negative_embeds)``, SDXL's adds ``(pooled, negative_pooled)``."""
         if self._empty is None:
             with torch.no_grad():
-                self._empty = self.pipe.encode_prompt("", like.device, 1, False)[0]
-        return self._empty.to(like.dtype).expand(batch, -1, -1)
+                out = self.pipe.encode_prompt(prompt="", device=like.device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+            self._empty = (out[1], out[3] if len(out) == 4 else None)
+        embeds, pooled = self._empty
+        return embeds.to(like.dtype).expand(batch, -1, -1), None if pooled is None else pooled.to(like.dtype).expand(batch, -1)
 
     @torch.no_grad()
     def _hook(self, module, args, kwargs, output):
@@ -99,9 +111,12 @@ class NoiseMagnitudeProbe:
             sample = args[0] if args else kwargs["sample"]
             t = args[1] if len(args) > 1 else kwargs["timestep"]
             rest = {k: v for k, v in kwargs.items() if k not in ("sample", "timestep", "encoder_hidden_states")}
+            embeds, pooled = self._unconditional(sample.shape[0], text)
+            if pooled is not None:
+                rest["added_cond_kwargs"] = {**rest["added_cond_kwargs"], "text_embeds": pooled}
             self._inside = True  # the extra call must not be recorded by this hook
             try:
-                out = module(sample, t, encoder_hidden_states=self._empty_embeds(sample.shape[0], text), **rest)
+                out = module(sample, t, encoder_hidden_states=embeds, **rest)
             finally:
                 self._inside = False
             uncond = out[0] if isinstance(out, tuple) else out.sample
@@ -135,16 +150,58 @@ def sample_prompts(captions: Sequence, num_prompts: int, seed: int) -> list[tupl
     return [(i, caption_text(captions[i])) for i in rows]
 
 
-def load_pipeline(model: str, lora_weights: str | None, device: torch.device):
-    """``StableDiffusionPipeline`` from a folder or Hub id, with LoRA weights loaded on top if given."""
-    from diffusers import StableDiffusionPipeline
+# The text-to-image pipelines whose text conditioning NoiseMagnitudeProbe knows.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
+
+class ModelError(ValueError):
+    """A ``--model`` the scorer cannot generate with; the message names the problem and the fix."""
+
+
+def pipeline_class_name(model: str) -> str:
+    """The pipeline class ``model``'s ``model_index.json`` names (folder or Hub id), checked.
+
+    Raises:
+        ModelError: no readable ``model_index.json``, or a class not in ``SUPPORTED_PIPELINES``.
+    """
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(model).get("_class_name")
+    except OSError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+        raise ModelError(f"--model {model}: cannot read its model_index.json ({reason}); pass a diffusers pipeline folder "
+                         "(save_pretrained) or Hub id, and for a LoRA the base model with --lora_weights.") from None
+    if name not in SUPPORTED_PIPELINES:
+        raise ModelError(f"--model {model} is a {name} pipeline, which the scorer cannot generate with; pass a "
+                         f"{' or '.join(SUPPORTED_PIPELINES)} folder, or generate the images yourself and pass --generated_dir.")
+    return name
+
+
+def load_pipeline(model: str, lora_weights: str | None, device: torch.device):
+    """The pipeline ``model_index.json`` names (one of ``SUPPORTED_PIPELINES``) from a folder or Hub
+    id, the way ``DiffusionPipeline.from_pretrained`` picks it, with LoRA weights loaded on top if given.
+
+    Raises:
+        ModelError: see ``pipeline_class_name``.
+    """
+    from diffusers import DiffusionPipeline
+
+    name = pipeline_class_name(model)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    # Only SD has a safety checker; generations are scored, never shown, so it stays off.
+    extra = {"safety_checker": None, "requires_safety_checker": False} if name == "StableDiffusionPipeline" else {}
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **extra)
     if lora_weights:
         pipe.load_lora_weights(lora_weights)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def default_resolution(pipe) -> int:
+    """The size a pipeline generates when not told: UNet sample size x VAE scale, as both SD's
+    and SDXL's ``__call__`` compute it (512 for SD 1.5, 1024 for SDXL base, 32 for the tiny ones)."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 def generate_images(
@@ -160,7 +217,8 @@ def generate_images(
     detection_steps: int = DETECTION_STEPS,
 ) -> list[Generation]:
     """Generate ``images_per_prompt`` images per prompt into ``out_dir`` (PNG + ``metadata.jsonl``),
-    recording each generation's detection score (``NoiseMagnitudeProbe``) as ``noise_magnitude``."""
+    recording each generation's detection score (``NoiseMagnitudeProbe``) as ``noise_magnitude``.
+    ``resolution`` None: the pipeline's own default (``default_resolution``)."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)

@@ -34,9 +34,9 @@ logger = logging.getLogger("sd_memfree.score")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Measure how much a Stable Diffusion model reproduces its training images.")
+    p = argparse.ArgumentParser(description="Measure how much a Stable Diffusion (SD or SDXL) model reproduces its training images.")
     src = p.add_argument_group("what to score")
-    src.add_argument("--model", default=None, help="Pipeline folder or Hub id to generate with (the fine-tuned model, or the base model with --lora_weights).")
+    src.add_argument("--model", default=None, help="StableDiffusionPipeline or StableDiffusionXLPipeline folder or Hub id to generate with (the fine-tuned model, or the base model with --lora_weights).")
     src.add_argument("--lora_weights", default=None, help="LoRA weights (folder or file) loaded with pipe.load_lora_weights on top of --model.")
     src.add_argument("--generated_dir", default=None, help="Score these images instead of generating: image files + metadata.jsonl rows {file_name, text}.")
     data = p.add_argument_group("training data (same loader as training)")
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gen.add_argument("--images_per_prompt", type=int, default=1)
     gen.add_argument("--num_inference_steps", type=int, default=50)
     gen.add_argument("--guidance_scale", type=float, default=7.5)
-    gen.add_argument("--resolution", type=int, default=None, help="Generated image size (default: the model's own).")
+    gen.add_argument("--resolution", type=int, default=None, help="Generated image size (default: the model's own, e.g. 512 for SD 1.5, 1024 for SDXL).")
     gen.add_argument("--batch_size", type=int, default=32, help="Batch size of generation and of every embedding model.")
     gen.add_argument("--seed", type=int, default=42, help="Seeds prompt sampling; generation g uses seed + g.")
     qual = p.add_argument_group("quality")
@@ -135,6 +135,7 @@ def main(args: argparse.Namespace) -> dict:
     # 1. Every input first: bad input must stop us with one line before hours of generation.
     if args.model and not Path(args.model).expanduser().exists() and (args.model.startswith((".", "/", "~")) or args.model.count("/") != 1):
         raise sscd.MissingWeightsError(f"--model {args.model}: no such folder (pass a pipeline folder or a Hub id such as org/name).")
+    pipeline_name = generate.pipeline_class_name(args.model) if args.model else None  # SD or SDXL, else one line
     records = generate.read_generated_dir(args.generated_dir) if args.generated_dir else None
     train, image_col, caption_col = load_image_caption_dataset(
         dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
@@ -155,14 +156,15 @@ def main(args: argparse.Namespace) -> dict:
 
     # 2. Generations: sampled training captions through the pipeline, or an existing folder.
     if args.generated_dir:
-        gen_dir = Path(args.generated_dir)
+        gen_dir, resolution = Path(args.generated_dir), None
     else:
         prompts = generate.sample_prompts(list(train[caption_col]), args.num_prompts, args.seed)
         pipe = generate.load_pipeline(args.model, args.lora_weights, device)
+        resolution = args.resolution or generate.default_resolution(pipe)  # SDXL base: 1024, SD 1.5: 512
         gen_dir = out / "generated"
         records = generate.generate_images(
             pipe, prompts, gen_dir, args.images_per_prompt, args.num_inference_steps, args.guidance_scale,
-            args.resolution, args.batch_size, args.seed,
+            resolution, args.batch_size, args.seed,
         )
         del pipe  # free the GPU for the embedding models
         gc.collect()
@@ -247,12 +249,12 @@ def main(args: argparse.Namespace) -> dict:
 
     result["top_matches"] = pairs
     result["run"] = {
-        "model": args.model, "lora_weights": args.lora_weights, "generated_dir": str(gen_dir),
+        "model": args.model, "pipeline": pipeline_name, "lora_weights": args.lora_weights, "generated_dir": str(gen_dir),
         "dataset": args.dataset_name or args.train_data_dir, "num_train": len(train), "num_generated": len(records),
         "images_per_prompt": args.images_per_prompt if not args.generated_dir else None,
         "num_inference_steps": args.num_inference_steps if not args.generated_dir else None,
         "guidance_scale": args.guidance_scale if not args.generated_dir else None,
-        "resolution": args.resolution, "seed": args.seed, "sscd_model": str(args.sscd_model), "sscd_sha256": model_sha,
+        "resolution": resolution, "seed": args.seed, "sscd_model": str(args.sscd_model), "sscd_sha256": model_sha,
         "clip_model": None if args.no_clip_score else f"{args.clip_model}/{Path(args.clip_pretrained).name}",
         "embedding_cache_hit": hit, "device": str(device),
     }
@@ -284,6 +286,6 @@ def cli(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         main(args)
-    except (DataError, sscd.MissingWeightsError, sscd.SSCDError, generate.GeneratedDirError, risk.SkipCountsError) as e:
+    except (DataError, sscd.MissingWeightsError, sscd.SSCDError, generate.GeneratedDirError, generate.ModelError, risk.SkipCountsError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
