@@ -13,7 +13,7 @@ import sys
 
 
 def _make_tiny_model(argv: list[str]) -> None:
-    from sd_memfree.tiny import make_tiny_model, make_tiny_sdxl_model
+    from sd_memfree.testing.tiny import make_tiny_model, make_tiny_sdxl_model
 
     p = argparse.ArgumentParser(prog="sd-memfree make-tiny-model", description="Write a tiny offline Stable-Diffusion-architecture pipeline folder.")
     p.add_argument("dir")
@@ -25,7 +25,7 @@ def _make_tiny_model(argv: list[str]) -> None:
 
 
 def _make_tiny_dataset(argv: list[str]) -> None:
-    from sd_memfree.tiny import IMAGE_KINDS, make_tiny_dataset
+    from sd_memfree.testing.tiny import IMAGE_KINDS, make_tiny_dataset
 
     p = argparse.ArgumentParser(prog="sd-memfree make-tiny-dataset", description="Write a small captioned image set (imagefolder layout).")
     p.add_argument("dir")

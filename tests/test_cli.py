@@ -57,6 +57,17 @@ def test_library_never_imports_recipes():
     assert offenders == []
 
 
+def test_library_never_imports_the_testing_scaffolding():
+    """Tiny models and stand-in weights (sd_memfree.testing) serve tests, the demo and benchmarks:
+    only the launcher's make-tiny-* commands import them, never a library module."""
+    root = Path(cli.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name != "cli.py" and p.parent.name != "testing" and "testing" in p.read_text()
+                 and any(s in p.read_text() for s in ("from .testing", "from ..testing", "sd_memfree.testing", "from . import testing"))]
+    assert offenders == []
+    assert not (root / "tiny.py").exists() and not (root / "scoring" / "standin.py").exists()
+
+
 def test_card_states_memorization_scores_and_pushes(tmp_path, monkeypatch):
     """`sd-memfree card` rewrites the card with the scorer's metrics and uploads the folder."""
     from sd_memfree import hub

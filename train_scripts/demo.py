@@ -2,7 +2,7 @@
 
     sd-memfree demo --out demo_out
 
-1. Set-up (once, cached): the pretrained tiny base model (``sd_memfree.tiny.tiny_base_model``:
+1. Set-up (once, cached): the pretrained tiny base model (``sd_memfree.testing.tiny.tiny_base_model``:
    a VAE trained on shapes and landscapes, a UNet pretrained on shapes) and a stand-in SSCD.
 2. A small captioned set of landscapes (a domain the base never generated) in which some images
    and captions repeat many times, like LAION's duplicates.
@@ -171,8 +171,8 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
 
 
 def main(args: argparse.Namespace) -> dict:
-    from sd_memfree.scoring.standin import make_standin_sscd
-    from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
+    from sd_memfree.testing.standin import make_standin_sscd
+    from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
     from train_scripts import memorization_eval as ev
 
     t0 = time.time()
