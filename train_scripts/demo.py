@@ -52,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _fine_tune(base: Path, data: Path, out: Path, args, extra: list[str]) -> dict:
-    from train_scripts import train_sd_ietagc as train
+    if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
+        from . import train_sd_ietagc as train
+    else:  # run as a file (python train_scripts/demo.py): its folder is sys.path[0]
+        import train_sd_ietagc as train
 
     return train.main(train.parse_args([
         f"--pretrained_model_name_or_path={base}", f"--train_data_dir={data}", f"--output_dir={out}",
@@ -173,7 +176,10 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
 def main(args: argparse.Namespace) -> dict:
     from sd_memfree.testing.standin import make_standin_sscd
     from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
-    from train_scripts import memorization_eval as ev
+    if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
+        from . import memorization_eval as ev
+    else:  # run as a file (python train_scripts/demo.py): its folder is sys.path[0]
+        import memorization_eval as ev
 
     t0 = time.time()
     out = Path(args.out)
