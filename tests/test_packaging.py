@@ -115,3 +115,15 @@ def test_installed_recipes_run_from_the_wheel(wheel, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and str(empty_model) in proc.stderr
     assert not (tmp_path / "out").exists()  # bad input leaves no trace
+
+
+def test_recipes_never_import_train_scripts_or_eval_by_name():
+    """Installed, the recipes are sd_memfree.recipes and no train_scripts/eval package exists: a
+    recipe reaches a sibling relatively (imported) or by its bare name (run as a file)."""
+    offenders = []
+    for path in sorted((REPO / "train_scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("train_scripts", "eval")]
+    assert offenders == []
