@@ -6,7 +6,7 @@
     python benchmarks/memorization.py --analyse /tmp/mem --plot docs/img/memorization_frontier.png --grids docs/img
 
 Regime (the one the papers claim, scaled down; see docs/memorization_benchmark.md):
-1. A tiny SD-architecture base at 16 px (``sd_memfree.tiny.tiny_base_model`` with ``BASE``, built
+1. A tiny SD-architecture base at 16 px (``sd_memfree.testing.tiny.tiny_base_model`` with ``BASE``, built
    once and cached, or ``--base DIR``): VAE trained on shapes and landscapes, UNet on shapes only.
 2. Fine-tuning data from the domain the UNet never saw: ``num_images`` distinct procedural
    landscapes, ``num_duplicated`` of them repeated ``duplicate_times`` times with their captions
@@ -423,7 +423,7 @@ def main(args: argparse.Namespace) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     from sd_memfree import checkpointing
-    from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
+    from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
 
     t0 = time.time()
     deadline = t0 + args.max_seconds if args.max_seconds else math.inf

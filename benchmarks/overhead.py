@@ -203,7 +203,7 @@ def main() -> None:
 
     import torch
 
-    from sd_memfree.tiny import make_tiny_dataset, make_tiny_model
+    from sd_memfree.testing.tiny import make_tiny_dataset, make_tiny_model
 
     logging.disable(logging.WARNING)
     cache = Path(args.cache)

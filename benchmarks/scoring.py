@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from sd_memfree.scoring import search, sscd, standin
-from sd_memfree.tiny import make_tiny_image
+from sd_memfree.scoring import search, sscd
+from sd_memfree.testing import standin
+from sd_memfree.testing.tiny import make_tiny_image
 
 
 def best_of(fn, repeats: int) -> float:

@@ -1,8 +1,11 @@
 """The ``sd-memfree`` console command.
 
-Subcommands that run recipes (``train``, ``demo``) import them from the installed
-``train_scripts`` package at call time: this launcher is the one place in ``sd_memfree`` that
-knows about recipes (as torchtune's ``tune run`` does); library modules never import them.
+Subcommands that run recipes (``train``, ``train-sdxl``, ``demo``) import them at call time from
+``sd_memfree.recipes``: the repository's ``train_scripts/`` folder, installed under that name
+(pyproject.toml's ``package-dir``), so an install adds no top-level package but ``sd_memfree``.
+From a source checkout that is not installed (the repository root on ``sys.path``) they are
+``train_scripts.<name>``. This launcher is the one place in ``sd_memfree`` that knows about recipes
+(as torchtune's ``tune run`` does); library modules never import them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 
 
 def _make_tiny_model(argv: list[str]) -> None:
-    from sd_memfree.tiny import make_tiny_model, make_tiny_sdxl_model
+    from sd_memfree.testing.tiny import make_tiny_model, make_tiny_sdxl_model
 
     p = argparse.ArgumentParser(prog="sd-memfree make-tiny-model", description="Write a tiny offline Stable-Diffusion-architecture pipeline folder.")
     p.add_argument("dir")
@@ -25,7 +28,7 @@ def _make_tiny_model(argv: list[str]) -> None:
 
 
 def _make_tiny_dataset(argv: list[str]) -> None:
-    from sd_memfree.tiny import IMAGE_KINDS, make_tiny_dataset
+    from sd_memfree.testing.tiny import IMAGE_KINDS, make_tiny_dataset
 
     p = argparse.ArgumentParser(prog="sd-memfree make-tiny-dataset", description="Write a small captioned image set (imagefolder layout).")
     p.add_argument("dir")
@@ -42,9 +45,26 @@ def _make_tiny_dataset(argv: list[str]) -> None:
         p.error(str(e))
 
 
-def _recipe(module: str, entry: str = "cli"):
+def _import_recipe(name: str):
+    """The recipe module ``name``: installed as ``sd_memfree.recipes.<name>``, else (a source
+    checkout on ``sys.path``, not installed) ``train_scripts.<name>``."""
+    try:
+        return importlib.import_module(f"sd_memfree.recipes.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != "sd_memfree.recipes":
+            raise  # the recipes are there and something they import is missing: say what
+    try:
+        return importlib.import_module(f"train_scripts.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != "train_scripts":
+            raise
+    raise SystemExit(f"sd-memfree: the recipe {name} is not installed (no sd_memfree.recipes) and no train_scripts/ folder is "
+                     "importable: reinstall sd-memfree (pip install sd-memfree, or pip install -e . in the repository).")
+
+
+def _recipe(name: str, entry: str = "cli"):
     def run(argv: list[str]) -> None:
-        getattr(importlib.import_module(module), entry)(argv)
+        getattr(_import_recipe(name), entry)(argv)
 
     return run
 
@@ -97,11 +117,11 @@ def _card(argv: list[str]) -> None:
 COMMANDS = {
     "make-tiny-model": (_make_tiny_model, "write a tiny offline SD (or --arch sdxl: SDXL) pipeline folder"),
     "make-tiny-dataset": (_make_tiny_dataset, "write a small captioned image set"),
-    "train": (_recipe("train_scripts.train_sd_ietagc"), "run train_scripts/train_sd_ietagc.py (same flags)"),
-    "train-sdxl": (_recipe("train_scripts.train_sdxl_ietagc"), "run train_scripts/train_sdxl_ietagc.py (same flags)"),
-    "score": (_score, "score a model's memorization (eval/score_memorization.py)"),
+    "train": (_recipe("train_sd_ietagc"), "run train_scripts/train_sd_ietagc.py (same flags)"),
+    "train-sdxl": (_recipe("train_sdxl_ietagc"), "run train_scripts/train_sdxl_ietagc.py (same flags)"),
+    "score": (_score, "score a model's memorization (docs/scoring.md; also eval/score_memorization.py in the repository)"),
     "card": (_card, "put memorization scores into a trained model's card (and --push_to_hub)"),
-    "demo": (_recipe("train_scripts.demo"), "the embedded demo on the tiny model and data (CPU, minutes)"),
+    "demo": (_recipe("demo"), "the embedded demo on the tiny model and data (CPU, minutes)"),
 }
 
 

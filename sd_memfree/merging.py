@@ -2,7 +2,7 @@
 
 A merge replaces the trainable weights by the weighted mean of the proxies' weights
 (method.md section 1): ``merged = sum_k w_k * theta_k / sum_k w_k``. The policy of *which*
-weights lives in ``merge_weight`` / ``merge_weights``; ``ProxySet`` (proxies.py) decides *when*.
+weights lives in ``merge_weight`` (``w_k = n_k * s_k``); ``ProxySet`` (proxies.py) decides *when*.
 ``ProxySet`` and ``weighted_average`` share one implementation: the weight ``merge_weight`` and
 the running sum ``accumulate_``, so the pure reference and the merge the scripts run give the
 same bits.
@@ -11,8 +11,8 @@ Invariants:
 - Sums are computed in float32, whatever the dtype of the inputs, so that fp16/bf16 weights do
   not lose precision while being summed; results are cast back to the input dtype.
 - The empty case is written down: an entry with weight 0 (a proxy that took no optimizer step)
-  contributes nothing, not even a NaN; if every weight is 0, ``merge_weights`` returns zeros and
-  the caller keeps its weights unchanged, while ``weighted_average`` refuses (there is no mean).
+  contributes nothing, not even a NaN; if every weight is 0, ``ProxySet.merge`` keeps its weights
+  unchanged, while ``weighted_average`` refuses (there is no mean).
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ def _add_staged(staged: list[tuple[Tensor, Tensor, torch.device]], weight: float
 def merge_weight(shard_size: int, steps_taken: int) -> int:
     """Unnormalised merge weight ``n_k * s_k`` of one proxy: its shard size times the optimizer
     steps it took this round (``ProxySet`` folds its weights into the running sum with it).
+    Normalised over a complete round (every ``s_k`` equal) it is ``n_k / sum_j n_j`` (method.md
+    section 1); a proxy that took no step weighs 0.
 
     Raises:
         ValueError: if a value is negative.
@@ -130,34 +132,3 @@ def merge_weight(shard_size: int, steps_taken: int) -> int:
     if shard_size < 0 or steps_taken < 0:
         raise ValueError(f"merge weights need non-negative values, got shard size {shard_size} and {steps_taken} steps.")
     return shard_size * steps_taken
-
-
-def merge_weights(shard_sizes: Sequence[int], steps_taken: Sequence[int]) -> list[float]:
-    """Normalised merge weights ``w_k = n_k * s_k / sum_j n_j * s_j``.
-
-    ``n_k`` is shard k's size and ``s_k`` the optimizer steps proxy k actually took this round.
-    For complete rounds (every ``s_k`` equal) this is ``n_k / sum n`` (method.md section 1); a
-    proxy that took no step contributes nothing.
-
-    Args:
-        shard_sizes: K non-negative shard sizes.
-        steps_taken: K non-negative step counts.
-
-    Returns:
-        K weights summing to 1, or K zeros if no proxy took a step (nothing to merge: the caller
-        keeps its weights unchanged).
-
-    Raises:
-        ValueError: if the lengths differ or a value is negative.
-    """
-    if len(shard_sizes) != len(steps_taken):
-        raise ValueError(f"merge_weights got {len(shard_sizes)} shard sizes but {len(steps_taken)} step counts.")
-    if any(n < 0 for n in shard_sizes) or any(s < 0 for s in steps_taken):
-        raise ValueError(
-            f"merge_weights needs non-negative values, got {list(shard_sizes)} and {list(steps_taken)}."
-        )
-    raw = [merge_weight(n, s) for n, s in zip(shard_sizes, steps_taken)]
-    total = sum(raw)
-    if total == 0:
-        return [0.0] * len(raw)
-    return [r / total for r in raw]

@@ -20,14 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from sd_memfree.tiny import make_tiny_model
+    from sd_memfree.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
-    from sd_memfree.tiny import make_tiny_dataset
+    from sd_memfree.testing.tiny import make_tiny_dataset
 
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny-data") / "data", num_images=8, size=32,
                              duplicate_fraction=0.25, duplicate_times=3, seed=0)

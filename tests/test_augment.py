@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageChops
 
 from sd_memfree.augment import AugmentationStrengths, LossAwareAugment, augmentation_strength
-from sd_memfree.tiny import make_tiny_image
+from sd_memfree.testing.tiny import make_tiny_image
 
 
 def test_strength_is_one_at_threshold_and_decays():

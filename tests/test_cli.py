@@ -52,9 +52,21 @@ def test_library_never_imports_recipes():
     """Only the launcher (cli.py) names the recipe packages, and only as strings."""
     root = Path(cli.__file__).parent
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if p.name != "cli.py" and ("import train_scripts" in p.read_text() or "from train_scripts" in p.read_text()
-                                            or "from eval" in p.read_text() or "import eval" in p.read_text())]
+                 if p.name != "cli.py" and any(s in p.read_text() for s in ("import train_scripts", "from train_scripts", "from eval",
+                                                                           "import eval", "recipes import", "sd_memfree.recipes",
+                                                                           "from .recipes", "from . import recipes"))]
     assert offenders == []
+
+
+def test_library_never_imports_the_testing_scaffolding():
+    """Tiny models and stand-in weights (sd_memfree.testing) serve tests, the demo and benchmarks:
+    only the launcher's make-tiny-* commands import them, never a library module."""
+    root = Path(cli.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name != "cli.py" and p.parent.name != "testing" and "testing" in p.read_text()
+                 and any(s in p.read_text() for s in ("from .testing", "from ..testing", "sd_memfree.testing", "from . import testing"))]
+    assert offenders == []
+    assert not (root / "tiny.py").exists() and not (root / "scoring" / "standin.py").exists()
 
 
 def test_card_states_memorization_scores_and_pushes(tmp_path, monkeypatch):
@@ -81,3 +93,32 @@ def test_card_states_memorization_scores_and_pushes(tmp_path, monkeypatch):
     assert api.calls[1][1]["repo_id"] == "me/sd-private" and api.tokens[-1] == "hf_FAKEtoken"
     assert api.uploads == [["README.md", "memfree_config.json", "pytorch_lora_weights.safetensors"]]
     assert "./imgs" not in card and "`imgs` (a local image folder)" in card
+
+
+def test_recipes_resolve_installed_first_then_a_checkout(monkeypatch):
+    """`sd-memfree train` imports sd_memfree.recipes.<name> (an install); a source checkout that is
+    not installed falls back to train_scripts.<name>; neither is one line naming the fix; a recipe
+    that is there but misses a dependency raises that error, not a fallback."""
+    modules = {"sd_memfree.recipes.train_sd_ietagc": "installed", "train_scripts.train_sd_ietagc": "checkout"}
+    missing: set[str] = set()
+
+    def fake_import(name):
+        top = name.rsplit(".", 1)[0]
+        if top in missing:
+            raise ModuleNotFoundError(f"No module named {top!r}", name=top)
+        return modules[name]
+
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    assert cli._import_recipe("train_sd_ietagc") == "installed"
+    missing.add("sd_memfree.recipes")
+    assert cli._import_recipe("train_sd_ietagc") == "checkout"
+    missing.add("train_scripts")
+    with pytest.raises(SystemExit, match="recipe train_sd_ietagc is not installed.*pip install"):
+        cli._import_recipe("train_sd_ietagc")
+
+    def broken_recipe(name):
+        raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+
+    monkeypatch.setattr(cli.importlib, "import_module", broken_recipe)
+    with pytest.raises(ModuleNotFoundError, match="diffusers"):
+        cli._import_recipe("train_sd_ietagc")

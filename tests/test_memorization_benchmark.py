@@ -143,7 +143,7 @@ def test_exported_checkpoint_is_the_shorter_run(tmp_path, method, tiny_model_dir
     import torch
     from safetensors.torch import load_file
 
-    from sd_memfree.tiny import make_tiny_dataset
+    from sd_memfree.testing.tiny import make_tiny_dataset
     from train_scripts import train_sd_ietagc as train
 
     data = make_tiny_dataset(tmp_path / "data", 8, 32, 0.25, 3, kind="landscapes")

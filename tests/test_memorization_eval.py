@@ -55,7 +55,7 @@ def test_frechet_in_seeded_space():
 def test_denoising_loss_is_steady(tiny_model_dir):
     """Same model and images -> the same number twice (fixed timesteps and noise); a different
     noise seed gives a different number, so the seed is really used."""
-    from sd_memfree.tiny import make_tiny_landscape
+    from sd_memfree.testing.tiny import make_tiny_landscape
 
     imgs, caps = zip(*(make_tiny_landscape(i, 32) for i in range(4)))
     a = ev.denoising_loss(tiny_model_dir, imgs, caps, timesteps=(100, 900))

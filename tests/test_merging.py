@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_memfree.merging import accumulate_, merge_weight, merge_weights, weighted_average
+from sd_memfree.merging import accumulate_, merge_weight, weighted_average
 
 
 def test_weighted_average_hand_computed():
@@ -85,28 +85,6 @@ def test_accumulate_device_params_into_host_sum():
     accumulate_(running, params, 3.0)
     assert torch.equal(running[0], torch.tensor([0.0, 3.0, 6.0, 9.0]))
     assert bool((running[1] == 3.0).all())
-
-
-def test_merge_weights_proportional_to_size_times_steps():
-    """n = [3, 1], s = [2, 2]: raw [6, 2] / 8 = [0.75, 0.25] (= n_k / sum n for a full round)."""
-    assert merge_weights([3, 1], [2, 2]) == [0.75, 0.25]
-
-
-def test_merge_weights_incomplete_round():
-    """n = [2, 2, 4], s = [5, 0, 1]: raw [10, 0, 4] / 14; the proxy with 0 steps gets 0."""
-    assert merge_weights([2, 2, 4], [5, 0, 1]) == [10 / 14, 0.0, 4 / 14]
-
-
-def test_merge_weights_no_steps_gives_zeros_and_empty_is_empty():
-    assert merge_weights([3, 1], [0, 0]) == [0.0, 0.0]
-    assert merge_weights([], []) == []
-
-
-def test_merge_weights_rejects_mismatches():
-    with pytest.raises(ValueError, match="2 shard sizes but 1 step counts"):
-        merge_weights([1, 2], [1])
-    with pytest.raises(ValueError, match="non-negative"):
-        merge_weights([1, 2], [1, -1])
 
 
 def test_merge_weight_is_size_times_steps_and_rejects_negatives():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sd_memfree.scoring import generate, risk, run, standin
+from sd_memfree.scoring import generate, risk, run
+from sd_memfree.testing import standin
 
 
 @pytest.fixture(scope="module")

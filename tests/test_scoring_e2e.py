@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import images_loaded_in_chromium, needs_chromium
 
-from sd_memfree.scoring import sscd, standin
+from sd_memfree.scoring import sscd
+from sd_memfree.testing import standin
 from sd_memfree.scoring.run import main, parse_args
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_memfree.scoring import cache, clip_score, fid, sscd, standin
-from sd_memfree.tiny import make_tiny_image
+from sd_memfree.scoring import cache, clip_score, fid, sscd
+from sd_memfree.testing import standin
+from sd_memfree.testing.tiny import make_tiny_image
 
 
 @pytest.fixture(scope="module")

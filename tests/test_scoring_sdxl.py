@@ -13,14 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_memfree.scoring import generate, run, standin
+from sd_memfree.scoring import generate, run
+from sd_memfree.testing import standin
 
 SDXL = "StableDiffusionXLPipeline"
 
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory) -> Path:
-    from sd_memfree.tiny import make_tiny_sdxl_model
+    from sd_memfree.testing.tiny import make_tiny_sdxl_model
 
     return make_tiny_sdxl_model(tmp_path_factory.mktemp("score-sdxl") / "model", seed=0)
 

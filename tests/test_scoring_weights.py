@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 
-from sd_memfree.scoring import sscd, standin
+from sd_memfree.scoring import sscd
+from sd_memfree.testing import standin
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -165,7 +166,7 @@ def test_sscd_file_that_is_a_pickle_is_refused_without_unpickling(tmp_path):
 def test_embedding_batches_are_checked_too():
     """A model that passes the probe but returns NaN on real data still stops the run (a NaN
     similarity would read as 'no memorization')."""
-    from sd_memfree.tiny import make_tiny_image
+    from sd_memfree.testing.tiny import make_tiny_image
 
     with pytest.raises(sscd.SSCDError, match="my.pt returned NaN or inf"):
         sscd.embed_images(_Returns("nan"), [make_tiny_image(0, 32)[0]], "dcr", source="SSCD file my.pt")

@@ -1,4 +1,4 @@
-"""The landscape domain and the pretrained tiny base model of ``sd_memfree.tiny``."""
+"""The landscape domain and the pretrained tiny base model of ``sd_memfree.testing.tiny``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, make_tiny_landscape, tiny_base_model
+from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, make_tiny_landscape, tiny_base_model
 
 
 def test_landscape_is_deterministic_and_indices_differ():

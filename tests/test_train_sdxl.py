@@ -33,7 +33,7 @@ METHOD = ["--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--agc_ema=0.
 @pytest.fixture(scope="module")
 def sdxl20(tmp_path_factory) -> Path:
     """The tiny SDXL model with a 20-timestep scheduler, so AGC's loss banks fill up in a few steps."""
-    from sd_memfree.tiny import make_tiny_sdxl_model
+    from sd_memfree.testing.tiny import make_tiny_sdxl_model
 
     d = make_tiny_sdxl_model(tmp_path_factory.mktemp("sdxl") / "m", seed=0)
     cfg_path = d / "scheduler" / "scheduler_config.json"

@@ -5,7 +5,7 @@
 The regime is the one the papers claim, scaled down (the memorization benchmark's, one seed; see
 docs/memorization_benchmark.md):
 
-1. Set-up (once, cached): the pretrained tiny 16 px base (``sd_memfree.tiny.tiny_base_model``
+1. Set-up (once, cached): the pretrained tiny 16 px base (``sd_memfree.testing.tiny.tiny_base_model``
    with ``BASE``: a VAE trained on shapes and landscapes, a UNet pretrained on shapes only) and a
    stand-in SSCD.
 2. 256 distinct procedural landscapes (a domain the base's UNet never saw), 8 of them repeated
@@ -50,6 +50,14 @@ RUNS = (("plain", "plain", []), ("IET-AGC+", "ietagc_plus", IETAGC_PLUS_FLAGS)) 
 CEILING_SEED = 7  # posterior samples of the training latents: the perfect memoriser
 
 
+def _sibling(name: str):
+    """A sibling recipe module: ``sd_memfree.recipes.<name>`` when installed, ``train_scripts.<name>``
+    in a checkout, or the bare module when this file runs as a script (its folder is sys.path[0])."""
+    import importlib
+
+    return importlib.import_module(f".{name}", __package__) if __package__ else importlib.import_module(name)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sd-memfree demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (report.html, models, generations)")
@@ -88,7 +96,7 @@ def _fine_tune_all(jobs: list[tuple[str, list[str], Path]], n_parallel: int) -> 
     Each subprocess gets an equal share of the CPU threads (tiny tensors: one thread per process
     beats two processes fighting over all of them) and writes its log next to its model.
     """
-    from train_scripts import train_sd_ietagc as train
+    train = _sibling("train_sd_ietagc")
 
     if n_parallel == 1:
         for name, flags, _ in jobs:
@@ -135,7 +143,7 @@ def copy_test(gen_px: np.ndarray, recon_px: np.ndarray, distinct: list[int], dup
     of ``n`` with the 95% Wilson interval, the distinct training images copied, and per
     generation the nearest training row, the copy flag and ``d1/d2`` (for the report).
     """
-    from train_scripts import memorization_eval as ev
+    ev = _sibling("memorization_eval")
 
     near = ev.pixel_nearest(gen_px, recon_px)
     nearest = np.asarray(distinct)[near["nearest"]]
@@ -256,9 +264,9 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
 
 def main(args: argparse.Namespace) -> dict:
     from sd_memfree.scoring.risk import roc_auc
-    from sd_memfree.scoring.standin import make_standin_sscd
-    from sd_memfree.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
-    from train_scripts import memorization_eval as ev
+    from sd_memfree.testing.standin import make_standin_sscd
+    from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
+    ev = _sibling("memorization_eval")
 
     t0 = time.time()
     out = Path(args.out)

@@ -299,7 +299,10 @@ def trajectory(args, mixed_precision: str, dataset, image_column: str, caption_c
 def main(args) -> dict:
     """Train under ``output_dir``'s run lock (as the SD script); returns a summary (steps, merges,
     skip statistics, output paths)."""
-    from train_scripts.train_sd_ietagc import take_run_lock
+    if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
+        from .train_sd_ietagc import take_run_lock
+    else:  # run as a file (accelerate launch train_scripts/...): its folder is sys.path[0]
+        from train_sd_ietagc import take_run_lock
 
     lock = take_run_lock(args.output_dir)
     try:
@@ -334,7 +337,10 @@ def train(args) -> dict:
     from sd_memfree.stopping import MAX_NONFINITE_STEPS, NonFiniteWatch, RunStopped, all_finite
     from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
                                       upcast_trainable_)
-    from train_scripts.train_sd_ietagc import check_model_folder
+    if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
+        from .train_sd_ietagc import check_model_folder
+    else:  # run as a file (accelerate launch train_scripts/...): its folder is sys.path[0]
+        from train_sd_ietagc import check_model_folder
 
     mf: MemFreeConfig = args.memfree
     output_dir = Path(args.output_dir)

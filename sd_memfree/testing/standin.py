@@ -1,5 +1,6 @@
 """Stand-ins for the scorer's weights files, with random weights, for offline tests, benchmarks and
-the demo. Each is written to disk and then loaded by the *same* code path as the real file:
+the demo, never for a real measurement (see ``sd_memfree.testing``). Each is written to disk and
+then loaded by the *same* code path as the real file:
 
 - ``make_standin_sscd``: a TorchScript model with SSCD's interface (ResNet trunk, GeM pooling,
   512-d projection, L2 norm), loaded by ``sscd.load_sscd``.
