@@ -68,14 +68,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_duplicated", type=int, default=8, help="how many of them are duplicated ...")
     p.add_argument("--duplicate_times", type=int, default=32, help="... this many times in total, with their captions")
     p.add_argument("--heldout_images", type=int, default=64, help="held-out landscapes for the denoising loss")
+    p.add_argument("--num_prompts", type=int, default=128, help="generations scored per model: a seeded sample of training rows (about half are rows of duplicated captions)")
     p.add_argument("--num_inference_steps", type=int, default=20)
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="fine-tunes run side by side, one process each (1: in this process, one after the other)")
     p.add_argument("--sscd_model", default=None, help="an SSCD TorchScript file or known name (fetched on first use); default: a stand-in with random weights, whose figures the report leaves out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a quickly built base (tests); pair with small step and image counts")
     args = p.parse_args(argv)
-    if args.max_train_steps < 1 or args.heldout_images < 2 or args.jobs < 1:
-        p.error("--max_train_steps >= 1, --heldout_images >= 2 and --jobs >= 1 are required.")
+    if args.max_train_steps < 1 or args.heldout_images < 2 or args.jobs < 1 or args.num_prompts < 1:
+        p.error("--max_train_steps >= 1, --heldout_images >= 2, --jobs >= 1 and --num_prompts >= 1 are required.")
     if not 0 < args.num_duplicated <= args.num_images or args.duplicate_times < 2:
         p.error("need 0 < --num_duplicated <= --num_images and --duplicate_times >= 2 (the demo is about duplicated images).")
     return args
@@ -124,11 +125,11 @@ def _fine_tune_all(jobs: list[tuple[str, list[str], Path]], n_parallel: int) -> 
                 raise SystemExit(f"error: fine-tuning {name} failed (exit {proc.returncode}): {tail[0]} (full log: {log})")
 
 
-def _score(model: Path, data: Path, sscd, out: Path, num_rows: int, size: int, args) -> dict:
+def _score(model: Path, data: Path, sscd, out: Path, size: int, args) -> dict:
     from sd_memfree.scoring import run as scorer
 
     return scorer.main(scorer.parse_args([
-        f"--model={model}", f"--train_data_dir={data}", f"--sscd_model={sscd}", f"--num_prompts={num_rows}",
+        f"--model={model}", f"--train_data_dir={data}", f"--sscd_model={sscd}", f"--num_prompts={args.num_prompts}",
         f"--num_inference_steps={args.num_inference_steps}", "--guidance_scale=1.0", f"--resolution={size}",
         "--batch_size=64", "--no_clip_score", "--no_fid", f"--pixel_size={size}", f"--out={out}",
         f"--embedding_cache_dir={Path(args.out) / 'cache' / 'embeddings'}",
@@ -136,10 +137,11 @@ def _score(model: Path, data: Path, sscd, out: Path, num_rows: int, size: int, a
 
 
 def copy_test(gen_px: np.ndarray, recon_px: np.ndarray, distinct: list[int], duplicated: np.ndarray) -> dict:
-    """The pixel copy test ``d1/d2 < 1/3`` of one generation per training row against the VAE's
-    reconstructions of the distinct training images (``recon_px[j]`` is row ``distinct[j]``).
+    """The pixel copy test ``d1/d2 < 1/3`` of generations against the VAE's reconstructions of the
+    distinct training images (``recon_px[j]`` is training row ``distinct[j]``); ``duplicated[g]``
+    says whether generation ``g``'s caption repeats in the training set.
 
-    Returns per part (``dup``: rows whose caption repeats, ``uniq``: the others) the copies ``k``
+    Returns per part (``dup``: generations for duplicated captions, ``uniq``: the others) the copies ``k``
     of ``n`` with the 95% Wilson interval, the distinct training images copied, and per
     generation the nearest training row, the copy flag and ``d1/d2`` (for the report).
     """
@@ -168,7 +170,7 @@ HEADLINE_ROWS = {
     "detection_score_mean": "model-only detection score (Wen et al.): mean ||eps(x_t, prompt) - eps(x_t, \"\")|| over the first sampling steps; higher = prompts pull harder",
     "detection_auc": "ROC AUC of the detection score for finding this run's copies (0.5 = chance; n/a when all or none copy)",
     "skip_vs_copy_spearman": "rank correlation between how often training skipped an image (AGC) and how closely the model copies it (pixels)",
-    "generations": "generations scored (one per training row)",
+    "generations": "generations scored per model (a seeded sample of training rows, the same for both models)",
 }
 STANDIN_ROWS = ("sscd_sim_95pc", "sscd_sim_mean", "sscd_frac_gt_0.5")
 
@@ -193,7 +195,8 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
     """One self-contained HTML page comparing the runs (images embedded as data URIs).
 
     Args:
-        runs: name -> {"per_image" (scorer rows, one per training row), "gen_images", "copies" (``copy_test``)}.
+        runs: name -> {"per_image" (scorer rows), "gen_images", "rows" (the training row of each
+            generation's caption), "copies" (``copy_test``)}.
         standin_sscd: the similarity model has random weights: its figures are left out (named as such).
     """
     from sd_memfree.scoring.report import noise_magnitude_png, png_data_uri
@@ -218,11 +221,11 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
         "computed with <code>cache/standin_sscd.pt</code>). Pass <code>--sscd_model sscd_disc_large</code> on a machine with a network for the real measure.</p>"
         if standin_sscd else ""
     )
-    # One row per distinct training caption (its first generation), duplicated captions first.
+    # One row per distinct caption that was generated for (its first generation), duplicated captions first.
     counts = {c: train_caps.count(c) for c in set(train_caps)}
-    rows_of = {}
-    for g, c in enumerate(train_caps):
-        rows_of.setdefault(c, []).append(g)
+    rows_of = {}  # caption -> its generations (the same rows for every run: one seed)
+    for g, row in enumerate(runs[names[0]]["rows"]):
+        rows_of.setdefault(train_caps[row], []).append(g)
     order = sorted(rows_of, key=lambda c: (-counts[c], rows_of[c][0]))
     rows = []
     for c in order[:max_rows]:
@@ -233,7 +236,7 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
             near, copy = int(cp["nearest"][g]), bool(cp["copy"][g])
             nm = r["per_image"][g].get("noise_magnitude")
             sim = "" if standin_sscd else f' &middot; SSCD sim {r["per_image"][g]["similarity"]:.3f}'
-            of_all = f" &middot; {int(cp['copy'][rows_of[c]].sum())}/{counts[c]} of its generations copy" if counts[c] > 1 else ""
+            of_all = f" &middot; {int(cp['copy'][rows_of[c]].sum())}/{len(rows_of[c])} of its generations copy" if len(rows_of[c]) > 1 else ""
             cells.append(
                 f'<td class="{"copy" if copy else "ok"}"><img alt="{html.escape(n)} generated {g}" src="{png_data_uri(r["gen_images"][g], 96)}">'
                 f'<img alt="nearest training image {near}" src="{png_data_uri(train_imgs[near], 96)}"><br>'
@@ -304,11 +307,13 @@ def main(args: argparse.Namespace) -> dict:
     for name, folder, _ in RUNS:
         run_dir = out / folder
         print(f"scoring: {name}")
-        metrics = _score(run_dir / "model", data, sscd, run_dir / "score", len(train_caps), size, args)
+        metrics = _score(run_dir / "model", data, sscd, run_dir / "score", size, args)
         per_image = [json.loads(line) for line in (run_dir / "score" / "per_image.jsonl").read_text().splitlines()]
-        gen_imgs = ev.read_imagefolder(run_dir / "score" / "generated")[0]  # same order as per_image.jsonl: one per training row
-        copies = copy_test(ev.to_pixels(gen_imgs, size), recon_px, distinct, duplicated)
-        runs[name] = {"per_image": per_image, "gen_images": gen_imgs, "copies": copies}
+        gen_imgs = ev.read_imagefolder(run_dir / "score" / "generated")[0]  # same order as per_image.jsonl
+        rows = np.array([json.loads(line)["train_index"] for line in  # the training row each generation's caption came from
+                         (run_dir / "score" / "generated" / "metadata.jsonl").read_text().splitlines() if line.strip()])
+        copies = copy_test(ev.to_pixels(gen_imgs, size), recon_px, distinct, duplicated[rows])
+        runs[name] = {"per_image": per_image, "gen_images": gen_imgs, "rows": rows, "copies": copies}
         g, nm, tr = metrics["gen_vs_train"], metrics.get("noise_magnitude") or {}, metrics.get("training_risk") or {}
         scores = [r.get("noise_magnitude") for r in per_image]
         headline[name] = {
