@@ -66,22 +66,22 @@ def test_demo_report_leads_with_offline_signal_and_leaves_out_the_standin(demo_r
 
 @pytest.mark.slow
 def test_demo_report_rows_and_image_count(demo_run):
-    """One row per distinct caption (4), each with generated + nearest training image per run
-    (2 runs x 2 = 4 images), plus 2 detection-score histograms: 4 * 4 + 2 = 18 embedded images,
-    none external."""
+    """One row per distinct caption (4), each with, per run, the generation, the VAE's
+    reconstruction of its nearest training image and that image (2 runs x 3 = 6 images), plus 2
+    detection-score histograms: 4 * 6 + 2 = 26 embedded images, none external."""
     out, _ = demo_run
     page = (out / "report.html").read_text()
     srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(srcs) == 18
+    assert len(srcs) == 26
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
 
 
 @pytest.mark.slow
 @needs_chromium
 def test_demo_report_renders_its_images_in_chromium(demo_run, tmp_path):
-    """Chromium shows all 18 images of the demo report (then 0 for the probe's broken image)."""
+    """Chromium shows all 26 images of the demo report (then 0 for the probe's broken image)."""
     out, _ = demo_run
-    assert images_loaded_in_chromium(out / "report.html", tmp_path) == "1" * 18 + "0"
+    assert images_loaded_in_chromium(out / "report.html", tmp_path) == "1" * 26 + "0"
 
 
 def test_copy_test_counts_against_reconstructions_per_part():

@@ -21,7 +21,8 @@ docs/memorization_benchmark.md):
    perfect memoriser: the VAE's own reconstructions of the training latents) is printed beside
    every rate. Beside it: the held-out denoising loss (quality on landscapes never trained on).
 5. One ``report.html``: the headline table, then per caption (duplicated first) what each model
-   generates next to its nearest training image. The terminal prints the headline.
+   generates next to the VAE's reconstruction of its nearest training image and that image.
+   The terminal prints the headline.
 
 Without ``--sscd_model`` (a real SSCD file) the similarity model is a stand-in with random
 weights: its figures carry no information, so the report leaves them out and says so.
@@ -191,13 +192,15 @@ def _cell(v, key: str = "") -> str:
 
 
 def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, headline: dict, settings: dict, max_rows: int = 24,
-                 standin_sscd: bool = True) -> Path:
+                 standin_sscd: bool = True, recon: dict | None = None) -> Path:
     """One self-contained HTML page comparing the runs (images embedded as data URIs).
 
     Args:
         runs: name -> {"per_image" (scorer rows), "gen_images", "rows" (the training row of each
             generation's caption), "copies" (``copy_test``)}.
         standin_sscd: the similarity model has random weights: its figures are left out (named as such).
+        recon: training row -> the VAE's reconstruction of that image (PIL), what the copy test
+            compares a generation with; shown between the generation and the training image.
     """
     from sd_memfree.scoring.report import noise_magnitude_png, png_data_uri
 
@@ -239,12 +242,14 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
             of_all = f" &middot; {int(cp['copy'][rows_of[c]].sum())}/{len(rows_of[c])} of its generations copy" if len(rows_of[c]) > 1 else ""
             cells.append(
                 f'<td class="{"copy" if copy else "ok"}"><img alt="{html.escape(n)} generated {g}" src="{png_data_uri(r["gen_images"][g], 96)}">'
-                f'<img alt="nearest training image {near}" src="{png_data_uri(train_imgs[near], 96)}"><br>'
+                + (f'<img alt="reconstruction of training image {near}" src="{png_data_uri(recon[near], 96)}">' if recon else "")
+                + f'<img alt="nearest training image {near}" src="{png_data_uri(train_imgs[near], 96)}"><br>'
                 f'd1/d2 {float(cp["ratio"][g]):.2f} {"<b>COPY</b>" if copy else ""}{of_all}'
                 + (f" &middot; detection {nm:.3g}" if nm is not None else "") + f"{sim}</td>"
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    grid_head = "<tr><th>training caption</th>" + "".join(f"<th>{html.escape(n)}: generated | nearest training image</th>" for n in names) + "</tr>"
+    shown = "generated | the VAE's reconstruction of the nearest training image (what the copy test compares with) | that training image" if recon else "generated | nearest training image"
+    grid_head = "<tr><th>training caption</th>" + "".join(f"<th>{html.escape(n)}: {shown}</th>" for n in names) + "</tr>"
     doc = (
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>sd-memfree demo</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;margin-bottom:1em}"
@@ -331,7 +336,10 @@ def main(args: argparse.Namespace) -> dict:
                 "ietagc_plus_flags": IETAGC_PLUS_FLAGS, "sscd": str(args.sscd_model or "stand-in (random ResNet-18)"),
                 "data": f"{args.num_images} landscapes, {args.num_duplicated} of them x{args.duplicate_times}",
                 "heldout": f"{args.heldout_images} other landscapes"}
-    report = write_report(out / "report.html", runs, train_imgs, train_caps, headline, settings, standin_sscd=not args.sscd_model)
+    from PIL import Image
+
+    recon = {row: Image.fromarray((np.clip(recon_px[j], 0, 1) * 255).round().astype(np.uint8)) for j, row in enumerate(distinct)}
+    report = write_report(out / "report.html", runs, train_imgs, train_caps, headline, settings, standin_sscd=not args.sscd_model, recon=recon)
     ceil = f"{100 * ceiling['dup']['k'] / max(ceiling['dup']['n'], 1):.0f}%"
     for name, h in headline.items():
         sim = "" if not args.sscd_model else f", SSCD sim_95pc {h['sscd_sim_95pc']:.3f}"
