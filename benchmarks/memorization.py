@@ -97,9 +97,9 @@ class Setting:
         return max(1, round((self.plain_every if method == "plain" else self.method_every) * self.budget))
 
 
-# The cached base: 16 px, UNet pretrained 1000 steps (~70 s to build on one core).
-BASE = dict(size=16, unet_steps=1000)
-QUICK_BASE = dict(size=16, vae_steps=20, unet_steps=20, vae_images=64, unet_images=64)
+# The cached base (16 px, UNet pretrained 1000 steps, ~70 s to build on one core) is the demo's:
+# `sd-memfree demo` is this benchmark's regime on one seed.
+from train_scripts.demo import BASE, QUICK_BASE  # noqa: E402  (after REPO is on sys.path)
 QUICK = dict(budget=8, plain_every=0.5, method_every=0.5, num_images=16, num_duplicated=2, duplicate_times=4, heldout_images=16,
              gens_per_duplicated=2, unique_prompts=4, heldout_prompts=4, num_inference_steps=5, num_shards=2, merge_every=2)
 
