@@ -49,6 +49,11 @@ QUICK_BASE = dict(size=16, vae_steps=20, unet_steps=20, vae_images=64, unet_imag
 IETAGC_PLUS_FLAGS = ["--num_shards=4", "--merge_every=25", "--agc_ratio=1.25", "--redistribute_fraction=0.25", "--loss_aware_augmentation"]
 RUNS = (("plain", "plain", []), ("IET-AGC+", "ietagc_plus", IETAGC_PLUS_FLAGS))  # name, folder, flags
 CEILING_SEED = 7  # posterior samples of the training latents: the perfect memoriser
+# The demo's models are tiny (16 px): per-op overhead dominates, so a second thread only adds
+# synchronisation; and when anything else runs on the CPU, OpenMP's waiting threads made the
+# base build ~100x slower (measured on 2 cores: 3.4 s per UNet step with 2 threads beside one
+# busy process, 0.045 s with 1). Every process of the demo runs one thread.
+ONE_THREAD = 1
 
 
 def _sibling(name: str):
@@ -95,8 +100,7 @@ def _train_flags(base: Path, data: Path, out: Path, size: int, args, extra: list
 def _fine_tune_all(jobs: list[tuple[str, list[str], Path]], n_parallel: int) -> None:
     """Run the training script once per job; side by side in subprocesses when ``n_parallel > 1``.
 
-    Each subprocess gets an equal share of the CPU threads (tiny tensors: one thread per process
-    beats two processes fighting over all of them) and writes its log next to its model.
+    Each subprocess runs one thread (see ``ONE_THREAD``) and writes its log next to its model.
     """
     train = _sibling("train_sd_ietagc")
 
@@ -105,7 +109,7 @@ def _fine_tune_all(jobs: list[tuple[str, list[str], Path]], n_parallel: int) -> 
             print(f"fine-tuning: {name}")
             train.main(train.parse_args(flags))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_parallel)),
+    env = {**os.environ, "OMP_NUM_THREADS": str(ONE_THREAD),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_MININTERVAL": "5"}
     pending, running = list(jobs), []
     while pending or running:
@@ -271,6 +275,18 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Run the demo in one thread (``ONE_THREAD``), restoring the caller's thread count after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(ONE_THREAD)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace) -> dict:
     from sd_memfree.scoring.risk import roc_auc
     from sd_memfree.testing.standin import make_standin_sscd
     from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
