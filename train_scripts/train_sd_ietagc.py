@@ -305,6 +305,7 @@ def train(args, stop) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -470,31 +471,25 @@ def train(args, stop) -> dict:
     local_max_steps = memfree.local_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
-    memfree.attach(params, optimizer, lr_scheduler)  # [memfree] proxies swap optimizer state and LR position
 
     # ---- Data ---------------------------------------------------------------------------------------
     geometric, to_tensor = build_image_transforms(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
     train_dataset = IndexedCaptionDataset(dataset, image_column, caption_column, tokenizer, geometric, to_tensor,
                                           augment=memfree.augment)  # [memfree] loss-aware augmentation (None when off)
     gas = args.gradient_accumulation_steps
-    # Each micro-batch comes from the shard of the proxy that trains (the loader has its own seeded
-    # generator: the global RNG stays untouched).
-    loader = memfree.dataloader(train_dataset, args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)  # [memfree]
-
-    # Without shards, accelerate wraps the UNet as upstream (DDP over processes). With shards the
-    # UNet stays unwrapped: proxies never all-reduce gradients.
-    if memfree.data_parallel:  # [memfree]
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    else:
-        unet.to(accelerator.device)
-        optimizer = accelerator.prepare(optimizer)
+    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    # The proxies swap their own optimizer state and LR position in turn; without shards accelerate
+    # wraps the UNet as upstream (DDP), with shards it stays unwrapped (proxies never all-reduce
+    # gradients); each micro-batch comes from the shard of the proxy that trains, and the loader
+    # follows shard changes by itself.
+    unet, optimizer, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
     if ema_unet is not None:
         ema_unet.to("cpu" if args.offload_ema else accelerator.device)
 
     counters = memfree.counters
     # Every process's state for an exact resume; the method's objects under their checkpoint names,
     # in the order of earlier versions (the state file numbers tensors in this order).
-    method_state = memfree.stateful_objects()  # [memfree]
+    method_state = memfree.stateful_objects()  # [memfree] loading them finishes the method's own bookkeeping
     stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
                 **{name: method_state.pop(name) for name in ("counters", "rng", "assignment", "proxies")}, "ema": ema_unet,
                 "strengths": method_state.pop("strengths"), "scaler": accelerator.scaler, **method_state}
@@ -515,7 +510,6 @@ def train(args, stop) -> dict:
     elif resume_dir is not None:
         load_process_state(resume_dir, rank, world, stateful)
         log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
-    memfree.on_state_loaded()  # [memfree] the sampler and the live proxy follow the (loaded) counters
 
     # Secrets (--hub_token) never reach train_args.json, the tracker config or the card.
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
@@ -559,17 +553,16 @@ def train(args, stop) -> dict:
     step_log = StepLossLog(LOG_EVERY, gas, device=accelerator.device)
 
     def flush_logs() -> None:
-        """Log train_loss and lr of each step since the last flush under its own step number,
-        then the method's counters and the progress bar. Called at the same steps on every
+        """Log train_loss and lr of each step since the last flush under its own step number, with
+        the method's values of that step, then the progress bar. Called at the same steps on every
         process (the loss is gathered), and before any other tracker log, so steps only grow."""
         rows = step_log.flush(accelerator.gather if world > 1 else None)
         if not rows:
             return
-        for step, value, lr in rows[:-1]:
-            accelerator.log({"train_loss": value, "lr": lr}, step=step)
-        step, value, lr = rows[-1]
-        logs = {"train_loss": value, "lr": lr, **memfree.log_values()}  # [memfree] skip rates, augmentation strength
-        accelerator.log(logs, step=step)
+        method_logs = memfree.logs()  # [memfree] merges, redistributions at their steps; skip rates, augmentation strength
+        for step, value, lr in rows:
+            logs = {"train_loss": value, "lr": lr, **method_logs.get(step, {})}
+            accelerator.log(logs, step=step)
         postfix = {"step_loss": value, "lr": lr}
         if K > 1:
             postfix.update(proxy=memfree.current_proxy if counters.global_step < local_max_steps else "-",
@@ -670,10 +663,7 @@ def train(args, stop) -> dict:
                 ema_unet.to("cpu", non_blocking=True)
         step_log.end_step((counters.global_step + 1) * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
         progress.update(step_unit)
-        events = memfree.step()  # [memfree] counts the step; turns, merges, redistribution
-        if events.logs:
-            flush_logs()  # earlier steps first: trackers such as wandb drop steps that go back
-            accelerator.log(events.logs, step=counters.global_step * step_unit)  # [memfree]
+        memfree.step()  # [memfree] counts the step; turns, merges, redistribution
         total = counters.global_step * step_unit  # optimizer steps summed over proxies and processes
         # The last step is checkpointed too when it falls on --checkpointing_steps, as upstream.
         checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
@@ -697,8 +687,6 @@ def train(args, stop) -> dict:
             saved = f"saved {output_dir / f'{checkpointing.CHECKPOINT_PREFIX}{total}'}" if not last_step_nonfinite else f"newest checkpoint: {newest_checkpoint()}"
             raise RunStopped(f"stopped by {signal_name(signum)} after step {total} ({saved}); to continue, run the same command "
                              "with --resume_from_checkpoint latest.", SIGNAL_EXIT_CODES.get(signum, 128 + signum))
-        if events.reload_data:  # [memfree] membership changed: prefetched batches of the old shards are dropped
-            data_iter = iter(loader)
         # Validation after epoch e (0-based) when e % --validation_epochs == 0, as upstream; the
         # last step is left to the final validation.
         if (args.validation_prompts or args.validation_prompt) and counters.global_step < local_max_steps \
@@ -719,13 +707,12 @@ def train(args, stop) -> dict:
     # ---- Final merge and save --------------------------------------------------------------------
     # The budget ends with a merge (see RoundSchedule). Only a run stopped mid-round merges here,
     # with every local proxy weighted by the steps it took in that round.
-    memfree.finish()  # [memfree]
+    report = memfree.end_training()  # [memfree] whole-run skip rates (this process's proxies), shards, merges, skips per sample
     accelerator.wait_for_everyone()
     summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir),
                "train_loop_seconds": loop_seconds, "train_loop_cpu_seconds": loop_cpu_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
-    method_summary = memfree.summary()  # [memfree] whole-run skip rates (this process's proxies), shards, merges
+    method_summary = report.summary
     summary.update({k: v for k, v in method_summary.items() if k.startswith("agc/")})
-    total_skips = memfree.total_skip_counts()  # [memfree] whole-run skips per sample, all processes
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         # Never publish a non-finite model, e.g. one that diverged in its last few steps, under the stop checks' limit.
@@ -751,7 +738,7 @@ def train(args, stop) -> dict:
             from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts
 
             captions = [caption_text(c) for c in dataset[caption_column]]
-            write_skip_counts(output_dir / SKIP_COUNTS_FILE, total_skips.cpu().tolist(), captions, sample_file_names(dataset, image_column))
+            write_skip_counts(output_dir / SKIP_COUNTS_FILE, report.skip_counts.cpu().tolist(), captions, sample_file_names(dataset, image_column))
         summary.update(state)
         images = []
         if args.validation_prompts or args.validation_prompt:

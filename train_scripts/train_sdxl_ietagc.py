@@ -322,6 +322,7 @@ def train(args) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -431,26 +432,21 @@ def train(args) -> dict:
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
-    memfree.attach(params, optimizer, lr_scheduler)  # [memfree]
-    if memfree.data_parallel:  # [memfree] with shards, proxies never all-reduce gradients
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    else:
-        optimizer = accelerator.prepare(optimizer)
+    train_dataset = SDXLCaptionDataset(dataset, image_column, caption_column, tokenizers, args, seed, augment=memfree.augment)  # [memfree]
+    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    # Proxies swap optimizer state and LR position; DDP only without shards; batches from the live proxy's shard.
+    unet, optimizer, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
     if ema_unet is not None:
         ema_unet.to(accelerator.device)
     bias = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
     bias = bias.to(accelerator.device) if bias is not None else None
 
-    train_dataset = SDXLCaptionDataset(dataset, image_column, caption_column, tokenizers, args, seed, augment=memfree.augment)  # [memfree]
-    loader = memfree.dataloader(train_dataset, args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)  # [memfree]
-
     stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                "ema": ema_unet, "scaler": accelerator.scaler, **memfree.stateful_objects()}  # [memfree]
+                "ema": ema_unet, "scaler": accelerator.scaler, **memfree.stateful_objects()}  # [memfree] loading finishes its bookkeeping
     if not args.use_lora:  # the checkpoint's unet/ holds these weights once
         weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
     if resume_dir is not None:
         load_process_state(resume_dir, accelerator.process_index, accelerator.num_processes, stateful)
-        memfree.on_state_loaded()  # [memfree]
     counters = memfree.counters
     step_unit = memfree.step_unit
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
@@ -470,8 +466,8 @@ def train(args) -> dict:
                 mf.save_json(tmp / "memfree_config.json")
                 (tmp / "train_args.json").write_text(json.dumps(plain_args, indent=2))
                 write_trajectory(tmp, settings)
-                # [memfree] the live tensors may hold a proxy's weights: publish the last merge's
-                save_checkpoint_model(accelerator.unwrap_model(unet), tmp, args.use_lora, trainable=memfree.merged_weights())
+                # The live tensors may hold a proxy's weights: publish the last merge's.
+                save_checkpoint_model(accelerator.unwrap_model(unet), tmp, args.use_lora, trainable=memfree.merged_weights())  # [memfree]
                 if ema_unet is not None:
                     ema_unet.save_pretrained(str(tmp / "unet_ema"))
         if accelerator.is_main_process:
@@ -485,9 +481,9 @@ def train(args) -> dict:
 
     def flush_logs() -> None:
         rows = step_log.flush(accelerator.gather if accelerator.num_processes > 1 else None)
-        for i, (step, value, lr) in enumerate(rows):
-            extra = memfree.log_values() if i == len(rows) - 1 else {}  # [memfree] skip rates, augmentation strength
-            accelerator.log({"train_loss": value, "lr": lr, **extra}, step=step)
+        method_logs = memfree.logs() if rows else {}  # [memfree] merges, redistributions, skip rates, augmentation strength
+        for step, value, lr in rows:
+            accelerator.log({"train_loss": value, "lr": lr, **method_logs.get(step, {})}, step=step)
         if rows:
             progress.set_postfix(step_loss=rows[-1][1], lr=rows[-1][2])
 
@@ -567,12 +563,9 @@ def train(args) -> dict:
         if ema_unet is not None:
             ema_unet.step(unet.parameters())
         step_log.end_step((counters.global_step + 1) * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
-        events = memfree.step()  # [memfree] turns, merges, redistribution
+        memfree.step()  # [memfree] turns, merges, redistribution
         progress.update(step_unit)
         total = counters.global_step * step_unit
-        if events.logs:
-            flush_logs()  # earlier steps first: trackers drop steps that go back
-            accelerator.log(events.logs, step=total)
         checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
         if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps or checkpoint_due:
             flush_logs()
@@ -580,8 +573,6 @@ def train(args) -> dict:
             stop_if_diverged(checkpoint_due)
         if checkpoint_due:
             save_checkpoint()
-        if events.reload_data:  # [memfree] shards changed: drop batches prefetched from the old ones
-            batches = iter(loader)
         if args.validation_prompt and accelerator.is_main_process and counters.global_step < memfree.local_steps \
                 and counters.global_step % steps_per_epoch == 0 and (counters.global_step // steps_per_epoch - 1) % args.validation_epochs == 0:
             log_validation(validation_pipeline(accelerator.unwrap_model(unet)), args, accelerator, counters.global_step // steps_per_epoch)
@@ -589,11 +580,10 @@ def train(args) -> dict:
     progress.close()
 
     # ---- Final merge and save ---------------------------------------------------------------------
-    memfree.finish()  # [memfree]
-    total_skips = memfree.total_skip_counts()  # [memfree] whole-run skips per sample, all processes
+    report = memfree.end_training()  # [memfree] final merge; skip rates, shards, merges, skips per sample (all processes)
     accelerator.wait_for_everyone()
     summary = {"global_step": counters.global_step * step_unit, "num_shards": mf.num_shards, "output_dir": str(output_dir),
-               "steps_this_run": (counters.global_step - start_step) * step_unit, **memfree.summary()}
+               "steps_this_run": (counters.global_step - start_step) * step_unit, **report.summary}
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
@@ -613,14 +603,14 @@ def train(args) -> dict:
             pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=final_unet, revision=args.revision, variant=args.variant, **parts)
             pipe.save_pretrained(str(staging), safe_serialization=True)
         checkpointing.publish_entries(staging, output_dir)
-        state = {"num_samples": num_samples, "global_step": summary["global_step"], **memfree.assignment.summary(),
-                 "num_merges": summary["num_merges"]}
+        state = {"num_samples": num_samples, "global_step": summary["global_step"],
+                 **{k: v for k, v in report.summary.items() if not k.startswith("agc/")}}  # shard split and moves, merges
         (output_dir / "memfree_state.json").write_text(json.dumps(state, indent=2))
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
             from sd_memfree.scoring.generate import caption_text
             from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts
 
-            write_skip_counts(output_dir / SKIP_COUNTS_FILE, total_skips.cpu().tolist(),
+            write_skip_counts(output_dir / SKIP_COUNTS_FILE, report.skip_counts.cpu().tolist(),
                               [caption_text(c) for c in dataset[caption_column]], sample_file_names(dataset, image_column))
         images = []
         if args.validation_prompt:
