@@ -139,8 +139,9 @@ class SkipStats:
         self.seen.view(-1).scatter_add_(0, cell, seen)
         self.skipped.view(-1).scatter_add_(0, cell, (~keep).long() * seen)
 
-    def summary(self) -> dict[str, float]:
-        """Skip rates since the last summary, then reset the counts (this syncs: call it at logging).
+    def summary(self, reset: bool = True) -> dict[str, float]:
+        """Skip rates since the last summary, then reset the counts unless ``reset`` is False
+        (this syncs: call it at logging).
 
         Returns:
             ``{"agc/skip_rate": ..., "agc/skip_rate_proxy_{k}": ..., "agc/skip_rate_t{lo}-{hi}": ...}``;
@@ -160,6 +161,7 @@ class SkipStats:
             lo = -(-b * self.num_timesteps // self.num_buckets)  # ceil: first t with bucket b
             hi = -(-(b + 1) * self.num_timesteps // self.num_buckets) - 1
             _add(f"agc/skip_rate_t{lo}-{hi}", skipped[:, b].sum(), seen[:, b].sum())
-        self.seen.zero_()
-        self.skipped.zero_()
+        if reset:
+            self.seen.zero_()
+            self.skipped.zero_()
         return rates

@@ -220,6 +220,21 @@ def check_samples(ds, image_column: str, caption_column: str, drop_bad: bool = F
     return ds, dropped
 
 
+DROPPED_SAMPLES_FILE = "dropped_samples.json"  # in output_dir; local only: it names training files
+
+
+def dropped_warning(dropped: list[dict], output_dir: str | os.PathLike) -> str:
+    """The one log line for ``--drop_bad_samples``: how many were dropped, where they are listed, the first five."""
+    return (f"--drop_bad_samples: dropped {len(dropped)} bad sample(s), listed in {Path(output_dir) / DROPPED_SAMPLES_FILE}: "
+            + "; ".join(f"{d['where']}: {d['problem']}" for d in dropped[:5]))
+
+
+def write_dropped_samples(output_dir: str | os.PathLike, dropped: list[dict]) -> None:
+    """List ``check_samples``'s dropped samples in ``output_dir`` (nothing is written when none was)."""
+    if dropped:
+        (Path(output_dir) / DROPPED_SAMPLES_FILE).write_text(json.dumps(dropped, indent=2))
+
+
 def check_resolution(resolution: int, vae_scale_factor: int, generates_images: bool = False) -> None:
     """Accept exactly the resolutions this model trains at (measured in tests/test_resolution.py).
 

@@ -10,28 +10,34 @@ the loss-aware augmentation strengths (``AugmentationStrengths``), one RNG strea
     memfree = MemFree(config, num_samples=len(dataset), num_train_timesteps=1000,
                       max_train_steps=steps, seed=seed, accelerator=accelerator)
     lr_scheduler = get_scheduler(..., num_training_steps=memfree.lr_schedule_steps)
-    memfree.attach(params, optimizer, lr_scheduler)
-    loader = memfree.dataloader(train_dataset, batch_size, collate_fn=collate)
-    for batch in loader:                                   # rebuilt when step() says so
+    model, optimizer, loader = memfree.prepare(model, optimizer, lr_scheduler, DataLoader(dataset, batch_size))
+    batches = iter(loader)                                 # follows shard changes by itself
+    for _ in range(memfree.local_steps):
+        batch = next(batches)
         g = memfree.generator                              # the live proxy's noise stream
         ...                                                # forward, per-sample losses [B]
         loss = memfree.reduce(losses, timesteps, batch["sample_ids"], weights)
         accelerator.backward(loss); optimizer.step(); optimizer.zero_grad()
         lr_scheduler.step()
-        events = memfree.step()                            # turns, merges, redistribution
-    memfree.finish()                                       # the final merge
+        memfree.step()                                     # turns, merges, redistribution
+        ... accelerator.log(values, step=s) for s, values in memfree.logs().items()  # at logging steps
+    report = memfree.end_training()                        # final merge; skip rates, shards, skip counts
 
 Invariants:
 - The order of operations and the random streams are those of ``train_sd_ietagc.py``'s loop:
   a loop written with ``MemFree`` trains bit-identical weights (tests/test_memfree.py).
 - ``reduce`` never synchronises host and device (one gather of the micro-batch's losses only in
   plain data-parallel training with AGC, so every process's bank sees the global batch);
-  ``step`` syncs only when a merge or redistribution is due; ``log_values`` syncs (logging time).
+  ``step`` syncs only when a merge or redistribution is due; ``logs`` syncs (logging time).
 - With the config off (one shard, AGC off) ``reduce`` is the (weighted) mean and ``step``,
   ``finish`` do nothing but count.
+- The data the loop sees always follows the state: an iterator of ``prepare``'s / ``dataloader``'s
+  loader starts afresh (at the current micro-step, from the current shards) after a
+  redistribution or a loaded checkpoint, and a new sampler iterator always starts there too.
 - ``state_dict()`` holds tensors and plain data only (sd_memfree/state.py writes it without
   pickle); ``stateful_objects()`` names the same objects under the names the SD script's
-  checkpoints use.
+  checkpoints use. Loading a checkpoint into them needs no further call: the loaded counters
+  tell the plugin, which makes the right proxy live before it next trains.
 """
 
 from __future__ import annotations
@@ -40,14 +46,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from .agc import LossBank, SkipStats
 from .config import MemFreeConfig
+from .data import ShardBatchSampler
 from .losses import masked_mean
 from .proxies import ProxySet, check_spread
 from .schedule import RoundSchedule
 from .shards import ShardAssignment
 from .state import Counters, ProxyGenerators
+
+
+class _LoopCounters(Counters):
+    """``Counters`` that tell their ``MemFree`` when a checkpoint was loaded into them (the same
+    state as ``Counters``, so checkpoints are unchanged)."""
+
+    def __init__(self, on_load, **values: int):
+        super().__init__(**values)
+        self.__dict__["_on_load"] = on_load  # beside ``values``: not part of the state
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        super().load_state_dict(state)
+        self.__dict__["_on_load"]()
 
 
 @dataclass
@@ -66,6 +87,23 @@ class StepEvents:
     merged: bool = False
     redistributed: bool = False
     reload_data: bool = False
+
+
+@dataclass
+class TrainingReport:
+    """What ``MemFree.end_training`` returns at the end of a run.
+
+    Attributes:
+        merge_logs: tracker values of the final merge ({} when the budget ended with a merge).
+        summary: ``MemFree.summary()``: whole-run skip rates of this process's proxies
+            (``agc/...``), the shard split and move log, the number of merges.
+        skip_counts: LongTensor [N], whole-run AGC skips per sample summed over processes
+            (zeros without AGC).
+    """
+
+    merge_logs: dict[str, float]
+    summary: dict[str, Any]
+    skip_counts: torch.Tensor
 
 
 class MemFree:
@@ -143,10 +181,14 @@ class MemFree:
         # RNG streams belong to proxies (see ProxyGenerators); without shards each process gets
         # its own stream so data-parallel processes draw different noise.
         self.rng = ProxyGenerators([seed * 1000 + k for k in range(K)] if K > 1 else [seed * 1000 + self.rank], device=self.device)
-        self.counters = Counters(global_step=0, micro_step=0, sampler_origin=0, turn_steps=0, redistributions=0)
+        self.counters = _LoopCounters(self._state_loaded, global_step=0, micro_step=0, sampler_origin=0, turn_steps=0,
+                                      redistributions=0)
         self.proxies: ProxySet | None = None
         self.sampler = None
         self._finished = False
+        self._loaded = False  # a checkpoint was loaded: the live proxy is checked before training goes on
+        self._data_version = 0  # bumped when the data a loader iterator prefetched went stale
+        self._pending_logs: dict[int, dict[str, Any]] = {}  # step -> merge / redistribution values not yet read
         if params is not None:
             self.attach(params, optimizer, lr_scheduler)
 
@@ -186,7 +228,8 @@ class MemFree:
     def attach(self, params: list[torch.nn.Parameter], optimizer: Any, lr_scheduler: Any = None) -> "MemFree":
         """Take over the trainable tensors, their optimizer and LR scheduler (each proxy swaps in
         its own optimizer state and schedule position). Call before ``accelerator.prepare`` of
-        the optimizer and before any step; a no-op with one shard. Returns self."""
+        the optimizer and before any step; a no-op with one shard. Returns self.
+        (``prepare`` does this and the rest of the setup for accelerate users.)"""
         if self.num_proxies > 1 and self.proxies is None:
             self.proxies = ProxySet(list(params), self.num_proxies, self.assignment.sizes(), optimizer=optimizer,
                                     lr_scheduler=lr_scheduler, optimizer_state=self.config.proxy_optimizer_state,
@@ -195,30 +238,62 @@ class MemFree:
                                     world_size=self.world_size if self.proxies_spread else 1)
         return self
 
+    def prepare(self, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any = None, data_loader: Any = None):
+        """Set up the loop's objects for the method, as ``accelerator.prepare`` does for devices.
+
+        - the proxies take over the optimizer's parameters (all its param groups, in order), the
+          optimizer and the LR scheduler (``attach``);
+        - the model is wrapped for gradient all-reduce (``accelerator.prepare(model)``) only
+          without shards (``data_parallel``); with shards it is only moved to the device, since
+          proxies never all-reduce gradients; the optimizer is prepared either way;
+        - ``data_loader``'s dataset, batch size and loading options (``collate_fn``,
+          ``num_workers``, ``pin_memory``, ...) are kept, its sampler is replaced: see
+          ``dataloader``. Its dataset is indexed by ``(sample_id, aug_seed)`` keys
+          (``sd_memfree.data.IndexedCaptionDataset``).
+
+        Call once, after building the optimizer and LR scheduler (with ``lr_schedule_steps``) and
+        before loading a checkpoint. Needs the ``accelerator`` given at construction.
+
+        Returns:
+            ``(model, optimizer, data_loader)``, the prepared objects (``None`` for a loader not given).
+        """
+        if self.accelerator is None:
+            raise ValueError("MemFree.prepare needs the accelerator: build MemFree(..., accelerator=accelerator), "
+                             "or without accelerate call attach() and dataloader() yourself.")
+        self.attach([p for group in optimizer.param_groups for p in group["params"]], optimizer, lr_scheduler)
+        if self.data_parallel:
+            model, optimizer = self.accelerator.prepare(model, optimizer)
+        else:
+            model.to(self.accelerator.device)
+            optimizer = self.accelerator.prepare(optimizer)
+        if data_loader is not None:
+            if data_loader.batch_size is None:
+                raise ValueError("MemFree.prepare needs a DataLoader built with batch_size= (it hands out the batches itself), "
+                                 "not with a batch_sampler.")
+            options = {name: getattr(data_loader, name) for name in _LOADER_OPTIONS if hasattr(data_loader, name)}
+            data_loader = self.dataloader(data_loader.dataset, data_loader.batch_size, **options)
+        return model, optimizer, data_loader
+
     def shard_at(self, micro_step: int) -> int:
         """The shard (= proxy) whose data feeds micro-step ``micro_step``."""
         return self.schedule.proxy_at_micro(micro_step)
 
     def batch_sampler(self, batch_size: int):
         """The ``ShardBatchSampler`` handing out ``(sample_id, aug_seed)`` micro-batches from the
-        shard the schedule names (this process's slice in data-parallel training); its next
-        iterator starts at the current micro-step."""
-        from .data import ShardBatchSampler
-
-        self.sampler = ShardBatchSampler(self._members(), batch_size, self.seed, self.shard_at,
-                                         data_rank=self.data_rank, data_world=self.data_world)
-        self.sampler.set_members(self._members(), self.counters.sampler_origin, self.counters.redistributions)
-        self.sampler.start = self.counters.micro_step
+        shard the schedule names (this process's slice in data-parallel training). Each of its
+        iterators starts at the current micro-step with the current shards (after a
+        redistribution or a loaded checkpoint too)."""
+        self.sampler = _FollowingSampler(self, batch_size)
         return self.sampler
 
     def dataloader(self, dataset, batch_size: int, **kwargs):
         """A ``DataLoader`` over ``dataset`` with ``batch_sampler(batch_size)``; the dataset is
         indexed by ``(sample_id, aug_seed)`` (``sd_memfree.data.IndexedCaptionDataset``). Its own
-        seeded generator leaves the global RNG untouched."""
-        from torch.utils.data import DataLoader
-
+        seeded generator leaves the global RNG untouched. Its iterators follow the shards: after a
+        redistribution (or a loaded checkpoint) an iterator drops what it prefetched and goes on
+        from the new shards, so the loop never rebuilds it."""
         kwargs.setdefault("generator", torch.Generator().manual_seed(self.seed))
-        return DataLoader(dataset, batch_sampler=self.batch_sampler(batch_size), **kwargs)
+        return _FollowingLoader(self, dataset, batch_sampler=self.batch_sampler(batch_size), **kwargs)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -230,6 +305,8 @@ class MemFree:
     @property
     def generator(self) -> torch.Generator:
         """The live proxy's RNG stream (VAE sampling, noise, timesteps), on the training device."""
+        if self._loaded:
+            self._settle()
         return self.rng[self.current_proxy if self.num_proxies > 1 else 0]
 
     def reduce(self, losses: torch.Tensor, timesteps: torch.Tensor, sample_ids: torch.Tensor,
@@ -249,6 +326,8 @@ class MemFree:
         Returns:
             The scalar loss to backpropagate.
         """
+        if self._loaded:
+            self._settle()
         keep = None
         if self.banks:  # AGC: skip abnormally low losses for their timestep, then update the bank
             k = self.current_proxy
@@ -278,14 +357,19 @@ class MemFree:
         redistributes when the schedule says so, and switches the live proxy.
 
         Returns:
-            What happened; when ``reload_data`` is set, rebuild the data iterator.
+            What happened (for reading: the loaders of ``prepare`` / ``dataloader`` follow a
+            shard change by themselves, and ``logs()`` hands out ``events.logs`` at their step).
         """
+        if self._loaded:
+            self._settle()
         self.counters.global_step += 1
         events = StepEvents()
         if self.num_proxies > 1:
             events = self._round_events(self.schedule.after_step(self.counters.global_step - 1))
         if self.strengths is not None:
             self.strengths.flush()
+        if events.logs:
+            self._pending_logs.setdefault(self.counters.global_step * self.step_unit, {}).update(events.logs)
         return events
 
     def _round_events(self, event) -> StepEvents:
@@ -316,9 +400,7 @@ class MemFree:
             proxies.shard_sizes = assignment.sizes()
             self.counters.redistributions += 1
             self.counters.sampler_origin = self.counters.micro_step
-            if self.sampler is not None:
-                self.sampler.set_members(self._members(), self.counters.sampler_origin, self.counters.redistributions)
-                self.sampler.start = self.counters.micro_step
+            self._data_version += 1  # batches prefetched from the old shards are stale
             events.redistributed = events.reload_data = True
             events.logs["redistribution/moved"] = sum(len(m["sample_ids"]) for m in moves)
         if events.merged or events.redistributed:
@@ -331,6 +413,8 @@ class MemFree:
         """The final merge: the budget ends with a merge (``RoundSchedule``), so only a run
         stopped mid-round merges here, every local proxy weighted by the steps it took in that
         round. Idempotent. Returns the merge's logging values ({} when nothing was merged)."""
+        if self._loaded:
+            self._settle()
         if self._finished or self.proxies is None:
             self._finished = True
             return {}
@@ -343,9 +427,24 @@ class MemFree:
 
     # -- reading --------------------------------------------------------------------------------
 
+    def logs(self) -> dict[int, dict[str, Any]]:
+        """Tracker values by step, since the last call: each merge's and redistribution's values
+        (``StepEvents.logs``) at the step it happened, and the skip rates and mean augmentation
+        strength since the last call at the current step (steps count optimizer steps of all
+        processes, as ``total_steps``). Call at the loop's logging steps, the same on every process.
+
+        Returns:
+            ``{step: {name: value}}`` in step order; ``{}`` with the method off.
+        """
+        out, self._pending_logs = self._pending_logs, {}
+        current = self.log_values()
+        if current:
+            out.setdefault(self.counters.global_step * self.step_unit, {}).update(current)
+        return dict(sorted(out.items()))
+
     def log_values(self) -> dict[str, float]:
-        """Skip rates since the last call and the mean augmentation strength (syncs: call at
-        logging time, at the same steps on every process)."""
+        """Skip rates since the last call and the mean augmentation strength (``logs`` holds them
+        at their step, with the merge and redistribution values)."""
         logs: dict[str, float] = {}
         if self.skip_stats is not None:
             logs.update(self.skip_stats.summary())
@@ -360,11 +459,21 @@ class MemFree:
             torch.distributed.all_reduce(total)
         return total
 
+    def end_training(self) -> TrainingReport:
+        """End of the run, after the loop: the final merge (``finish``, once) and the run's
+        results. Every process calls it (the skip counts are summed over processes).
+
+        Returns:
+            ``TrainingReport``: the final merge's values, ``summary()``, the whole-run skips per sample.
+        """
+        return TrainingReport(merge_logs=self.finish(), summary=self.summary(), skip_counts=self.total_skip_counts())
+
     def summary(self) -> dict[str, Any]:
-        """Whole-run skip rates (this process's proxies), the shard split and move log, merges."""
+        """Whole-run skip rates (this process's proxies), the shard split and move log, merges
+        (reading changes nothing)."""
         out: dict[str, Any] = {}
-        if self.run_skip_stats is not None:
-            out.update(self.run_skip_stats.summary())
+        if self.run_skip_stats is not None:  # read, not reset: the whole run's
+            out.update(self.run_skip_stats.summary(reset=False))
         out.update(self.assignment.summary())
         out["num_merges"] = self.proxies.num_merges if self.proxies is not None else 0
         return out
@@ -404,15 +513,25 @@ class MemFree:
         self.on_state_loaded()
 
     def on_state_loaded(self) -> None:
-        """After the stateful objects were loaded: the sampler takes the loaded shards and the
-        proxy whose turn it is becomes live."""
-        if self.sampler is not None:
-            self.sampler.set_members(self._members(), self.counters.sampler_origin, self.counters.redistributions)
-            self.sampler.start = self.counters.micro_step
-        if self.proxies is not None and self.proxies.live != self.current_proxy:
-            self.proxies.begin_turn(self.current_proxy)
+        """Finish loading a checkpoint now rather than at the next ``generator`` / ``reduce`` /
+        ``step`` / data iterator: the proxy whose turn it is becomes live. Needed only when the
+        model is used before training goes on; loading ``stateful_objects()`` does the rest."""
+        self._state_loaded()
+        self._settle()
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _state_loaded(self) -> None:
+        """The counters were loaded (so was, or is being, the rest of a checkpoint)."""
+        self._loaded = True
+        self._data_version += 1  # an iterator from before the load yields another run position
+
+    def _settle(self) -> None:
+        """After a load, once every object is in place: the proxy whose turn it is becomes live
+        (it already is after our own checkpoints; the check costs nothing)."""
+        self._loaded = False
+        if self.proxies is not None and self.proxies.live != self.current_proxy:
+            self.proxies.begin_turn(self.current_proxy)
 
     def _members(self) -> list[list[int]]:
         return [self.assignment.members(k) for k in range(self.num_proxies)]
@@ -424,3 +543,54 @@ class MemFree:
         torch.distributed.all_gather_into_tensor(out, tensor.contiguous())
         return out
 
+
+
+# The DataLoader options ``MemFree.prepare`` carries over (its sampler is replaced).
+_LOADER_OPTIONS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                   "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
+
+
+class _FollowingSampler(ShardBatchSampler):
+    """A ``ShardBatchSampler`` whose every iterator starts from its ``MemFree``'s current shards
+    and micro-step, so a redistribution or a loaded checkpoint needs no bookkeeping."""
+
+    def __init__(self, memfree: MemFree, batch_size: int):
+        self.memfree = memfree
+        super().__init__(memfree._members(), batch_size, memfree.seed, memfree.shard_at,
+                         data_rank=memfree.data_rank, data_world=memfree.data_world)
+
+    def __iter__(self):
+        m = self.memfree
+        if m._loaded:
+            m._settle()
+        self.set_members(m._members(), m.counters.sampler_origin, m.counters.redistributions)
+        self.start = m.counters.micro_step
+        return super().__iter__()
+
+
+class _FollowingLoader(DataLoader):
+    """A ``DataLoader`` whose iterators start afresh when its ``MemFree``'s data changed (a
+    redistribution, a loaded checkpoint): what they prefetched from the old shards is dropped."""
+
+    def __init__(self, memfree: MemFree, dataset, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.memfree = memfree
+
+    def __iter__(self):
+        return _FollowingIterator(self.memfree, super().__iter__)
+
+
+class _FollowingIterator:
+    """Yields from ``make()``'s iterator, making a new one when ``memfree``'s data version moved."""
+
+    def __init__(self, memfree: MemFree, make):
+        self.memfree, self.make = memfree, make
+        self.version, self.it = memfree._data_version, make()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.memfree._data_version != self.version:
+            self.version, self.it = self.memfree._data_version, self.make()
+        return next(self.it)

@@ -168,7 +168,11 @@ def continue_from_upstream(folder: str | os.PathLike, unet: Any, is_lora: bool, 
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft import set_peft_model_state_dict
 
-        state = {k[len("unet."):]: v for k, v in load_file(str(lora_file)).items() if k.startswith("unet.")}
+        saved = load_file(str(lora_file))
+        if any(k.startswith("text_encoder") for k in saved):  # SDXL's LoRA script with --train_text_encoder
+            raise ValueError(f"the LoRA of {folder} also trains the text encoders (--train_text_encoder), which sd_memfree does not "
+                             "train; continuing it would drop those adapters: start a new run from the base model instead.")
+        state = {k[len("unet."):]: v for k, v in saved.items() if k.startswith("unet.")}
         result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
         expected = {n for n, p in unet.named_parameters() if p.requires_grad}
         loaded = {k for k in convert_unet_state_dict_to_peft(state)}

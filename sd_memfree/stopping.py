@@ -8,6 +8,8 @@
   on the device, so the step never waits for the host; the loop reads it where it already syncs.
 - :func:`is_disk_full` recognises "no space left on device" however a writer reports it.
 - :class:`RunStopped` carries the one-line message and the exit code to the command line.
+- :class:`StepStops` is what a training loop does with all of these after each optimizer step
+  (checks at its sync points, the checkpoint a signal asks for, the stop).
 
 Invariants:
     - ``NonFiniteWatch.observe`` and ``end_step`` never synchronise host and device; only
@@ -181,3 +183,120 @@ def disk_full_message(exc: BaseException, where: str | os.PathLike) -> str:
         e = e.__cause__ or e.__context__
     return (f"no space left on device while writing {path}; free space there (completed checkpoints are intact) "
             "and rerun with --resume_from_checkpoint latest.")
+
+
+class StepStops:
+    """What the loop does about stopping after each optimizer step, shared by the recipes.
+
+    At the loop's sync points (a checkpoint is due, a logging step, the last step; with one
+    process also as soon as a signal arrived, since its flag is free to read) one agreed reading
+    over processes: a loss NaN/inf in :data:`MAX_NONFINITE_STEPS` consecutive steps, or non-finite
+    weights before a checkpoint, stop the run (``RunStopped``, exit 1) with nothing non-finite
+    saved; a stop signal (:class:`StopSignals`) makes the loop checkpoint this step and stop with
+    exit 128 + signal, naming the checkpoint and the resume command. A step whose loss was
+    NaN/inf gets no checkpoint (the newest earlier one is named instead).
+
+    Per micro-batch call :meth:`observe` with the raw per-sample losses (before AGC, which never
+    keeps a non-finite loss and so would hide it); per optimizer step :meth:`end_step`, then
+    :meth:`after_step`.
+
+    Args:
+        stop: the run's signal flags.
+        params: the trainable tensors (checked for NaN/inf before a checkpoint).
+        output_dir: where checkpoints are written (to name the newest).
+        learning_rate: for the divergence message.
+        device, world_size: the training device and the number of processes.
+        progress: the progress bar, closed before a message (so it starts a line of its own).
+        end_training: called before a signal stop raises (e.g. ``accelerator.end_training``).
+        log: where the "no checkpoint for a non-finite step" warning goes (the recipe's logger).
+    """
+
+    def __init__(self, stop: StopSignals, params, output_dir, learning_rate: float, device=None, world_size: int = 1,
+                 progress=None, end_training=None, log=None) -> None:
+        import logging
+        from pathlib import Path
+
+        self.stop, self.params, self.output_dir = stop, list(params), Path(output_dir)
+        self.learning_rate, self.device, self.world_size = learning_rate, device, world_size
+        self.progress, self.end_training = progress, end_training
+        self.log = log if log is not None else logging.getLogger("sd_memfree.train")
+        self.watch = NonFiniteWatch(device)
+
+    def observe(self, losses: torch.Tensor) -> None:
+        self.watch.observe(losses)
+
+    def end_step(self) -> None:
+        self.watch.end_step()
+
+    def newest_checkpoint(self) -> str:
+        from .checkpointing import list_checkpoints
+
+        found = list_checkpoints(self.output_dir)
+        return str(found[-1][1]) if found else "none was written"
+
+    def _agreed_max(self, values: list) -> list[int]:
+        """``values`` (0-d device tensors or ints) maxed over processes, read in one sync."""
+        flags = torch.stack([torch.as_tensor(v, device=self.device).long() for v in values])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return flags.tolist()
+
+    def _close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+    def check(self, step: int, checkpoint_due: bool) -> tuple[int, bool]:
+        """Raise if the run diverged; returns (the signal asking to stop or 0, whether the last
+        step's loss was non-finite), agreed by every process. One sync (two when a signal asks for
+        an unscheduled checkpoint: its weights are checked like a scheduled one's)."""
+        def weights_bad():
+            return ~torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all()
+
+        watch = self.watch
+        worst, current, weights_nonfinite, signum = self._agreed_max(
+            [watch.worst, watch.run, weights_bad() if checkpoint_due else 0, self.stop.signum or 0])
+        watch.reset()
+        if signum and not checkpoint_due:
+            weights_nonfinite, = self._agreed_max([weights_bad()])
+        if worst >= MAX_NONFINITE_STEPS or weights_nonfinite:
+            self._close_progress()
+            what = (f"the loss was NaN/inf in {worst} consecutive optimizer steps (limit {MAX_NONFINITE_STEPS})" if worst >= MAX_NONFINITE_STEPS
+                    else "the trained weights became NaN/inf")
+            raise RunStopped(f"the run diverged at step {step}: {what}; "
+                             f"nothing non-finite was saved (newest checkpoint: {self.newest_checkpoint()}); lower --learning_rate "
+                             f"(now {self.learning_rate:g}) or check the data, then resume from a good checkpoint or start again.")
+        return signum, current > 0
+
+    def after_step(self, step: int, *, checkpoint_due: bool, sync_due: bool, last: bool, save_checkpoint) -> None:
+        """After optimizer step ``step`` (summed over processes): the checks where due, the
+        checkpoint (``save_checkpoint()``) when one is due or a signal asks, then the stop.
+
+        Args:
+            step: the optimizer step just taken, as the checkpoint names it.
+            checkpoint_due: ``--checkpointing_steps`` asks for a checkpoint at this step.
+            sync_due: the loop syncs here anyway (a logging step, the last step).
+            last: the budget is done (a signal then just lets the run finish).
+            save_checkpoint: writes ``checkpoint-<step>``.
+
+        Raises:
+            RunStopped: the run diverged (exit 1), or a signal stopped it after its checkpoint.
+        """
+        from .checkpointing import CHECKPOINT_PREFIX
+
+        signum, last_step_nonfinite = 0, False
+        # Several processes only look at the sync points, so they all stop after the same step.
+        if checkpoint_due or sync_due or (self.world_size == 1 and self.stop.signum is not None):
+            signum, last_step_nonfinite = self.check(step, checkpoint_due)
+        stopping = bool(signum) and not last  # on the last step the run just finishes
+        if (checkpoint_due or stopping) and last_step_nonfinite:
+            self.log.warning(f"step {step}: the loss was NaN/inf, so no checkpoint is written for this step.")
+        elif checkpoint_due or stopping:
+            save_checkpoint()
+        if stopping:
+            self._close_progress()
+            if self.end_training is not None:
+                self.end_training()
+            saved = (f"saved {self.output_dir / f'{CHECKPOINT_PREFIX}{step}'}" if not last_step_nonfinite
+                     else f"newest checkpoint: {self.newest_checkpoint()}")
+            raise RunStopped(f"stopped by {signal.Signals(signum).name} after step {step} ({saved}); to continue, run the same command "
+                             "with --resume_from_checkpoint latest.", SIGNAL_EXIT_CODES.get(signum, 128 + signum))

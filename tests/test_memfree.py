@@ -144,3 +144,157 @@ def test_bad_input_one_liners():
     unattached = MemFree(MemFreeConfig(num_shards=2, merge_every=1), num_samples=4, num_train_timesteps=4, max_train_steps=4)
     with pytest.raises(RuntimeError, match="attach"):
         unattached.step()
+
+
+# ---- the loop-facing API: prepare, loaders that follow the shards, logs, end_training, loading ----
+
+class Keys(torch.utils.data.Dataset):
+    """A dataset whose item for a sampler key ``(sample_id, aug_seed)`` is the key itself."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, key):
+        return key
+
+
+def ids_seen(memfree, steps: int, follow: bool = True) -> list[list[int]]:
+    """The sample ids of each step's batch from one iterator kept for the whole run (as the
+    scripts keep it); ``follow=False`` uses a plain DataLoader over the same sampler instead."""
+    from torch.utils.data import DataLoader
+
+    model, optimizer, lr_scheduler = memfree.toy
+    x = features()
+    loader = memfree.dataloader(Keys(), 2, collate_fn=lambda keys: torch.tensor([i for i, _ in keys]))
+    if not follow:
+        loader = DataLoader(Keys(), batch_sampler=memfree.sampler, collate_fn=loader.collate_fn)
+    batches, seen = iter(loader), []
+    for _ in range(steps):
+        ids = next(batches)
+        seen.append(ids.tolist())
+        t = torch.randint(0, 4, (len(ids),), generator=memfree.generator)
+        memfree.reduce((model(x[ids]).squeeze(1) - t.float()) ** 2, t, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lr_scheduler.step()
+        memfree.step()
+    return seen
+
+
+def toy_memfree(config=FULL, steps=12):
+    model, optimizer, lr_scheduler, memfree = toy(config, steps)
+    memfree.toy = (model, optimizer, lr_scheduler)
+    return memfree
+
+
+def test_loader_iterator_follows_a_redistribution_without_being_rebuilt():
+    """FULL redistributes after step 2 (then 6, 10): the kept iterator's batches from step 3 on
+    are those of the new shards, i.e. the batches of run(), which rebuilds its iterator on
+    ``events.reload_data``; a plain DataLoader iterator kept over the same sampler goes on with
+    the old shards' stream."""
+    reference = toy(FULL)
+    expected, model, optimizer, lr_scheduler, memfree = [], *reference
+    x = features()
+    batches = iter(memfree.batch_sampler(2))
+    for _ in range(8):
+        ids = torch.tensor([i for i, _ in next(batches)])
+        expected.append(ids.tolist())
+        t = torch.randint(0, 4, (len(ids),), generator=memfree.generator)
+        memfree.reduce((model(x[ids]).squeeze(1) - t.float()) ** 2, t, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lr_scheduler.step()
+        if memfree.step().reload_data:
+            batches = iter(memfree.sampler)
+    assert ids_seen(toy_memfree(), 8) == expected
+    stale = ids_seen(toy_memfree(), 8, follow=False)
+    assert stale[:2] == expected[:2] and stale[2:] != expected[2:]
+
+
+def test_loading_needs_no_call_after_it(tmp_path):
+    """Saved after 5 steps (mid-round, proxy 0 paused) and loaded into a fresh object whose loader
+    was made before the load: without on_state_loaded(), the batches and weights of steps 6..12
+    are those of the straight run."""
+    straight = toy_memfree()
+    ids_straight = ids_seen(straight, 12)
+    first = toy_memfree()
+    ids_seen(first, 5)
+    model, optimizer, lr_scheduler = first.toy
+    save_process_state(tmp_path, 0, 1, {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+                                        **first.stateful_objects()})
+    resumed = toy_memfree()
+    model, optimizer, lr_scheduler = resumed.toy
+    load_process_state(tmp_path, 0, 1, {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler,
+                                        **resumed.stateful_objects()})
+    assert ids_seen(resumed, 7) == ids_straight[5:]
+    for a, b in zip(straight.toy[0].parameters(), resumed.toy[0].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_loading_switches_the_live_proxy_before_training_goes_on():
+    """A state whose counters say proxy 1's turn while proxy 0 is live (as after another script's
+    bookkeeping): the next generator read makes proxy 1 live, with its own optimizer state."""
+    memfree = toy_memfree()
+    assert memfree.proxies.live == 0
+    state = memfree.state_dict()
+    state["counters"] = dict(state["counters"], global_step=1, micro_step=1)  # step 1 of round 0 is proxy 1's
+    memfree.load_state_dict({**state, "proxies": state["proxies"]})
+    assert memfree.proxies.live == 1
+    other = toy_memfree()
+    other.stateful_objects()["counters"].load_state_dict(state["counters"])
+    assert other.proxies.live == 0  # not yet: the rest of a checkpoint may still be loading
+    _ = other.generator
+    assert other.proxies.live == 1
+
+
+def test_logs_hold_each_event_at_its_step_and_skip_rates_at_the_current_one():
+    """FULL, 4 steps: a redistribution after step 2, a merge after step 4; logs() then holds them
+    at steps 2 and 4, with the skip rates and augmentation strength at step 4; a second call holds
+    only the strength (no sample seen since)."""
+    memfree = toy_memfree()
+    ids_seen(memfree, 4)
+    logs = memfree.logs()
+    assert list(logs) == [2, 4]
+    assert set(logs[2]) == {"redistribution/moved", "shards/size_0", "shards/size_1"}
+    assert logs[4]["merge/index"] == 1 and "agc/skip_rate" in logs[4] and "augment/mean_strength" in logs[4]
+    assert list(memfree.logs()) == [4] and set(memfree.logs()[4]) == {"augment/mean_strength"}
+    off = toy_memfree(MemFreeConfig())
+    ids_seen(off, 3)
+    assert off.logs() == {}
+
+
+def test_end_training_merges_once_and_reports_the_run():
+    """Stopped after 5 of 12 steps (mid-round): end_training merges (the run's 2nd merge) and
+    reports the whole-run summary and skip counts; reading them again changes nothing."""
+    memfree = toy_memfree()
+    ids_seen(memfree, 5)
+    report = memfree.end_training()
+    assert report.merge_logs["merge/index"] == 2 and report.summary["num_merges"] == 2
+    assert report.summary["agc/skip_rate"] == 0.0  # 5 steps x 2 samples seen, none low enough to skip
+    assert torch.equal(report.skip_counts, memfree.assignment.total_skip_counts)
+    again = memfree.end_training()
+    assert again.merge_logs == {} and again.summary == report.summary  # the whole-run rates are still there
+
+
+def test_prepare_keeps_the_loader_options_and_wraps_the_model_only_without_shards():
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    accelerator = Accelerator(cpu=True)
+
+    def collate(keys):
+        return torch.tensor([i for i, _ in keys])
+
+    for config, data_parallel in ((FULL, False), (MemFreeConfig(agc_ratio=1.5), True)):
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        memfree = MemFree(config, num_samples=N, num_train_timesteps=4, max_train_steps=12, accelerator=accelerator)
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        user_loader = DataLoader(Keys(), batch_size=3, shuffle=True, collate_fn=collate)
+        prepared, optimizer, loader = memfree.prepare(model, optimizer, lr_scheduler, user_loader)
+        assert memfree.data_parallel is data_parallel and (memfree.proxies is None) is data_parallel
+        assert loader.collate_fn is collate and loader.batch_sampler is memfree.sampler
+        first = next(iter(loader))
+        assert len(first) == 3 and set(first.tolist()) <= set(memfree.assignment.members(memfree.current_proxy))
+    with pytest.raises(ValueError, match="needs the accelerator"):
+        toy_memfree().prepare(torch.nn.Linear(1, 1), torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1))

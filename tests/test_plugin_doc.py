@@ -77,3 +77,18 @@ def test_doc_example_equals_the_sd_script_bit_for_bit(model20, tiny_data_dir, tm
     if method:
         assert state["moves"], "redistribution moved nothing: the comparison would not cover it"
         assert 0 < mine["agc/skip_rate"] < 1 and mine["agc/skip_rate"] == pytest.approx(summary["agc/skip_rate"])
+
+
+def test_the_docs_state_how_many_lines_each_recipe_tags():
+    """docs/plugin.md (and design.md) give the number of lines tagged ``# [memfree]`` in each
+    recipe: the count of code lines carrying the tag (the docstring's mention is not one)."""
+    def tagged(script: str) -> int:
+        text = (REPO / "train_scripts" / script).read_text()
+        return sum(1 for line in text.splitlines() if re.search(r"[^`]\s# \[memfree\]", line))
+
+    plugin = (REPO / "docs" / "plugin.md").read_text()
+    sd = int(re.search(r"train_sd_ietagc\.py`[^\n]*\n?[^\n]*?: (\d+) tagged", plugin).group(1))
+    sdxl = int(re.search(r"train_sdxl_ietagc\.py`[^\n]*?the same (\d+)\s+tagged", plugin).group(1))
+    design = int(re.search(r"\((\d+) in the SD script\)", (REPO / "docs" / "design.md").read_text()).group(1))
+    assert tagged("train_sd_ietagc.py") == sd == design
+    assert tagged("train_sdxl_ietagc.py") == sdxl

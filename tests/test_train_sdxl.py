@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from train_scripts import train_sdxl_ietagc as train
 
@@ -227,3 +227,147 @@ def test_a_diverging_run_stops_without_saving_non_finite_weights(sdxl20, tiny_da
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 1 and err.startswith("error: the run diverged at step 2") and "NaN/inf" in err
     assert not list(out.glob("checkpoint-*")) and not (out / "unet").exists()
+
+
+# ---- as the SD script: stop signals, --drop_bad_samples, diffusers' own checkpoints ----------------
+
+@pytest.mark.parametrize("signum,code", [(15, 143), (2, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_resume_finishes(sdxl20, tiny_data_dir, tmp_path, signum, code):
+    """The real script in a subprocess with 100000 steps; the signal comes once checkpoint-2 exists.
+    It exits 128 + signal with one line naming the checkpoint it wrote (its last one) and how to
+    resume, no traceback, no lock left; resuming from it (SIGTERM case) runs to the end."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sd_memfree import checkpointing
+    from sd_memfree.runlock import LOCK_NAME
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    argv = args(sdxl20, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(repo / "train_scripts" / "train_sdxl_ietagc.py"), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-2" / checkpointing.COMPLETE_MARKER).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    name = signal.Signals(signum).name
+    m = re.fullmatch(rf"stopped by {name} after step (\d+) \(saved {re.escape(str(out))}/checkpoint-(\d+)\); "
+                     r"to continue, run the same command with --resume_from_checkpoint latest\.", last)
+    assert m and m.group(1) == m.group(2), last
+    step = int(m.group(1))
+    steps = [s for s, _ in checkpointing.list_checkpoints(out)]
+    assert step >= 2 and steps[-1] == step
+    assert not (out / LOCK_NAME).exists() and not (out / "pytorch_lora_weights.safetensors").exists()
+    if signum == signal.SIGTERM:
+        summary = run(args(sdxl20, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2",
+                           "--resume_from_checkpoint=latest", steps=step + 2))
+        assert summary["global_step"] == step + 2 and summary["steps_this_run"] == 2
+        assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_drop_bad_samples_trains_on_the_rest_and_lists_them(sdxl20, tiny_data_dir, tmp_path, capsys):
+    """A 13th image that does not decode: without the flag one line names it (exit 2, nothing
+    written); with --drop_bad_samples the run trains on the 12 others and lists it."""
+    from test_data_checks import add_image, png_with_corrupt_data
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    add_image(data, "scrambled.png", png_with_corrupt_data())
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.cli(args(sdxl20, data, out, "--use_lora", steps=2))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "scrambled.png (sample 12)" in last and "--drop_bad_samples" in last
+    assert not out.exists()
+    summary = run(args(sdxl20, data, out, "--use_lora", "--drop_bad_samples", steps=2))
+    assert summary["global_step"] == 2
+    assert json.loads((out / "memfree_state.json").read_text())["num_samples"] == 12
+    dropped = json.loads((out / "dropped_samples.json").read_text())
+    assert [d["where"] for d in dropped] == [f"{data / 'scrambled.png'} (sample 12)"]
+
+
+def test_full_run_continues_from_a_diffusers_sdxl_checkpoint(sdxl20, tiny_data_dir, tmp_path, capsys):
+    """checkpoint-2 as diffusers' train_text_to_image_sdxl.py writes it (accelerate's save_state):
+    unet/ = base weights + 0.01, optimizer.bin = AdamW moments at step 30 (plain tensors: loads
+    with weights_only=True), scheduler.bin and random_states_0.pkl hostile pickles. A fresh run
+    there stops with one line, so does --num_shards=2; 'latest' continues: with --learning_rate=0
+    the final UNet equals the checkpoint's (its weights were loaded), our checkpoint-4 holds AdamW
+    step 30 + 2 (its moments were loaded), no pickle ran, the folder is unchanged."""
+    from diffusers import UNet2DConditionModel
+    from test_checkpoint_contents import fake_upstream_checkpoint, same, tree_digest
+
+    from sd_memfree.state import read_process_state
+
+    unet = UNet2DConditionModel.from_pretrained(sdxl20, subfolder="unet")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01)
+    unet.save_pretrained(tmp_path / "their_unet")
+    opt = torch.optim.AdamW(unet.parameters())
+    for p in unet.parameters():
+        opt.state[p] = {"step": torch.tensor(30.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    fake_upstream_checkpoint(out, 2, marker, {"unet": tmp_path / "their_unet"}, optimizer_state=opt.state_dict())
+    before = tree_digest(out / "checkpoint-2")
+
+    def one_line(argv):
+        with pytest.raises(SystemExit) as e:
+            train.cli(argv)
+        assert e.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    line = one_line(args(sdxl20, tiny_data_dir, out, steps=4))
+    assert "checkpoint-2" in line and "never overwrites" in line and "--resume_from_checkpoint=latest" in line
+    line = one_line(args(sdxl20, tiny_data_dir, out, "--num_shards=2", "--resume_from_checkpoint=latest", steps=4))
+    assert "checkpoint-2" in line and "without shards only" in line
+
+    summary = run(args(sdxl20, tiny_data_dir, out, "--learning_rate=0", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=4))
+    assert summary["steps_this_run"] == 2 and summary["global_step"] == 4
+    assert same(load_file(out / "unet" / "diffusion_pytorch_model.safetensors"),
+                load_file(tmp_path / "their_unet" / "diffusion_pytorch_model.safetensors"))
+    assert read_process_state(out / "checkpoint-4", 0)["objects"]["optimizer"]["state"][0]["step"].item() == 32
+    assert tree_digest(out / "checkpoint-2") == before and not marker.exists()
+
+
+def test_lora_run_continues_from_a_diffusers_sdxl_lora_checkpoint(sdxl20, tiny_data_dir, tmp_path, capsys):
+    """checkpoint-2 of diffusers' train_text_to_image_lora_sdxl.py (its pytorch_lora_weights.safetensors,
+    the format StableDiffusionXLPipeline.save_lora_weights writes: 2 trained steps of ours) with a
+    hostile optimizer.bin, given as a path: the run continues from the LoRA weights (with
+    --learning_rate=0 the output equals them), the optimizer.bin is refused by weights_only (the
+    moments start from zero), nothing ran, the folder is unchanged. A LoRA that also trained the
+    text encoders (--train_text_encoder, which sd_memfree does not train) stops with one line."""
+    from test_checkpoint_contents import fake_upstream_checkpoint, same, tree_digest
+
+    trained = tmp_path / "trained"
+    run(args(sdxl20, tiny_data_dir, trained, "--use_lora", steps=2))
+    theirs = trained / "pytorch_lora_weights.safetensors"
+    out, marker = tmp_path / "out", tmp_path / "pwned"
+    with_te = tmp_path / "with_te"  # as written with --train_text_encoder: text-encoder adapters beside the UNet's
+    with_te.mkdir()
+    save_file({**load_file(theirs), "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)},
+              str(with_te / "pytorch_lora_weights.safetensors"))
+    te_ckpt = fake_upstream_checkpoint(tmp_path / "te_out", 2, marker, {"pytorch_lora_weights.safetensors": with_te / "pytorch_lora_weights.safetensors"})
+    with pytest.raises(SystemExit) as e:
+        train.cli(args(sdxl20, tiny_data_dir, tmp_path / "te_out", "--use_lora", f"--resume_from_checkpoint={te_ckpt}", steps=4))
+    assert e.value.code == 2 and "--train_text_encoder" in capsys.readouterr().err.strip().splitlines()[-1]
+
+    ckpt = fake_upstream_checkpoint(out, 2, marker, {"pytorch_lora_weights.safetensors": theirs})
+    before = tree_digest(ckpt)
+    summary = run(args(sdxl20, tiny_data_dir, out, "--use_lora", "--learning_rate=0", f"--resume_from_checkpoint={ckpt}", steps=4))
+    assert summary["steps_this_run"] == 2 and summary["global_step"] == 4
+    assert same(load_file(out / "pytorch_lora_weights.safetensors"), load_file(theirs))
+    assert tree_digest(ckpt) == before and not marker.exists()

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -204,94 +203,18 @@ def log_validation(pipeline_parts, args, accelerator, weight_dtype, step, is_fin
     return images
 
 
-def take_run_lock(output_dir: str):
-    """Check ``output_dir`` and take its run lock on the main process; every process learns the outcome.
-
-    Returns the held :class:`~sd_memfree.runlock.RunLock` on the main process, None on the others.
-    Raises the main process's ``OutputDirError`` / ``RunLockHeld`` on every process, so no process
-    starts on a folder the main process could not lock.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    from sd_memfree.runlock import OutputDirError, RunLock, RunLockHeld
-
-    # The process group only, built as Accelerator() builds it (which then reuses it); without the
-    # CPU flag, processes launched on a CPU-only machine would each think they are alone.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    lock, error, note = None, None, None
-    if state.is_main_process:
-        lock = RunLock(output_dir)
-        try:
-            note = lock.acquire()
-        except (OutputDirError, RunLockHeld) as e:
-            lock, error = None, e
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        outcome = [(type(error).__name__, str(error)) if error is not None else None]
-        broadcast_object_list(outcome, from_process=0)
-        if outcome[0] is not None and error is None:
-            error = {"OutputDirError": OutputDirError}.get(outcome[0][0], RunLockHeld)(outcome[0][1])
-        if error is not None:
-            state.destroy_process_group()  # every process leaves cleanly (no abort in the backend's teardown)
-    if error is not None:
-        raise error
-    if note:
-        logger.warning(note)
-    return lock
-
-
 def main(args) -> dict:
-    """Train under ``output_dir``'s run lock; returns a summary dict (steps, merges, skip statistics, output paths).
+    """Train under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled (``sd_memfree.runguard``);
+    returns a summary dict (steps, merges, skip statistics, output paths).
 
     Raises:
         RunStopped: the run stopped early with a one-line reason and an exit code: SIGTERM / SIGINT
             (after writing a checkpoint of the step in progress), non-finite losses, a full disk.
         OutputDirError, RunLockHeld: ``--output_dir`` is unusable or in use, before any model loads.
     """
-    from sd_memfree.stopping import SIGNAL_EXIT_CODES, RunInterrupted, RunStopped, StopSignals, disk_full_message, is_disk_full
+    from sd_memfree.runguard import guarded_run
 
-    stop = StopSignals().install()  # stops at once until the loop starts, then asks it to stop after a step
-    lock, finished = None, False
-    try:
-        lock = take_run_lock(args.output_dir)
-        summary = train(args, stop)
-        finished = True
-        return summary
-    except RunInterrupted as e:
-        name = signal_name(e.signum)
-        raise RunStopped(f"stopped by {name} before training started (no step was taken); rerun the same command to start again.",
-                         SIGNAL_EXIT_CODES.get(e.signum, 128 + e.signum)) from None
-    except Exception as e:
-        close_progress_bars()
-        if is_disk_full(e):
-            raise RunStopped(disk_full_message(e, args.output_dir)) from None
-        raise
-    finally:
-        stop.restore()
-        if lock is not None:
-            out = Path(args.output_dir)
-            if not finished:  # a failed final save leaves no staged model behind (the lock says we own it)
-                shutil.rmtree(out / ".tmp-final", ignore_errors=True)
-                (out / "memfree_state.json.partial").unlink(missing_ok=True)
-            lock.release()
-            if lock.created_dir and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # a run stopped by bad input leaves no trace
-
-
-def close_progress_bars() -> None:
-    """End open tqdm bars with their newline, so an error message starts a line of its own."""
-    from tqdm.auto import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
+    return guarded_run(args.output_dir, lambda stop: train(args, stop))
 
 
 def train(args, stop) -> dict:
@@ -305,19 +228,20 @@ def train(args, stop) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from sd_memfree import MemFree, checkpointing, hub
     from sd_memfree.data import (IndexedCaptionDataset, build_image_transforms, check_resolution, check_samples, collate,
-                                 load_image_caption_dataset)
+                                 dropped_warning, load_image_caption_dataset, write_dropped_samples)
     from sd_memfree.losses import min_snr_weights, per_sample_loss
     from sd_memfree.proxies import check_spread
-    from sd_memfree.resume import (check_budget_change, check_same_trajectory, continue_from_upstream, data_fingerprint,
-                                   trajectory_settings, write_trajectory)
+    from sd_memfree.resume import data_fingerprint, trajectory_settings, write_trajectory
+    from sd_memfree.startpoint import continue_upstream, plan_start
     from sd_memfree.steplog import StepLossLog
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
-    from sd_memfree.stopping import MAX_NONFINITE_STEPS, SIGNAL_EXIT_CODES, NonFiniteWatch, RunStopped, all_finite
+    from sd_memfree.stopping import RunStopped, StepStops, all_finite
     from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
                                       trainable_parameters, upcast_trainable_)
 
@@ -361,8 +285,7 @@ def train(args, stop) -> dict:
     dataset, dropped = check_samples(dataset, image_column, caption_column, drop_bad=args.drop_bad_samples,
                                      progress=accelerator.is_local_main_process)
     if dropped:
-        log.warning(f"--drop_bad_samples: dropped {len(dropped)} bad sample(s), listed in {output_dir / 'dropped_samples.json'}: "
-                    + "; ".join(f"{d['where']}: {d['problem']}" for d in dropped[:5]))
+        log.warning(dropped_warning(dropped, output_dir))
     num_samples = len(dataset)
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     if args.prediction_type is not None:
@@ -375,41 +298,18 @@ def train(args, stop) -> dict:
     memfree = MemFree(mf, num_samples=num_samples, num_train_timesteps=noise_scheduler.config.num_train_timesteps,  # [memfree]
                       max_train_steps=args.max_train_steps, seed=seed, accelerator=accelerator,
                       storage_device=accelerator.device if args.use_lora else "cpu")  # raises if K > num_samples
-    resume_dir = checkpointing.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
     # What a resume must match (resume.py), also written into every checkpoint.
     trajectory = trajectory_settings(args, accelerator.mixed_precision, num_samples,
                                      data_fingerprint(dataset, image_column, caption_column))
-    # Another script's checkpoint (diffusers' example scripts): continue from its weights only.
-    upstream = resume_dir is not None and not checkpointing.is_complete(resume_dir)
-    if upstream and K > 1:
-        raise ValueError(f"{resume_dir} is {checkpointing.describe_foreign(resume_dir)}; continuing it works without shards only: "
-                         "drop --num_shards, or start a new --output_dir from a pipeline holding its UNet.")
-    if resume_dir is not None and not upstream:
-        check_same_trajectory(resume_dir, trajectory)
-        saved_args = resume_dir / "train_args.json"
-        saved_budget = json.loads(saved_args.read_text()).get("max_train_steps") if saved_args.is_file() else None
-        check_budget_change(resume_dir, checkpointing.checkpoint_step(resume_dir), saved_budget, args.max_train_steps,
-                            K, mf.merge_every)
-    elif args.resume_from_checkpoint and resume_dir is None:
-        log.info(f"--resume_from_checkpoint={args.resume_from_checkpoint}: no complete checkpoint yet, starting a new run.")
-    start = (checkpointing.checkpoint_step(resume_dir) if not upstream else int(resume_dir.name.split("-")[-1])) if resume_dir is not None else -1
-    later = [f for f in checkpointing.foreign_checkpoints(output_dir) if int(f.name.split("-")[-1]) > start]
-    if later:
-        # Another script's checkpoints ahead of where this run starts: we would write over them (or
-        # make 'latest' ambiguous). They are never resumed as ours, pruned or overwritten.
-        raise ValueError(f"--output_dir {output_dir} holds {later[-1].name}, {checkpointing.describe_foreign(later[-1])}; "
-                         "sd_memfree never overwrites it: resume from it (--resume_from_checkpoint=latest) or choose a new --output_dir.")
-    existing = checkpointing.list_checkpoints(output_dir) if resume_dir is None else []
-    if existing:
-        # A fresh run here would prune the earlier run's checkpoints and mix two runs under 'latest'.
-        newest = existing[-1][1].name
-        raise ValueError(f"--output_dir {output_dir} already holds checkpoints of a run ({newest}); "
-                         "pass --resume_from_checkpoint=latest to continue it, or choose a new --output_dir.")
+    # Ours to resume exactly, or another script's checkpoint (diffusers' example scripts) to continue
+    # from its weights only; never one that would overwrite or mix with what another run wrote.
+    start = plan_start(args.resume_from_checkpoint, output_dir, trajectory, max_train_steps=args.max_train_steps,
+                       num_shards=K, merge_every=mf.merge_every, log=log)
+    resume_dir, upstream = start.resume_dir, start.upstream
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if dropped:  # local only: it names training files
-            (output_dir / "dropped_samples.json").write_text(json.dumps(dropped, indent=2))
+        write_dropped_samples(output_dir, dropped)  # local only: it names training files
         if args.push_to_hub:  # as upstream: a bad repo id or token fails now, not after training
             args.hub_model_id = hub.create_repo(args.hub_model_id or output_dir.name, token=args.hub_token)
 
@@ -470,31 +370,25 @@ def train(args, stop) -> dict:
     local_max_steps = memfree.local_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
-    memfree.attach(params, optimizer, lr_scheduler)  # [memfree] proxies swap optimizer state and LR position
 
     # ---- Data ---------------------------------------------------------------------------------------
     geometric, to_tensor = build_image_transforms(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
     train_dataset = IndexedCaptionDataset(dataset, image_column, caption_column, tokenizer, geometric, to_tensor,
                                           augment=memfree.augment)  # [memfree] loss-aware augmentation (None when off)
     gas = args.gradient_accumulation_steps
-    # Each micro-batch comes from the shard of the proxy that trains (the loader has its own seeded
-    # generator: the global RNG stays untouched).
-    loader = memfree.dataloader(train_dataset, args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)  # [memfree]
-
-    # Without shards, accelerate wraps the UNet as upstream (DDP over processes). With shards the
-    # UNet stays unwrapped: proxies never all-reduce gradients.
-    if memfree.data_parallel:  # [memfree]
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    else:
-        unet.to(accelerator.device)
-        optimizer = accelerator.prepare(optimizer)
+    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    # The proxies swap their own optimizer state and LR position in turn; without shards accelerate
+    # wraps the UNet as upstream (DDP), with shards it stays unwrapped (proxies never all-reduce
+    # gradients); each micro-batch comes from the shard of the proxy that trains, and the loader
+    # follows shard changes by itself.
+    unet, optimizer, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
     if ema_unet is not None:
         ema_unet.to("cpu" if args.offload_ema else accelerator.device)
 
     counters = memfree.counters
     # Every process's state for an exact resume; the method's objects under their checkpoint names,
     # in the order of earlier versions (the state file numbers tensors in this order).
-    method_state = memfree.stateful_objects()  # [memfree]
+    method_state = memfree.stateful_objects()  # [memfree] loading them finishes the method's own bookkeeping
     stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
                 **{name: method_state.pop(name) for name in ("counters", "rng", "assignment", "proxies")}, "ema": ema_unet,
                 "strengths": method_state.pop("strengths"), "scaler": accelerator.scaler, **method_state}
@@ -502,20 +396,11 @@ def train(args, stop) -> dict:
         weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
 
     if upstream:
-        import warnings
-
-        counters.global_step = continue_from_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, ema_unet)
-        counters.micro_step = counters.global_step * gas
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": only moving it to the step
-            warnings.simplefilter("ignore")
-            for _ in range(counters.global_step):
-                lr_scheduler.step()
-        log.warning(f"Continuing {resume_dir} (another script's checkpoint) at step {counters.global_step}: its weights and AdamW "
-                    "moments only; the data order and random streams are this script's, so this is not that run's exact continuation.")
+        continue_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, lr_scheduler, counters, gas,
+                          ema=ema_unet, log=log)
     elif resume_dir is not None:
         load_process_state(resume_dir, rank, world, stateful)
         log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
-    memfree.on_state_loaded()  # [memfree] the sampler and the live proxy follow the (loaded) counters
 
     # Secrets (--hub_token) never reach train_args.json, the tracker config or the card.
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
@@ -559,17 +444,16 @@ def train(args, stop) -> dict:
     step_log = StepLossLog(LOG_EVERY, gas, device=accelerator.device)
 
     def flush_logs() -> None:
-        """Log train_loss and lr of each step since the last flush under its own step number,
-        then the method's counters and the progress bar. Called at the same steps on every
+        """Log train_loss and lr of each step since the last flush under its own step number, with
+        the method's values of that step, then the progress bar. Called at the same steps on every
         process (the loss is gathered), and before any other tracker log, so steps only grow."""
         rows = step_log.flush(accelerator.gather if world > 1 else None)
         if not rows:
             return
-        for step, value, lr in rows[:-1]:
-            accelerator.log({"train_loss": value, "lr": lr}, step=step)
-        step, value, lr = rows[-1]
-        logs = {"train_loss": value, "lr": lr, **memfree.log_values()}  # [memfree] skip rates, augmentation strength
-        accelerator.log(logs, step=step)
+        method_logs = memfree.logs()  # [memfree] merges, redistributions at their steps; skip rates, augmentation strength
+        for step, value, lr in rows:
+            logs = {"train_loss": value, "lr": lr, **method_logs.get(step, {})}
+            accelerator.log(logs, step=step)
         postfix = {"step_loss": value, "lr": lr}
         if K > 1:
             postfix.update(proxy=memfree.current_proxy if counters.global_step < local_max_steps else "-",
@@ -582,40 +466,10 @@ def train(args, stop) -> dict:
     loop_start, loop_cpu_start = time.perf_counter(), time.process_time()
     start_step = counters.global_step
     # Non-finite losses are counted on the device (the step never waits) and read only where the
-    # loop syncs anyway: every LOG_EVERY steps and before a checkpoint (see stop_checks).
-    watch = NonFiniteWatch(accelerator.device)
-
-    def newest_checkpoint() -> str:
-        found = checkpointing.list_checkpoints(output_dir)
-        return str(found[-1][1]) if found else "none was written"
-
-    def agreed_max(values: list) -> list[int]:
-        """``values`` (0-d device tensors or ints) maxed over processes, read in one sync."""
-        flags = torch.stack([torch.as_tensor(v, device=accelerator.device).long() for v in values])
-        if world > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return flags.tolist()
-
-    def stop_checks(checkpoint_due: bool) -> tuple[int, bool]:
-        """Raise if the run diverged; returns (the signal asking to stop or 0, whether the last
-        step's loss was non-finite), agreed by every process. One sync (two when a signal asks for
-        an unscheduled checkpoint: its weights are checked like a scheduled one's)."""
-        def weights_bad():
-            return ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
-
-        worst, current, weights_nonfinite, signum = agreed_max(
-            [watch.worst, watch.run, weights_bad() if checkpoint_due else 0, stop.signum or 0])
-        watch.reset()
-        if signum and not checkpoint_due:
-            weights_nonfinite, = agreed_max([weights_bad()])
-        if worst >= MAX_NONFINITE_STEPS or weights_nonfinite:
-            progress.close()
-            what = (f"the loss was NaN/inf in {worst} consecutive optimizer steps (limit {MAX_NONFINITE_STEPS})" if worst >= MAX_NONFINITE_STEPS
-                    else "the trained weights became NaN/inf")
-            raise RunStopped(f"the run diverged at step {counters.global_step * step_unit}: {what}; "
-                             f"nothing non-finite was saved (newest checkpoint: {newest_checkpoint()}); lower --learning_rate "
-                             f"(now {args.learning_rate:g}) or check the data, then resume from a good checkpoint or start again.")
-        return signum, current > 0
+    # loop syncs anyway: every LOG_EVERY steps and before a checkpoint; a stop signal is acted on
+    # there too (StepStops).
+    stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, world_size=world,
+                      progress=progress, end_training=accelerator.end_training, log=log)
 
     stop.defer()  # from here on SIGTERM / Ctrl-C finish the optimizer step and write a checkpoint
     while counters.global_step < local_max_steps:
@@ -645,7 +499,7 @@ def train(args, stop) -> dict:
             with accelerator.autocast():
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
             losses = per_sample_loss(model_pred, target)  # [B], before any SNR weighting
-            watch.observe(losses)  # raw losses: AGC never keeps a non-finite one, so it must not hide it
+            stops.observe(losses)  # raw losses: AGC never keeps a non-finite one, so it must not hide it
             weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, noise_scheduler.config.prediction_type) if args.snr_gamma is not None else None
             # AGC skips abnormally low losses for their timestep; reduce also counts the micro-step.
             loss = memfree.reduce(losses, timesteps, sample_ids, weights)  # [memfree]
@@ -659,7 +513,7 @@ def train(args, stop) -> dict:
             continue
 
         # ---- after each optimizer step ----
-        watch.end_step()
+        stops.end_step()
         if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skipped the update: the LR waits (as upstream's prepared scheduler)
             lr_scheduler.step()
         if ema_unet is not None:
@@ -670,35 +524,16 @@ def train(args, stop) -> dict:
                 ema_unet.to("cpu", non_blocking=True)
         step_log.end_step((counters.global_step + 1) * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
         progress.update(step_unit)
-        events = memfree.step()  # [memfree] counts the step; turns, merges, redistribution
-        if events.logs:
-            flush_logs()  # earlier steps first: trackers such as wandb drop steps that go back
-            accelerator.log(events.logs, step=counters.global_step * step_unit)  # [memfree]
+        memfree.step()  # [memfree] counts the step; turns, merges, redistribution
         total = counters.global_step * step_unit  # optimizer steps summed over proxies and processes
         # The last step is checkpointed too when it falls on --checkpointing_steps, as upstream.
         checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
         if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps or checkpoint_due:
             flush_logs()  # a checkpoint's logs are complete up to its step
-        # Stop checks sync once: at the logging steps and before a checkpoint; a single process
-        # also reacts to a signal at once (its flag is a plain Python attribute, free to read).
-        # Several processes only look at the sync points, so they all stop after the same step.
-        signum, last_step_nonfinite = 0, False
-        if checkpoint_due or counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps \
-                or (world == 1 and stop.signum is not None):
-            signum, last_step_nonfinite = stop_checks(checkpoint_due)
-        stopping = bool(signum) and counters.global_step < local_max_steps  # on the last step the run just finishes
-        if (checkpoint_due or stopping) and last_step_nonfinite:
-            log.warning(f"step {total}: the loss was NaN/inf, so no checkpoint is written for this step.")
-        elif checkpoint_due or stopping:
-            save_checkpoint()
-        if stopping:
-            progress.close()
-            accelerator.end_training()
-            saved = f"saved {output_dir / f'{checkpointing.CHECKPOINT_PREFIX}{total}'}" if not last_step_nonfinite else f"newest checkpoint: {newest_checkpoint()}"
-            raise RunStopped(f"stopped by {signal_name(signum)} after step {total} ({saved}); to continue, run the same command "
-                             "with --resume_from_checkpoint latest.", SIGNAL_EXIT_CODES.get(signum, 128 + signum))
-        if events.reload_data:  # [memfree] membership changed: prefetched batches of the old shards are dropped
-            data_iter = iter(loader)
+        # Divergence and stop signals are checked at the sync points (one sync); a signal makes this
+        # step's checkpoint and stops the run (exit 128 + signal), on every process after the same step.
+        stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps,
+                         last=counters.global_step >= local_max_steps, save_checkpoint=save_checkpoint)
         # Validation after epoch e (0-based) when e % --validation_epochs == 0, as upstream; the
         # last step is left to the final validation.
         if (args.validation_prompts or args.validation_prompt) and counters.global_step < local_max_steps \
@@ -719,19 +554,18 @@ def train(args, stop) -> dict:
     # ---- Final merge and save --------------------------------------------------------------------
     # The budget ends with a merge (see RoundSchedule). Only a run stopped mid-round merges here,
     # with every local proxy weighted by the steps it took in that round.
-    memfree.finish()  # [memfree]
+    report = memfree.end_training()  # [memfree] whole-run skip rates (this process's proxies), shards, merges, skips per sample
     accelerator.wait_for_everyone()
     summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir),
                "train_loop_seconds": loop_seconds, "train_loop_cpu_seconds": loop_cpu_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
-    method_summary = memfree.summary()  # [memfree] whole-run skip rates (this process's proxies), shards, merges
+    method_summary = report.summary
     summary.update({k: v for k, v in method_summary.items() if k.startswith("agc/")})
-    total_skips = memfree.total_skip_counts()  # [memfree] whole-run skips per sample, all processes
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         # Never publish a non-finite model, e.g. one that diverged in its last few steps, under the stop checks' limit.
         if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
             raise RunStopped(f"the trained weights are NaN/inf after step {counters.global_step * step_unit}: the final model was not "
-                             f"saved (newest checkpoint: {newest_checkpoint()}); lower --learning_rate (now {args.learning_rate:g}) and resume or start again.")
+                             f"saved (newest checkpoint: {stops.newest_checkpoint()}); lower --learning_rate (now {args.learning_rate:g}) and resume or start again.")
         staging = output_dir / ".tmp-final"  # written in full first, then renamed into place
         shutil.rmtree(staging, ignore_errors=True)
         if args.use_lora:
@@ -751,7 +585,7 @@ def train(args, stop) -> dict:
             from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts
 
             captions = [caption_text(c) for c in dataset[caption_column]]
-            write_skip_counts(output_dir / SKIP_COUNTS_FILE, total_skips.cpu().tolist(), captions, sample_file_names(dataset, image_column))
+            write_skip_counts(output_dir / SKIP_COUNTS_FILE, report.skip_counts.cpu().tolist(), captions, sample_file_names(dataset, image_column))
         summary.update(state)
         images = []
         if args.validation_prompts or args.validation_prompt:
@@ -781,26 +615,9 @@ def cli(argv=None) -> None:
     Exit codes: 0 done; 2 bad input (incl. an unusable or locked --output_dir); 1 the run stopped on
     its own (non-finite loss, disk full); 143 / 130 stopped by SIGTERM / Ctrl-C (128 + signal).
     """
-    import signal
+    from sd_memfree.runguard import run_cli
 
-    from sd_memfree.data import DataError
-
-    from sd_memfree.runlock import RunLockHeld
-    from sd_memfree.stopping import EXIT_FAILED, SIGNAL_EXIT_CODES, RunStopped
-
-    args = parse_args(argv)
-    try:
-        main(args)
-    except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # hub.HubError and OutputDirError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RunStopped as e:  # a signal (exit 128 + signal number), divergence or a full disk (exit 1)
-        print(f"error: {e}" if e.exit_code == EXIT_FAILED else str(e), file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:  # a second Ctrl-C while the first one was waiting for the step to end
-        print("interrupted without a checkpoint of the current step; run the same command with --resume_from_checkpoint latest "
-              "to continue from the newest one.", file=sys.stderr)
-        raise SystemExit(SIGNAL_EXIT_CODES[signal.SIGINT]) from None
+    run_cli(main, parse_args(argv))
 
 
 if __name__ == "__main__":

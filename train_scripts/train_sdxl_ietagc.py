@@ -22,7 +22,6 @@ import math
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -118,6 +117,9 @@ def parse_args(argv=None):
     parser.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (as train_text_to_image_lora_sdxl.py) instead of the full UNet.")
     parser.add_argument("--save_kohya_lora", action="store_true",
                         help="With --use_lora, also write pytorch_lora_weights_kohya.safetensors, the kohya format AUTOMATIC1111 and ComfyUI load.")
+    parser.add_argument("--drop_bad_samples", action="store_true",
+                        help="Drop samples whose image does not decode or whose caption is missing/empty (listed in the log and in "
+                             "output_dir/dropped_samples.json) instead of stopping at start-up.")
     MemFreeConfig.add_arguments(parser)
 
     args = parser.parse_args(argv)
@@ -297,44 +299,42 @@ def trajectory(args, mixed_precision: str, dataset, image_column: str, caption_c
 
 
 def main(args) -> dict:
-    """Train under ``output_dir``'s run lock (as the SD script); returns a summary (steps, merges,
-    skip statistics, output paths)."""
-    if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
-        from .train_sd_ietagc import take_run_lock
-    else:  # run as a file (accelerate launch train_scripts/...): its folder is sys.path[0]
-        from train_sd_ietagc import take_run_lock
+    """Train under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled, as the SD script
+    (``sd_memfree.runguard``); returns a summary (steps, merges, skip statistics, output paths).
 
-    lock = take_run_lock(args.output_dir)
-    try:
-        return train(args)
-    finally:
-        if lock is not None:
-            lock.release()
-            out = Path(args.output_dir)
-            if lock.created_dir and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()  # a run stopped by bad input leaves no trace
+    Raises:
+        RunStopped: the run stopped early with a one-line reason and an exit code: SIGTERM / SIGINT
+            (after writing a checkpoint of the step in progress), non-finite losses, a full disk.
+        OutputDirError, RunLockHeld: ``--output_dir`` is unusable or in use, before any model loads.
+    """
+    from sd_memfree.runguard import guarded_run
+
+    return guarded_run(args.output_dir, lambda stop: train(args, stop))
 
 
-def train(args) -> dict:
-    """The training run itself (see :func:`main`)."""
+def train(args, stop) -> dict:
+    """The training run itself (see :func:`main`); ``stop`` is the run's :class:`~sd_memfree.stopping.StopSignals`."""
     import datasets
     import diffusers
     import transformers
     from accelerate import Accelerator
+    from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from sd_memfree import MemFree, checkpointing, hub
-    from sd_memfree.data import check_resolution, check_samples, load_image_caption_dataset
+    from sd_memfree.data import check_resolution, check_samples, dropped_warning, load_image_caption_dataset, write_dropped_samples
     from sd_memfree.losses import min_snr_weights, per_sample_loss
-    from sd_memfree.resume import check_same_trajectory, write_trajectory
+    from sd_memfree.resume import write_trajectory
+    from sd_memfree.startpoint import continue_upstream, plan_start
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
     from sd_memfree.steplog import StepLossLog
-    from sd_memfree.stopping import MAX_NONFINITE_STEPS, NonFiniteWatch, RunStopped, all_finite
+    from sd_memfree.stopping import RunStopped, StepStops, all_finite
     from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
                                       upcast_trainable_)
     if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
@@ -347,6 +347,7 @@ def train(args) -> dict:
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
+    log = get_logger("sd_memfree.train_sdxl")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     for lib in (datasets, transformers, diffusers):
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process else lib.utils.logging.set_verbosity_error)()
@@ -365,18 +366,22 @@ def train(args) -> dict:
             dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
             cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
             max_train_samples=args.max_train_samples, seed=args.seed, verify_images=False)
-    dataset, _ = check_samples(dataset, image_column, caption_column, progress=accelerator.is_local_main_process)
-    resume_dir = checkpointing.resolve_resume_checkpoint(args.resume_from_checkpoint, output_dir)
-    if resume_dir is not None and not checkpointing.is_complete(resume_dir):
-        raise ValueError(f"{resume_dir} is {checkpointing.describe_foreign(resume_dir)}; this script resumes only its own checkpoints: "
-                         "start a new --output_dir (from a pipeline folder holding those weights).")
+    # Every image decoded and every caption checked now, so no bad sample stops the run mid-way.
+    dataset, dropped = check_samples(dataset, image_column, caption_column, drop_bad=args.drop_bad_samples,
+                                     progress=accelerator.is_local_main_process)
+    if dropped:
+        log.warning(dropped_warning(dropped, output_dir))
+    num_samples = len(dataset)
+    data_world = 1 if (mf.num_shards > 1 and accelerator.num_processes > 1) else accelerator.num_processes
+    steps_per_epoch = max(1, math.ceil(num_samples / (args.train_batch_size * data_world * args.gradient_accumulation_steps)))
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
     settings = trajectory(args, accelerator.mixed_precision, dataset, image_column, caption_column)
-    if resume_dir is not None:
-        mf.check_compatible(MemFreeConfig.load_json(resume_dir / "memfree_config.json"))
-        check_same_trajectory(resume_dir, settings)
-    elif checkpointing.list_checkpoints(output_dir):
-        raise ValueError(f"--output_dir {output_dir} already holds checkpoints of a run; pass --resume_from_checkpoint=latest "
-                         "to continue it, or choose a new --output_dir.")
+    # Ours to resume exactly, or a checkpoint of diffusers' SDXL scripts to continue from its
+    # weights only; never one that would overwrite or mix with what another run wrote.
+    start = plan_start(args.resume_from_checkpoint, output_dir, settings, max_train_steps=args.max_train_steps,
+                       num_shards=mf.num_shards, merge_every=mf.merge_every, log=log)
+    resume_dir = start.resume_dir
 
     # ---- Models ---------------------------------------------------------------------------------
     base = args.pretrained_model_name_or_path
@@ -414,11 +419,6 @@ def train(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- The method, optimizer, schedule ([memfree]) --------------------------------------------
-    num_samples = len(dataset)
-    data_world = 1 if (mf.num_shards > 1 and accelerator.num_processes > 1) else accelerator.num_processes
-    steps_per_epoch = max(1, math.ceil(num_samples / (args.train_batch_size * data_world * args.gradient_accumulation_steps)))
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
     memfree = MemFree(mf, num_samples=num_samples, num_train_timesteps=noise_scheduler.config.num_train_timesteps,  # [memfree]
                       max_train_steps=args.max_train_steps, seed=seed, accelerator=accelerator,
                       storage_device=accelerator.device if args.use_lora else "cpu")
@@ -437,31 +437,30 @@ def train(args) -> dict:
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
-    memfree.attach(params, optimizer, lr_scheduler)  # [memfree]
-    if memfree.data_parallel:  # [memfree] with shards, proxies never all-reduce gradients
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    else:
-        optimizer = accelerator.prepare(optimizer)
+    train_dataset = SDXLCaptionDataset(dataset, image_column, caption_column, tokenizers, args, seed, augment=memfree.augment)  # [memfree]
+    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    # Proxies swap optimizer state and LR position; DDP only without shards; batches from the live proxy's shard.
+    unet, optimizer, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
     if ema_unet is not None:
         ema_unet.to(accelerator.device)
     bias = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
     bias = bias.to(accelerator.device) if bias is not None else None
 
-    train_dataset = SDXLCaptionDataset(dataset, image_column, caption_column, tokenizers, args, seed, augment=memfree.augment)  # [memfree]
-    loader = memfree.dataloader(train_dataset, args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)  # [memfree]
-
     stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                "ema": ema_unet, "scaler": accelerator.scaler, **memfree.stateful_objects()}  # [memfree]
+                "ema": ema_unet, "scaler": accelerator.scaler, **memfree.stateful_objects()}  # [memfree] loading finishes its bookkeeping
     if not args.use_lora:  # the checkpoint's unet/ holds these weights once
         weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
-    if resume_dir is not None:
-        load_process_state(resume_dir, accelerator.process_index, accelerator.num_processes, stateful)
-        memfree.on_state_loaded()  # [memfree]
     counters = memfree.counters
+    if start.upstream:
+        continue_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, lr_scheduler, counters,
+                          args.gradient_accumulation_steps, ema=ema_unet, log=log)
+    elif resume_dir is not None:
+        load_process_state(resume_dir, accelerator.process_index, accelerator.num_processes, stateful)
     step_unit = memfree.step_unit
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        write_dropped_samples(output_dir, dropped)  # local only: it names training files
         if args.push_to_hub:
             args.hub_model_id = hub.create_repo(args.hub_model_id or output_dir.name, token=args.hub_token)
         accelerator.init_trackers("text2image-fine-tune", config={k: v for k, v in plain_args.items() if v is not None})
@@ -476,8 +475,8 @@ def train(args) -> dict:
                 mf.save_json(tmp / "memfree_config.json")
                 (tmp / "train_args.json").write_text(json.dumps(plain_args, indent=2))
                 write_trajectory(tmp, settings)
-                # [memfree] the live tensors may hold a proxy's weights: publish the last merge's
-                save_checkpoint_model(accelerator.unwrap_model(unet), tmp, args.use_lora, trainable=memfree.merged_weights())
+                # The live tensors may hold a proxy's weights: publish the last merge's.
+                save_checkpoint_model(accelerator.unwrap_model(unet), tmp, args.use_lora, trainable=memfree.merged_weights())  # [memfree]
                 if ema_unet is not None:
                     ema_unet.save_pretrained(str(tmp / "unet_ema"))
         if accelerator.is_main_process:
@@ -491,33 +490,19 @@ def train(args) -> dict:
 
     def flush_logs() -> None:
         rows = step_log.flush(accelerator.gather if accelerator.num_processes > 1 else None)
-        for i, (step, value, lr) in enumerate(rows):
-            extra = memfree.log_values() if i == len(rows) - 1 else {}  # [memfree] skip rates, augmentation strength
-            accelerator.log({"train_loss": value, "lr": lr, **extra}, step=step)
+        method_logs = memfree.logs() if rows else {}  # [memfree] merges, redistributions, skip rates, augmentation strength
+        for step, value, lr in rows:
+            accelerator.log({"train_loss": value, "lr": lr, **method_logs.get(step, {})}, step=step)
         if rows:
             progress.set_postfix(step_loss=rows[-1][1], lr=rows[-1][2])
 
-    # Non-finite losses are counted on the device and read only where the loop syncs anyway.
-    watch = NonFiniteWatch(accelerator.device)
-
-    def stop_if_diverged(checkpoint_due: bool) -> None:
-        """One sync, agreed by every process: stop when the loss was NaN/inf in MAX_NONFINITE_STEPS
-        consecutive steps, or before a checkpoint of non-finite weights."""
-        bad_weights = ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all() if checkpoint_due else torch.tensor(False)
-        flags = torch.stack([watch.worst, bad_weights.to(watch.worst.device).long()])
-        if accelerator.num_processes > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        worst, weights_bad = flags.tolist()
-        watch.reset()
-        if worst >= MAX_NONFINITE_STEPS or weights_bad:
-            progress.close()  # the message starts a line of its own
-            what = (f"the loss was NaN/inf in {worst} consecutive optimizer steps" if worst >= MAX_NONFINITE_STEPS
-                    else "the trained weights became NaN/inf")
-            raise RunStopped(f"the run diverged at step {counters.global_step * step_unit}: {what}; nothing non-finite was saved; "
-                             f"lower --learning_rate (now {args.learning_rate:g}) or check the data, then resume from a good checkpoint or start again.")
-
     progress = tqdm(range(memfree.total_steps), initial=counters.global_step * step_unit, desc="Steps", disable=not accelerator.is_local_main_process)
     start_step = counters.global_step
+    # Non-finite losses are counted on the device and read only where the loop syncs anyway; a stop
+    # signal is acted on there too: the step finishes, is checkpointed, the run exits 143 / 130.
+    stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, world_size=accelerator.num_processes,
+                      progress=progress, end_training=accelerator.end_training, log=log)
+    stop.defer()
     batches = iter(loader)
     target_size = torch.tensor([args.resolution, args.resolution], device=accelerator.device)
     while counters.global_step < memfree.local_steps:
@@ -557,7 +542,7 @@ def train(args) -> dict:
                 raise ValueError(f"Unknown prediction type {prediction_type}")
             weights = min_snr_weights(noise_scheduler, timesteps, args.snr_gamma, prediction_type) if args.snr_gamma is not None else None
             losses = per_sample_loss(model_pred, target)
-            watch.observe(losses)  # raw losses: AGC never keeps a non-finite one, so it must not hide it
+            stops.observe(losses)  # raw losses: AGC never keeps a non-finite one, so it must not hide it
             loss = memfree.reduce(losses, timesteps, sample_ids, weights)  # [memfree] AGC inside
             step_log.add(loss)
             accelerator.backward(loss)
@@ -567,27 +552,20 @@ def train(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
-        watch.end_step()
+        stops.end_step()
         if not accelerator.optimizer_step_was_skipped:
             lr_scheduler.step()
         if ema_unet is not None:
             ema_unet.step(unet.parameters())
         step_log.end_step((counters.global_step + 1) * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
-        events = memfree.step()  # [memfree] turns, merges, redistribution
+        memfree.step()  # [memfree] turns, merges, redistribution
         progress.update(step_unit)
         total = counters.global_step * step_unit
-        if events.logs:
-            flush_logs()  # earlier steps first: trackers drop steps that go back
-            accelerator.log(events.logs, step=total)
         checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
         if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps or checkpoint_due:
             flush_logs()
-        if checkpoint_due or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps:
-            stop_if_diverged(checkpoint_due)
-        if checkpoint_due:
-            save_checkpoint()
-        if events.reload_data:  # [memfree] shards changed: drop batches prefetched from the old ones
-            batches = iter(loader)
+        stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps,
+                         last=counters.global_step >= memfree.local_steps, save_checkpoint=save_checkpoint)
         if args.validation_prompt and accelerator.is_main_process and counters.global_step < memfree.local_steps \
                 and counters.global_step % steps_per_epoch == 0 and (counters.global_step // steps_per_epoch - 1) % args.validation_epochs == 0:
             log_validation(validation_pipeline(accelerator.unwrap_model(unet)), args, accelerator, counters.global_step // steps_per_epoch)
@@ -595,11 +573,10 @@ def train(args) -> dict:
     progress.close()
 
     # ---- Final merge and save ---------------------------------------------------------------------
-    memfree.finish()  # [memfree]
-    total_skips = memfree.total_skip_counts()  # [memfree] whole-run skips per sample, all processes
+    report = memfree.end_training()  # [memfree] final merge; skip rates, shards, merges, skips per sample (all processes)
     accelerator.wait_for_everyone()
     summary = {"global_step": counters.global_step * step_unit, "num_shards": mf.num_shards, "output_dir": str(output_dir),
-               "steps_this_run": (counters.global_step - start_step) * step_unit, **memfree.summary()}
+               "steps_this_run": (counters.global_step - start_step) * step_unit, **report.summary}
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
@@ -619,14 +596,16 @@ def train(args) -> dict:
             pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=final_unet, revision=args.revision, variant=args.variant, **parts)
             pipe.save_pretrained(str(staging), safe_serialization=True)
         checkpointing.publish_entries(staging, output_dir)
-        state = {"num_samples": num_samples, "global_step": summary["global_step"], **memfree.assignment.summary(),
-                 "num_merges": summary["num_merges"]}
-        (output_dir / "memfree_state.json").write_text(json.dumps(state, indent=2))
+        state = {"num_samples": num_samples, "global_step": summary["global_step"],
+                 **{k: v for k, v in report.summary.items() if not k.startswith("agc/")}}  # shard split and moves, merges
+        tmp = output_dir / "memfree_state.json.partial"
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, output_dir / "memfree_state.json")
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
             from sd_memfree.scoring.generate import caption_text
             from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts
 
-            write_skip_counts(output_dir / SKIP_COUNTS_FILE, total_skips.cpu().tolist(),
+            write_skip_counts(output_dir / SKIP_COUNTS_FILE, report.skip_counts.cpu().tolist(),
                               [caption_text(c) for c in dataset[caption_column]], sample_file_names(dataset, image_column))
         images = []
         if args.validation_prompt:
@@ -648,20 +627,11 @@ def train(args) -> dict:
 
 
 def cli(argv=None) -> None:
-    """Command-line entry: one-line errors instead of tracebacks; exit 2 bad input, 1 the run diverged."""
-    from sd_memfree.data import DataError
-    from sd_memfree.runlock import RunLockHeld
-    from sd_memfree.stopping import RunStopped
+    """Command-line entry, as the SD script's: one-line errors instead of tracebacks; exit 2 bad
+    input, 1 the run stopped on its own (diverged, disk full), 143 / 130 stopped by SIGTERM / Ctrl-C."""
+    from sd_memfree.runguard import run_cli
 
-    args = parse_args(argv)
-    try:
-        main(args)
-    except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # OutputDirError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RunStopped as e:  # diverged (exit 1)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
+    run_cli(main, parse_args(argv))
 
 
 if __name__ == "__main__":

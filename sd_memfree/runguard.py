@@ -1,0 +1,147 @@
+"""One training run of a recipe, guarded: the output folder's run lock, stop signals, one-line exits.
+
+Both recipes (``train_sd_ietagc.py``, ``train_sdxl_ietagc.py``) run their ``train(args, stop)``
+through :func:`guarded_run` and their command line through :func:`run_cli`, so they stop the same
+way: SIGTERM / Ctrl-C finish the optimizer step, write a checkpoint and exit 143 / 130 naming it
+(``stopping.StepStops`` inside the loop), bad input exits 2, a run that stopped on its own exits 1,
+each with one line and no traceback.
+
+Invariants:
+- No two runs write into one ``output_dir`` at a time (``runlock.RunLock``, taken by the main
+  process before any model loads; every process learns the outcome and stops if it failed).
+- When ``guarded_run`` returns or raises, the run's signal handlers are removed, the lock is
+  released, a failed final save leaves no staged model behind, and an ``output_dir`` that the run
+  created and left empty (bad input) is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger("sd_memfree.train")
+
+STAGING_DIR = ".tmp-final"  # the final model is written here in full, then moved into place
+PARTIAL_STATE_FILE = "memfree_state.json.partial"
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def close_progress_bars() -> None:
+    """End open tqdm bars with their newline, so an error message starts a line of its own."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def take_run_lock(output_dir: str):
+    """Check ``output_dir`` and take its run lock on the main process; every process learns the outcome.
+
+    Returns the held :class:`~sd_memfree.runlock.RunLock` on the main process, None on the others.
+    Raises the main process's ``OutputDirError`` / ``RunLockHeld`` on every process, so no process
+    starts on a folder the main process could not lock.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from .runlock import OutputDirError, RunLock, RunLockHeld
+
+    # The process group only, built as Accelerator() builds it (which then reuses it); without the
+    # CPU flag, processes launched on a CPU-only machine would each think they are alone.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    lock, error, note = None, None, None
+    if state.is_main_process:
+        lock = RunLock(output_dir)
+        try:
+            note = lock.acquire()
+        except (OutputDirError, RunLockHeld) as e:
+            lock, error = None, e
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        outcome = [(type(error).__name__, str(error)) if error is not None else None]
+        broadcast_object_list(outcome, from_process=0)
+        if outcome[0] is not None and error is None:
+            error = {"OutputDirError": OutputDirError}.get(outcome[0][0], RunLockHeld)(outcome[0][1])
+        if error is not None:
+            state.destroy_process_group()  # every process leaves cleanly (no abort in the backend's teardown)
+    if error is not None:
+        raise error
+    if note:
+        logger.warning(note)
+    return lock
+
+
+def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
+    """Run ``train(stop)`` under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled.
+
+    ``stop`` is the run's :class:`~sd_memfree.stopping.StopSignals`: a signal stops at once until
+    the loop calls ``stop.defer()``; from then on the loop finishes the step and checkpoints.
+
+    Returns:
+        What ``train`` returns.
+
+    Raises:
+        RunStopped: the run stopped early with a one-line reason and an exit code: SIGTERM / SIGINT
+            (before training started, or after writing a checkpoint of the step in progress),
+            non-finite losses, a full disk.
+        OutputDirError, RunLockHeld: ``output_dir`` is unusable or in use, before any model loads.
+    """
+    from .stopping import SIGNAL_EXIT_CODES, RunInterrupted, RunStopped, StopSignals, disk_full_message, is_disk_full
+
+    stop = StopSignals().install()  # stops at once until the loop starts, then asks it to stop after a step
+    lock, finished = None, False
+    try:
+        lock = take_run_lock(output_dir)
+        summary = train(stop)
+        finished = True
+        return summary
+    except RunInterrupted as e:
+        raise RunStopped(f"stopped by {signal_name(e.signum)} before training started (no step was taken); rerun the same command "
+                         "to start again.", SIGNAL_EXIT_CODES.get(e.signum, 128 + e.signum)) from None
+    except Exception as e:
+        close_progress_bars()
+        if is_disk_full(e):
+            raise RunStopped(disk_full_message(e, output_dir)) from None
+        raise
+    finally:
+        stop.restore()
+        if lock is not None:
+            out = Path(output_dir)
+            if not finished:  # a failed final save leaves no staged model behind (the lock says we own it)
+                shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
+                (out / PARTIAL_STATE_FILE).unlink(missing_ok=True)
+            lock.release()
+            if lock.created_dir and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a run stopped by bad input leaves no trace
+
+
+def run_cli(main: Callable[[Any], dict], args: Any) -> None:
+    """Command-line entry: ``main(args)`` with one-line errors for bad input instead of tracebacks.
+
+    Exit codes: 0 done; 2 bad input (incl. an unusable or locked --output_dir); 1 the run stopped on
+    its own (non-finite loss, disk full); 143 / 130 stopped by SIGTERM / Ctrl-C (128 + signal).
+    """
+    from .data import DataError
+    from .runlock import RunLockHeld
+    from .stopping import EXIT_FAILED, SIGNAL_EXIT_CODES, RunStopped
+
+    try:
+        main(args)
+    except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # hub.HubError and OutputDirError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RunStopped as e:  # a signal (exit 128 + signal number), divergence or a full disk (exit 1)
+        print(f"error: {e}" if e.exit_code == EXIT_FAILED else str(e), file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one was waiting for the step to end
+        print("interrupted without a checkpoint of the current step; run the same command with --resume_from_checkpoint latest "
+              "to continue from the newest one.", file=sys.stderr)
+        raise SystemExit(SIGNAL_EXIT_CODES[signal.SIGINT]) from None
