@@ -42,9 +42,11 @@ def run(argv):
     return train.main(train.parse_args(argv))
 
 
-def one_line_error(capsys, argv) -> str:
+def one_line_error(capsys, argv, cli=None) -> str:
+    """Run a recipe's ``cli`` (default: the SD script's) expecting exit 2 and a last stderr line
+    ``error: ...``, no traceback; returns that line."""
     with pytest.raises(SystemExit) as e:
-        train.cli(argv)
+        (cli or train.cli)(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
@@ -208,16 +210,14 @@ def fake_upstream_checkpoint(out: Path, step: int, marker: Path, weights: dict[s
     return ckpt
 
 
-def test_full_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
-    """diffusers' checkpoint-2 of a full fine-tune: unet/ = base weights + 0.01, optimizer.bin =
-    AdamW moments at step 30 (plain tensors: loads with weights_only=True), the other pickles
-    hostile. A fresh run there stops with one line; 'latest' continues: with --learning_rate=0 the
-    final UNet equals the checkpoint's exactly (its weights were loaded), our checkpoint-4 holds
-    AdamW step 30 + 2 (its moments were loaded), no pickle ran, the upstream folder is unchanged.
-    With --num_shards=2 it stops with one line."""
+def upstream_full_checkpoint(model_dir: Path, tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """``tmp_path/out/checkpoint-2`` as diffusers' full fine-tuning scripts write it: unet/ = the
+    base UNet + 0.01 (also saved as ``tmp_path/their_unet``), optimizer.bin = AdamW moments at
+    step 30 (plain tensors), the other pickles hostile (they would create ``tmp_path/pwned``).
+    Returns the output folder, the marker and the checkpoint's digest."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.01)
@@ -227,7 +227,17 @@ def test_full_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_dat
         opt.state[p] = {"step": torch.tensor(30.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
     out, marker = tmp_path / "out", tmp_path / "pwned"
     fake_upstream_checkpoint(out, 2, marker, {"unet": tmp_path / "their_unet"}, optimizer_state=opt.state_dict())
-    before = tree_digest(out / "checkpoint-2")
+    return out, marker, tree_digest(out / "checkpoint-2")
+
+
+def test_full_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """diffusers' checkpoint-2 of a full fine-tune: unet/ = base weights + 0.01, optimizer.bin =
+    AdamW moments at step 30 (plain tensors: loads with weights_only=True), the other pickles
+    hostile. A fresh run there stops with one line; 'latest' continues: with --learning_rate=0 the
+    final UNet equals the checkpoint's exactly (its weights were loaded), our checkpoint-4 holds
+    AdamW step 30 + 2 (its moments were loaded), no pickle ran, the upstream folder is unchanged.
+    With --num_shards=2 it stops with one line."""
+    out, marker, before = upstream_full_checkpoint(tiny_model_dir, tmp_path)
 
     line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, out, steps=4))
     assert "checkpoint-2" in line and "accelerate save_state checkpoint" in line and "--resume_from_checkpoint=latest" in line

@@ -29,21 +29,29 @@ def features() -> torch.Tensor:
     return torch.linspace(-1, 1, N * 3).view(N, 3)
 
 
-def run(model, optimizer, lr_scheduler, memfree, steps: int):
-    """A loop shaped as docs/plugin.md's: batches from the sampler, noise from the proxy stream."""
+def toy_step(model, optimizer, lr_scheduler, memfree, x, ids):
+    """One optimizer step of the toy loop on samples ``ids``; returns ``memfree.step()``'s events."""
+    t = torch.randint(0, 4, (len(ids),), generator=memfree.generator)
+    losses = (model(x[ids]).squeeze(1) - t.float()) ** 2
+    loss = memfree.reduce(losses, t, ids)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    lr_scheduler.step()
+    return memfree.step()
+
+
+def run(model, optimizer, lr_scheduler, memfree, steps: int, seen: list | None = None):
+    """A loop shaped as docs/plugin.md's: batches from the sampler, noise from the proxy stream;
+    the iterator is rebuilt when ``events.reload_data`` says so. ``seen`` collects each step's ids."""
     x = features()
     batches = iter(memfree.batch_sampler(2))
     happened = []
     for _ in range(steps):
         ids = torch.tensor([i for i, _ in next(batches)])
-        t = torch.randint(0, 4, (len(ids),), generator=memfree.generator)
-        losses = (model(x[ids]).squeeze(1) - t.float()) ** 2
-        loss = memfree.reduce(losses, t, ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        lr_scheduler.step()
-        events = memfree.step()
+        if seen is not None:
+            seen.append(ids.tolist())
+        events = toy_step(model, optimizer, lr_scheduler, memfree, x, ids)
         happened.append(events)
         if events.reload_data:
             batches = iter(memfree.sampler)
@@ -172,12 +180,7 @@ def ids_seen(memfree, steps: int, follow: bool = True) -> list[list[int]]:
     for _ in range(steps):
         ids = next(batches)
         seen.append(ids.tolist())
-        t = torch.randint(0, 4, (len(ids),), generator=memfree.generator)
-        memfree.reduce((model(x[ids]).squeeze(1) - t.float()) ** 2, t, ids).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        lr_scheduler.step()
-        memfree.step()
+        toy_step(model, optimizer, lr_scheduler, memfree, x, ids)
     return seen
 
 
@@ -192,20 +195,8 @@ def test_loader_iterator_follows_a_redistribution_without_being_rebuilt():
     are those of the new shards, i.e. the batches of run(), which rebuilds its iterator on
     ``events.reload_data``; a plain DataLoader iterator kept over the same sampler goes on with
     the old shards' stream."""
-    reference = toy(FULL)
-    expected, model, optimizer, lr_scheduler, memfree = [], *reference
-    x = features()
-    batches = iter(memfree.batch_sampler(2))
-    for _ in range(8):
-        ids = torch.tensor([i for i, _ in next(batches)])
-        expected.append(ids.tolist())
-        t = torch.randint(0, 4, (len(ids),), generator=memfree.generator)
-        memfree.reduce((model(x[ids]).squeeze(1) - t.float()) ** 2, t, ids).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        lr_scheduler.step()
-        if memfree.step().reload_data:
-            batches = iter(memfree.sampler)
+    expected = []
+    run(*toy(FULL), 8, seen=expected)
     assert ids_seen(toy_memfree(), 8) == expected
     stale = ids_seen(toy_memfree(), 8, follow=False)
     assert stale[:2] == expected[:2] and stale[2:] != expected[2:]

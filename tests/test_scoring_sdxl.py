@@ -15,6 +15,7 @@ from PIL import Image
 
 from sd_memfree.scoring import generate, run
 from sd_memfree.testing import standin
+from test_scoring_cli import _error_line  # the scorer's one-line error check
 
 SDXL = "StableDiffusionXLPipeline"
 
@@ -164,16 +165,6 @@ def test_sdxl_lora_weights_change_the_generations(scored, lora_dir):
                     - np.asarray(Image.open(lora_out / "generated" / m["file_name"]), dtype=np.int16)).mean() for m in meta[0]]
     assert min(diffs) > 1.0, diffs  # mean |difference| over a 0-255 scale, every image
     assert [m["noise_magnitude"] for m in meta[0]] != pytest.approx([m["noise_magnitude"] for m in meta[1]], rel=1e-3)
-
-
-def _error_line(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        run.cli(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err and sum(l.startswith("error:") for l in err.splitlines()) == 1, err
-    return last
 
 
 def test_unsupported_pipeline_or_no_model_index_is_one_line_before_any_work(tmp_path, sdxl_dir, lora_dir, tiny_data_dir, capsys, monkeypatch):

@@ -127,15 +127,12 @@ def test_output_dir_file_or_unwritable_one_line_before_models_load(tiny_model_di
 
 # ---- SIGTERM / Ctrl-C -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_finishes_the_step_checkpoints_and_resume_finishes(tiny_model_dir, tiny_data_dir, tmp_path, signum, code):
-    """The real script in a subprocess with 100000 steps; the signal comes once checkpoint-2 exists.
-    It exits 128 + signal with one line naming the checkpoint it wrote and how to resume, no
-    traceback, no lock left; resuming from it runs to the end."""
-    out = tmp_path / "run"
-    argv = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
+def stop_with_signal(script: str, argv: list[str], out: Path, signum: int, code: int) -> int:
+    """Run ``train_scripts/<script>`` in a subprocess, send ``signum`` once ``checkpoint-2`` is
+    complete, and check the stop: exit ``code``, no traceback, and a last stderr line naming the
+    step it stopped after, the checkpoint of that same step and how to resume. Returns the step."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv], env=env,
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_scripts" / script), *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -153,7 +150,17 @@ def test_signal_finishes_the_step_checkpoints_and_resume_finishes(tiny_model_dir
     m = re.fullmatch(rf"stopped by {name} after step (\d+) \(saved {re.escape(str(out))}/checkpoint-(\d+)\); "
                      r"to continue, run the same command with --resume_from_checkpoint latest\.", last)
     assert m and m.group(1) == m.group(2), last
-    step = int(m.group(1))
+    return int(m.group(1))
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_finishes_the_step_checkpoints_and_resume_finishes(tiny_model_dir, tiny_data_dir, tmp_path, signum, code):
+    """The real script in a subprocess with 100000 steps; the signal comes once checkpoint-2 exists.
+    It exits 128 + signal with one line naming the checkpoint it wrote and how to resume, no
+    traceback, no lock left; resuming from it runs to the end."""
+    out = tmp_path / "run"
+    argv = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
+    step = stop_with_signal("train_sd_ietagc.py", argv, out, signum, code)
     assert step >= 2 and step in complete_steps(out) and complete_steps(out)[-1] == step
     assert not (out / LOCK_NAME).exists()
     assert_no_partial_files(out)

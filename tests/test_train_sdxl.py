@@ -236,39 +236,16 @@ def test_signal_finishes_the_step_checkpoints_and_resume_finishes(sdxl20, tiny_d
     """The real script in a subprocess with 100000 steps; the signal comes once checkpoint-2 exists.
     It exits 128 + signal with one line naming the checkpoint it wrote (its last one) and how to
     resume, no traceback, no lock left; resuming from it (SIGTERM case) runs to the end."""
-    import os
-    import re
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from test_train_safety import stop_with_signal
 
     from sd_memfree import checkpointing
     from sd_memfree.runlock import LOCK_NAME
 
-    repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
     argv = args(sdxl20, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(repo / "train_scripts" / "train_sdxl_ietagc.py"), *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoint-2" / checkpointing.COMPLETE_MARKER).exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, err[-3000:]
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    name = signal.Signals(signum).name
-    m = re.fullmatch(rf"stopped by {name} after step (\d+) \(saved {re.escape(str(out))}/checkpoint-(\d+)\); "
-                     r"to continue, run the same command with --resume_from_checkpoint latest\.", last)
-    assert m and m.group(1) == m.group(2), last
-    step = int(m.group(1))
+    step = stop_with_signal("train_sdxl_ietagc.py", argv, out, signum, code)
     steps = [s for s, _ in checkpointing.list_checkpoints(out)]
     assert step >= 2 and steps[-1] == step
     assert not (out / LOCK_NAME).exists() and not (out / "pytorch_lora_weights.safetensors").exists()
@@ -307,28 +284,14 @@ def test_full_run_continues_from_a_diffusers_sdxl_checkpoint(sdxl20, tiny_data_d
     there stops with one line, so does --num_shards=2; 'latest' continues: with --learning_rate=0
     the final UNet equals the checkpoint's (its weights were loaded), our checkpoint-4 holds AdamW
     step 30 + 2 (its moments were loaded), no pickle ran, the folder is unchanged."""
-    from diffusers import UNet2DConditionModel
-    from test_checkpoint_contents import fake_upstream_checkpoint, same, tree_digest
+    from test_checkpoint_contents import one_line_error, same, tree_digest, upstream_full_checkpoint
 
     from sd_memfree.state import read_process_state
 
-    unet = UNet2DConditionModel.from_pretrained(sdxl20, subfolder="unet")
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.01)
-    unet.save_pretrained(tmp_path / "their_unet")
-    opt = torch.optim.AdamW(unet.parameters())
-    for p in unet.parameters():
-        opt.state[p] = {"step": torch.tensor(30.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    out, marker = tmp_path / "out", tmp_path / "pwned"
-    fake_upstream_checkpoint(out, 2, marker, {"unet": tmp_path / "their_unet"}, optimizer_state=opt.state_dict())
-    before = tree_digest(out / "checkpoint-2")
+    out, marker, before = upstream_full_checkpoint(sdxl20, tmp_path)
 
     def one_line(argv):
-        with pytest.raises(SystemExit) as e:
-            train.cli(argv)
-        assert e.value.code == 2
-        return capsys.readouterr().err.strip().splitlines()[-1]
+        return one_line_error(capsys, argv, cli=train.cli)
 
     line = one_line(args(sdxl20, tiny_data_dir, out, steps=4))
     assert "checkpoint-2" in line and "never overwrites" in line and "--resume_from_checkpoint=latest" in line
