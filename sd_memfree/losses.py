@@ -59,7 +59,10 @@ def min_snr_weights(
 
 
 def masked_mean(
-    losses: torch.Tensor, keep: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    losses: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    denominator: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The AGC training loss: ``sum_i keep_i * w_i * l_i / max(1, sum_i keep_i)``.
 
@@ -72,6 +75,9 @@ def masked_mean(
         losses: Tensor [B] of per-sample losses (differentiable).
         keep: BoolTensor [B], True where the sample trains; None keeps every sample.
         weights: Tensor [B] of per-sample weights (Min-SNR), None for 1.
+        denominator: replaces ``max(1, sum_i keep_i)`` (a 0-d tensor): when this batch is one
+            of D slices of a micro-batch whose gradients DDP averages, the whole micro-batch's
+            kept count divided by D, so the average is the micro-batch's masked mean.
 
     Returns:
         A scalar tensor.
@@ -80,4 +86,6 @@ def masked_mean(
     if keep is None:
         return weighted.mean()
     kept = torch.where(keep, weighted, torch.zeros_like(weighted))
-    return kept.sum() / keep.sum().clamp(min=1).to(kept.dtype)
+    if denominator is None:
+        denominator = keep.sum().clamp(min=1).to(kept.dtype)
+    return kept.sum() / denominator

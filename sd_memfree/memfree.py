@@ -52,7 +52,8 @@ from .agc import LossBank, SkipStats
 from .config import MemFreeConfig
 from .data import ShardBatchSampler
 from .losses import masked_mean
-from .proxies import ProxySet, check_spread
+from .collectives import Collectives, ProcessLayout
+from .proxies import ProxySet
 from .schedule import RoundSchedule
 from .shards import ShardAssignment
 from .state import Counters, ProxyGenerators
@@ -116,26 +117,30 @@ class MemFree:
         max_train_steps: the budget, optimizer steps summed over proxies and processes (shortened
             to whole shares per proxy, see ``RoundSchedule``; ``total_steps`` is what runs).
         seed: the run seed (shard split, data order, per-proxy RNG streams).
-        accelerator: an ``accelerate.Accelerator``; gives rank, world size, device and gather.
+        accelerator: an ``accelerate.Accelerator``; gives rank, world size and device.
         rank, world_size, device: the same without accelerate (``torch.distributed`` must be
             initialised when ``world_size > 1``).
         gradient_accumulation_steps: micro-steps per optimizer step.
-        params, optimizer, lr_scheduler: as ``attach`` (pass them here when the LR scheduler does
-            not need ``lr_schedule_steps``).
         storage_device: where the merged weights, the running sum and stashed optimizer states
             live: "cpu" for full fine-tuning (K copies of a UNet's optimizer state do not fit on
             the accelerator), the training device for LoRA (small tensors).
+        collectives: the run's ``Collectives`` (built here from the layout when not given).
+        collective_timeout: the backend timeout of the process groups built here.
 
-    Invariant: K proxies are spread over W processes when K > 1 and W > 1 (process p trains the
-    proxies ``k % W == p``, no gradient all-reduce: do not wrap the model in DDP, see
-    ``data_parallel``); with K = 1, W processes train data-parallel as usual.
+    Invariant (``collectives.ProcessLayout``): W processes hold the K proxies. W divides K:
+    process p trains the proxies ``k % W == p`` in turn, with no gradient all-reduce. W = K x D:
+    each proxy is trained by D processes, data parallel among themselves only (``prepare`` wraps
+    the model in DDP over that group), each taking a slice of the proxy's micro-batch of
+    D x batch_size. K = 1 is plain data parallelism over W. A merge is one all-reduce across the
+    groups. Set up once: ``prepare`` (accelerate loops) or ``attach`` + ``dataloader`` (loops
+    without it); the other calls raise a one-line error when made out of order.
     """
 
     def __init__(self, config: MemFreeConfig, *, num_samples: int, num_train_timesteps: int, max_train_steps: int,
                  seed: int = 0, accelerator: Any = None, rank: int | None = None, world_size: int | None = None,
                  device: torch.device | str | None = None, gradient_accumulation_steps: int | None = None,
-                 params: list[torch.nn.Parameter] | None = None, optimizer: Any = None, lr_scheduler: Any = None,
-                 storage_device: torch.device | str = "cpu") -> None:
+                 storage_device: torch.device | str = "cpu", collectives: Collectives | None = None,
+                 collective_timeout: Any = None) -> None:
         if not isinstance(config, MemFreeConfig):
             raise TypeError(f"MemFree needs a MemFreeConfig, got {type(config).__name__}; build one with MemFreeConfig(...).")
         self.config = mf = config
@@ -152,14 +157,13 @@ class MemFree:
         self.num_samples, self.num_train_timesteps, self.seed = num_samples, num_train_timesteps, seed
         self.storage_device = storage_device
         K = self.num_proxies = mf.num_shards
-        W = self.world_size
-        if K > 1:
-            check_spread(K, W)  # before anything is built: W must divide K
-        # With several shards, proxies are independent between merges: each process trains its
-        # own proxies (no per-step gradient all-reduce), and a merge is one all-reduce.
-        self.proxies_spread = K > 1 and W > 1
-        self.local_proxies = [k for k in range(K) if k % W == self.rank] if self.proxies_spread else list(range(K))
-        self.data_world, self.data_rank = (1, 0) if self.proxies_spread else (W, self.rank)
+        # Where this process sits: K proxies over W processes, W a divisor or a multiple of K
+        # (collectives.ProcessLayout; raises a one-line error naming the counts that work).
+        self.layout = ProcessLayout(K, self.world_size, self.rank)
+        self.local_proxies = self.layout.local_proxies
+        # The D processes of a proxy group split its micro-batch (K = 1: all W processes).
+        self.data_world, self.data_rank = self.layout.group_size, self.layout.data_rank
+        self.collectives = collectives if collectives is not None else Collectives(self.layout, timeout=collective_timeout)
         self.assignment = ShardAssignment(num_samples, K, seed)  # raises if K > num_samples
         # Which proxy trains and when turns end, merges and redistributions are due; the sampler
         # reads it too. Every proxy takes the same number of steps, so every shard weighs the same.
@@ -178,19 +182,18 @@ class MemFree:
         self.run_skip_stats = SkipStats(num_train_timesteps, num_proxies=K, device=self.device) if mf.agc_enabled else None
         if mf.agc_enabled:
             self.assignment.to(self.device)
-        # RNG streams belong to proxies (see ProxyGenerators); without shards each process gets
-        # its own stream so data-parallel processes draw different noise.
-        self.rng = ProxyGenerators([seed * 1000 + k for k in range(K)] if K > 1 else [seed * 1000 + self.rank], device=self.device)
+        # RNG streams belong to proxies (see ProxyGenerators): every process of a proxy group draws
+        # the proxy's whole micro-batch and takes its slice (``randn``), so the draws do not depend
+        # on how many processes share the proxy.
+        self.rng = ProxyGenerators([seed * 1000 + k for k in range(K)], device=self.device)
         self.counters = _LoopCounters(self._state_loaded, global_step=0, micro_step=0, sampler_origin=0, turn_steps=0,
                                       redistributions=0)
         self.proxies: ProxySet | None = None
         self.sampler = None
-        self._finished = False
+        self._phase = "built"  # -> "ready" (prepare / attach) -> "ended" (end_training / finish)
         self._loaded = False  # a checkpoint was loaded: the live proxy is checked before training goes on
         self._data_version = 0  # bumped when the data a loader iterator prefetched went stale
         self._pending_logs: dict[int, dict[str, Any]] = {}  # step -> merge / redistribution values not yet read
-        if params is not None:
-            self.attach(params, optimizer, lr_scheduler)
 
     # -- sizes ----------------------------------------------------------------------------------
 
@@ -206,8 +209,26 @@ class MemFree:
 
     @property
     def step_unit(self) -> int:
-        """Optimizer steps of all processes per local step (W with spread proxies, else 1)."""
-        return self.world_size if self.proxies_spread else 1
+        """Proxy optimizer steps per local step over all processes (R, the proxy groups that
+        train side by side; 1 with one process or one shard)."""
+        return self.layout.step_unit
+
+    @property
+    def local_step(self) -> int:
+        """Optimizer steps this process has taken (after a resume: the loaded position). The loop
+        runs while ``local_step < local_steps``."""
+        return self.counters.global_step
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken, summed over proxies and processes: what checkpoints, logs and
+        the progress bar count (``local_step * step_unit``)."""
+        return self.counters.global_step * self.step_unit
+
+    @property
+    def done(self) -> bool:
+        """This process has taken its ``local_steps``."""
+        return self.counters.global_step >= self.local_steps
 
     @property
     def lr_schedule_steps(self) -> int:
@@ -217,25 +238,23 @@ class MemFree:
             return self.schedule.steps_per_proxy
         return self.schedule.local_steps
 
-    @property
-    def data_parallel(self) -> bool:
-        """Whether the model is wrapped for gradient all-reduce (``accelerator.prepare(model)``):
-        only without shards. With shards the proxies never all-reduce gradients."""
-        return self.num_proxies == 1
-
     # -- setup ----------------------------------------------------------------------------------
 
     def attach(self, params: list[torch.nn.Parameter], optimizer: Any, lr_scheduler: Any = None) -> "MemFree":
         """Take over the trainable tensors, their optimizer and LR scheduler (each proxy swaps in
-        its own optimizer state and schedule position). Call before ``accelerator.prepare`` of
-        the optimizer and before any step; a no-op with one shard. Returns self.
-        (``prepare`` does this and the rest of the setup for accelerate users.)"""
-        if self.num_proxies > 1 and self.proxies is None:
+        its own optimizer state and schedule position). The lower-level setup for loops without
+        accelerate (with ``dataloader``); ``prepare`` does it for accelerate loops. Call once,
+        before the optimizer is wrapped and before any step. Returns self.
+
+        With D > 1 processes per proxy, wrap the model for gradient all-reduce over
+        ``collectives.group("data", device)`` yourself (``prepare`` does)."""
+        self._require("built", "attach")
+        if self.num_proxies > 1:
             self.proxies = ProxySet(list(params), self.num_proxies, self.assignment.sizes(), optimizer=optimizer,
                                     lr_scheduler=lr_scheduler, optimizer_state=self.config.proxy_optimizer_state,
-                                    storage_device=self.storage_device,
-                                    rank=self.rank if self.proxies_spread else 0,
-                                    world_size=self.world_size if self.proxies_spread else 1)
+                                    storage_device=self.storage_device, rank=self.rank, world_size=self.world_size,
+                                    local_proxies=self.local_proxies, collectives=self.collectives)
+        self._phase = "ready"
         return self
 
     def prepare(self, model: torch.nn.Module, optimizer: Any, lr_scheduler: Any = None, data_loader: Any = None):
@@ -243,9 +262,10 @@ class MemFree:
 
         - the proxies take over the optimizer's parameters (all its param groups, in order), the
           optimizer and the LR scheduler (``attach``);
-        - the model is wrapped for gradient all-reduce (``accelerator.prepare(model)``) only
-          without shards (``data_parallel``); with shards it is only moved to the device, since
-          proxies never all-reduce gradients; the optimizer is prepared either way;
+        - the model goes to the device; with one process it is ``accelerator.prepare``d as
+          upstream's; with several it is wrapped in ``DistributedDataParallel`` over its proxy
+          group (the D processes that share its proxy, all W with one shard) when D > 1, and left
+          unwrapped when D = 1 (proxies never all-reduce gradients); the optimizer is prepared;
         - ``data_loader``'s dataset, batch size and loading options (``collate_fn``,
           ``num_workers``, ``pin_memory``, ...) are kept, its sampler is replaced: see
           ``dataloader``. Its dataset is indexed by ``(sample_id, aug_seed)`` keys
@@ -255,16 +275,18 @@ class MemFree:
         before loading a checkpoint. Needs the ``accelerator`` given at construction.
 
         Returns:
-            ``(model, optimizer, data_loader)``, the prepared objects (``None`` for a loader not given).
+            ``(model, optimizer, lr_scheduler, data_loader)``, the prepared objects (what was
+            passed as None stays None).
         """
         if self.accelerator is None:
             raise ValueError("MemFree.prepare needs the accelerator: build MemFree(..., accelerator=accelerator), "
                              "or without accelerate call attach() and dataloader() yourself.")
+        self._require("built", "prepare")
         self.attach([p for group in optimizer.param_groups for p in group["params"]], optimizer, lr_scheduler)
-        if self.data_parallel:
+        if self.world_size == 1 and self.num_proxies == 1:
             model, optimizer = self.accelerator.prepare(model, optimizer)
         else:
-            model.to(self.accelerator.device)
+            model = self._wrap_data_parallel(model.to(self.accelerator.device))
             optimizer = self.accelerator.prepare(optimizer)
         if data_loader is not None:
             if data_loader.batch_size is None:
@@ -272,7 +294,20 @@ class MemFree:
                                  "not with a batch_sampler.")
             options = {name: getattr(data_loader, name) for name in _LOADER_OPTIONS if hasattr(data_loader, name)}
             data_loader = self.dataloader(data_loader.dataset, data_loader.batch_size, **options)
-        return model, optimizer, data_loader
+        return model, optimizer, lr_scheduler, data_loader
+
+    def _wrap_data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP over the proxy group when D > 1 (the group that reduces tensors on the model's
+        device: NCCL for CUDA parameters, gloo for host ones), with accelerate's DDP options."""
+        if self.data_world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        handler = getattr(self.accelerator, "ddp_handler", None)
+        options = handler.to_kwargs() if handler is not None else {}
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       process_group=self.collectives.group("data", device), **options)
 
     def shard_at(self, micro_step: int) -> int:
         """The shard (= proxy) whose data feeds micro-step ``micro_step``."""
@@ -304,10 +339,41 @@ class MemFree:
 
     @property
     def generator(self) -> torch.Generator:
-        """The live proxy's RNG stream (VAE sampling, noise, timesteps), on the training device."""
-        if self._loaded:
-            self._settle()
-        return self.rng[self.current_proxy if self.num_proxies > 1 else 0]
+        """The live proxy's RNG stream, on the training device. Reading it changes nothing. With
+        D > 1 processes per proxy draw through ``randn`` / ``randint`` instead, which take this
+        process's slice of the proxy's draws."""
+        return self.rng[self.current_proxy]
+
+    def randn(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Standard normal draws for this process's part of the live proxy's micro-batch (VAE
+        posterior sampling, noise, noise offset, input perturbation), on the training device.
+
+        ``shape[0]`` is this process's batch. The proxy's stream draws for the whole micro-batch
+        (D x ``shape[0]``) and this process takes its slice, so the result does not depend on
+        how many processes share the proxy; with D = 1 it is
+        ``torch.randn(shape, generator=generator)``.
+        """
+        g, D, d = self.generator, self.data_world, self.data_rank
+        shape = tuple(shape)
+        if D == 1:
+            return torch.randn(shape, generator=g, device=g.device, dtype=dtype)
+        full = torch.randn((D * shape[0], *shape[1:]), generator=g, device=g.device, dtype=dtype)
+        return full[d * shape[0] : (d + 1) * shape[0]]
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Integers in [low, high) for this process's part of the micro-batch (timesteps), drawn as
+        ``randn`` draws: the whole micro-batch from the live proxy's stream, then this slice."""
+        g, D, d = self.generator, self.data_world, self.data_rank
+        shape = tuple(shape)
+        full = torch.randint(low, high, (D * shape[0], *shape[1:]), generator=g, device=g.device)
+        return full if D == 1 else full[d * shape[0] : (d + 1) * shape[0]]
+
+    def multinomial(self, weights: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """``num_samples`` indices drawn with replacement in proportion to ``weights`` (biased
+        timesteps), for this process's part of the micro-batch, drawn as ``randn`` draws."""
+        g, D, d = self.generator, self.data_world, self.data_rank
+        full = torch.multinomial(weights, D * num_samples, replacement=True, generator=g)
+        return full if D == 1 else full[d * num_samples : (d + 1) * num_samples]
 
     def reduce(self, losses: torch.Tensor, timesteps: torch.Tensor, sample_ids: torch.Tensor,
                weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,9 +392,10 @@ class MemFree:
         Returns:
             The scalar loss to backpropagate.
         """
+        self._require("ready", "reduce")
         if self._loaded:
             self._settle()
-        keep = None
+        keep, denominator = None, None
         if self.banks:  # AGC: skip abnormally low losses for their timestep, then update the bank
             k = self.current_proxy
             bank = self.banks[k]
@@ -336,9 +403,13 @@ class MemFree:
             keep = bank.keep_mask(detached, timesteps)
             seen_losses, seen_t, seen_ids, seen_keep = detached, timesteps, sample_ids, keep
             if self.data_world > 1:  # data-parallel: every process's bank and strengths take the whole global batch
-                seen = self._gather(torch.stack([detached.double(), timesteps.double(), sample_ids.double()], dim=1))
+                seen = self.collectives.all_gather(torch.stack([detached.double(), timesteps.double(), sample_ids.double()], dim=1),
+                                                   over="data")
                 seen_losses, seen_t, seen_ids = seen[:, 0].float(), seen[:, 1].long(), seen[:, 2].long()
                 seen_keep = bank.keep_mask(seen_losses, seen_t)
+                # The proxy's loss is the mean over its whole micro-batch's kept samples: DDP
+                # averages the D processes' gradients, so each divides by 1/D of the global count.
+                denominator = seen_keep.sum().clamp(min=1).to(losses.dtype) / self.data_world
             if self.strengths is not None:  # loss-aware augmentation strength for the next draw
                 from .augment import augmentation_strength
 
@@ -350,7 +421,7 @@ class MemFree:
             self.run_skip_stats.update(keep, timesteps, k, valid=finite)
             self.assignment.record_skips(sample_ids, keep)
         self.counters.micro_step += 1
-        return masked_mean(losses, keep, weights)
+        return masked_mean(losses, keep, weights, denominator=denominator)
 
     def step(self) -> StepEvents:
         """After each optimizer step (and after ``lr_scheduler.step()``): ends turns, merges and
@@ -360,6 +431,7 @@ class MemFree:
             What happened (for reading: the loaders of ``prepare`` / ``dataloader`` follow a
             shard change by themselves, and ``logs()`` hands out ``events.logs`` at their step).
         """
+        self._require("ready", "step")
         if self._loaded:
             self._settle()
         self.counters.global_step += 1
@@ -387,15 +459,16 @@ class MemFree:
             events.merged = True
             events.logs.update(proxies.merge())  # one all-reduce across processes
         if event.redistribute:  # IET-AGC+ redistribution on its schedule
-            counts = assignment.skip_counts.clone()
-            if self.proxies_spread:  # every process decides from the same global counts
-                torch.distributed.all_reduce(counts)
-                if self.strengths is not None:  # each sample's strength comes from the process that trained it
-                    self.strengths.flush()
-                    owned = torch.isin(assignment.shard_of, torch.tensor(self.local_proxies)).to(self.strengths.values.dtype)
-                    synced = self.strengths.values * owned
-                    torch.distributed.all_reduce(synced)
-                    self.strengths.values.copy_(synced)
+            # Every process decides from the same global counts: each sample's skips were counted
+            # by the one process that trained it.
+            counts = self.collectives.all_reduce(assignment.skip_counts.clone())
+            if self.strengths is not None and self.step_unit > 1:
+                # Each sample's strength comes from its proxy's group (whose D processes agree,
+                # having seen the whole micro-batch): the group's first process sends it.
+                self.strengths.flush()
+                owned = torch.isin(assignment.shard_of.cpu(), torch.tensor(self.local_proxies)) & (self.data_rank == 0)
+                synced = self.strengths.values * owned.to(self.strengths.values.dtype)
+                self.strengths.values.copy_(self.collectives.all_reduce(synced))
             moves = assignment.redistribute(mf.redistribute_fraction, total, counts=counts)
             proxies.shard_sizes = assignment.sizes()
             self.counters.redistributions += 1
@@ -415,10 +488,12 @@ class MemFree:
         round. Idempotent. Returns the merge's logging values ({} when nothing was merged)."""
         if self._loaded:
             self._settle()
-        if self._finished or self.proxies is None:
-            self._finished = True
+        if self._phase == "ended":
             return {}
-        self._finished = True
+        self._require("ready", "finish")
+        self._phase = "ended"
+        if self.proxies is None:
+            return {}
         taken = self.schedule.steps_in_round(self.counters.global_step)
         if not taken:
             return {}
@@ -453,11 +528,9 @@ class MemFree:
         return logs
 
     def total_skip_counts(self) -> torch.Tensor:
-        """Whole-run skips per sample, summed over processes (a collective with W > 1)."""
-        total = self.assignment.total_skip_counts.clone()
-        if self.world_size > 1:  # each process counted the samples it trained on
-            torch.distributed.all_reduce(total)
-        return total
+        """Whole-run skips per sample, summed over processes (a collective with W > 1: each
+        process counted the samples it trained on)."""
+        return self.collectives.all_reduce(self.assignment.total_skip_counts.clone())
 
     def end_training(self) -> TrainingReport:
         """End of the run, after the loop: the final merge (``finish``, once) and the run's
@@ -489,7 +562,9 @@ class MemFree:
 
     def stateful_objects(self) -> dict[str, Any]:
         """The stateful objects under the names train_sd_ietagc.py's checkpoints use (None where
-        off), for ``state.save_process_state``; call ``on_state_loaded()`` after loading them."""
+        off), for ``state.save_process_state``; loading them needs no further call. After the
+        setup (``prepare`` / ``attach``): before it, the proxies do not exist yet."""
+        self._require("ready", "stateful_objects")
         objects = {"counters": self.counters, "rng": self.rng, "assignment": self.assignment,
                    "proxies": self.proxies, "strengths": self.strengths}
         for k, bank in enumerate(self.banks):
@@ -536,12 +611,15 @@ class MemFree:
     def _members(self) -> list[list[int]]:
         return [self.assignment.members(k) for k in range(self.num_proxies)]
 
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.accelerator is not None:
-            return self.accelerator.gather(tensor)
-        out = torch.empty((self.world_size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        torch.distributed.all_gather_into_tensor(out, tensor.contiguous())
-        return out
+    def _require(self, phase: str, call: str) -> None:
+        """One clear error for a call made out of order (set up once, train, end once)."""
+        if self._phase == phase or (phase == "ready" and self._phase == "built" and self.num_proxies == 1):
+            return  # one shard: no proxies to set up
+        fix = {"built": f"MemFree.{call}() after the setup was done: prepare() (or attach()) is called once, before training",
+               "ready": (f"MemFree.{call}() before prepare(): call prepare(model, optimizer, lr_scheduler, loader) "
+                         "(or attach() without accelerate) first" if self._phase == "built"
+                         else f"MemFree.{call}() after end_training(): the run is over")}[phase]
+        raise RuntimeError(fix + ".")
 
 
 

@@ -40,28 +40,12 @@ import copy
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .collectives import Collectives, ProcessLayout
 from .merging import accumulate_, merge_weight
 
 OPTIMIZER_STATE_MODES = ("per_proxy", "shared")
-
-
-def check_spread(num_proxies: int, world_size: int) -> None:
-    """Raises a one-line ValueError naming valid combinations if K proxies cannot fill W processes."""
-    if num_proxies >= world_size and num_proxies % world_size == 0:
-        return
-    divisors = [str(w) for w in range(1, num_proxies + 1) if num_proxies % w == 0]
-    if len(divisors) == 1:
-        processes = "1 process"
-    else:
-        processes = ", ".join(divisors[:-1]) + " or " + divisors[-1] + " processes"
-    multiples = ", ".join(str(world_size * m) for m in (1, 2, 3))
-    raise ValueError(
-        f"--num_shards={num_proxies} cannot be spread over {world_size} processes: use a multiple of "
-        f"{world_size} shards ({multiples}, ...) or launch {processes}"
-    )
 
 
 def _move_state(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -89,11 +73,12 @@ class ProxySet:
         optimizer_state: ``"per_proxy"`` (each proxy has its own optimizer state and schedule, as
             in the reference) or ``"shared"`` (one optimizer state for all proxies, never swapped).
         storage_device: where ``merged``, the running sum and stashed optimizer states live.
-        rank: this process's index p; it owns the proxies ``k % world_size == p``.
-        world_size: number of processes W; K must be a multiple of W.
-        process_group: group for the merge all-reduce; default: the default group, or a new gloo
-            group if the default backend cannot reduce CPU tensors (every rank must then build
-            its ``ProxySet`` at the same point, as for any collective).
+        rank, world_size: this process p of W (a divisor or a multiple of K).
+        local_proxies: the proxies this process trains (default: ``ProcessLayout``'s).
+        collectives: the run's ``Collectives``: a merge is one all-reduce over its "merge" group
+            (one process per proxy group), on the backend that reduces ``storage_device`` tensors.
+            Built from the layout when not given (every rank must then build its ``ProxySet`` at
+            the same point, as for any collective).
     """
 
     def __init__(
@@ -108,7 +93,8 @@ class ProxySet:
         storage_device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
-        process_group: Any = None,
+        local_proxies: list[int] | None = None,
+        collectives: Collectives | None = None,
     ) -> None:
         if num_proxies < 1:
             raise ValueError(f"num_proxies must be >= 1, got {num_proxies}.")
@@ -116,9 +102,7 @@ class ProxySet:
             raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {optimizer_state!r}.")
         if lr_scheduler is not None and optimizer is None:
             raise ValueError("ProxySet needs the optimizer of lr_scheduler too.")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}.")
-        check_spread(num_proxies, world_size)
+        layout = ProcessLayout(num_proxies, world_size, rank)  # raises for a bad rank or spread
 
         self.params = list(params)
         self.num_proxies = num_proxies
@@ -129,8 +113,10 @@ class ProxySet:
         self.storage_device = torch.device(storage_device)
         self.rank = rank
         self.world_size = world_size
-        self.local_proxies = [k for k in range(num_proxies) if k % world_size == rank]
-        self._group = self._merge_group(process_group) if world_size > 1 else None
+        self.local_proxies = list(local_proxies) if local_proxies is not None else layout.local_proxies
+        if collectives is None and world_size > 1:
+            collectives = Collectives(layout)
+        self._collectives = collectives
         # Host buffers that are copied to a CUDA device at every turn boundary (``merged`` at every
         # end_turn and merge, a paused proxy's weights at its next begin_turn) live in pinned
         # (page-locked) memory when the storage is the CPU and the params are on a CUDA device: a
@@ -291,9 +277,9 @@ class ProxySet:
         if paused:
             raise RuntimeError(f"proxies {paused} are paused mid-round; resume and end their turns (end_turn) before merge().")
         total = float(self._total_weight)
-        if self.world_size > 1:
+        if self._collectives is not None and self._collectives.size("merge") > 1:
             self._buffer[-1] = total
-            dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM, group=self._group)
+            self._collectives.all_reduce(self._buffer, over="merge")
             total = self._buffer[-1].item()
         if total > 0:
             if self._pin:
@@ -395,14 +381,6 @@ class ProxySet:
         """A flat float32 buffer of every trainable value on ``storage_device`` (pinned: see __init__)."""
         make = torch.empty if empty else torch.zeros
         return make(self._numel, dtype=torch.float32, device=self.storage_device, pin_memory=self._pin)
-
-    def _merge_group(self, process_group: Any) -> Any:
-        if not dist.is_initialized():
-            raise RuntimeError(f"world_size={self.world_size} needs torch.distributed to be initialised first.")
-        if process_group is None and self.storage_device.type == "cpu" and dist.get_backend() == "nccl":
-            # NCCL cannot reduce CPU tensors; the merged weights of full fine-tuning live there.
-            return dist.new_group(backend="gloo")
-        return process_group
 
     def _copy_into_params(self, source: list[Tensor]) -> None:
         with torch.no_grad():

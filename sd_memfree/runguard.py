@@ -41,8 +41,11 @@ def close_progress_bars() -> None:
         bar.close()
 
 
-def take_run_lock(output_dir: str):
+def take_run_lock(output_dir: str, collective_timeout: float | None = None):
     """Check ``output_dir`` and take its run lock on the main process; every process learns the outcome.
+
+    This is where the process group is initialised (``Accelerator()`` later reuses it), with
+    ``collective_timeout`` seconds as the backend timeout.
 
     Returns the held :class:`~sd_memfree.runlock.RunLock` on the main process, None on the others.
     Raises the main process's ``OutputDirError`` / ``RunLockHeld`` on every process, so no process
@@ -51,11 +54,13 @@ def take_run_lock(output_dir: str):
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    from .collectives import Collectives, timeout
     from .runlock import OutputDirError, RunLock, RunLockHeld
 
     # The process group only, built as Accelerator() builds it (which then reuses it); without the
     # CPU flag, processes launched on a CPU-only machine would each think they are alone.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    limit = timeout(collective_timeout)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **({"timeout": limit} if limit is not None else {}))
     lock, error, note = None, None, None
     if state.is_main_process:
         lock = RunLock(output_dir)
@@ -64,12 +69,9 @@ def take_run_lock(output_dir: str):
         except (OutputDirError, RunLockHeld) as e:
             lock, error = None, e
     if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        outcome = [(type(error).__name__, str(error)) if error is not None else None]
-        broadcast_object_list(outcome, from_process=0)
-        if outcome[0] is not None and error is None:
-            error = {"OutputDirError": OutputDirError}.get(outcome[0][0], RunLockHeld)(outcome[0][1])
+        outcome = Collectives(timeout=limit).broadcast_object((type(error).__name__, str(error)) if error is not None else None)
+        if outcome is not None and error is None:
+            error = {"OutputDirError": OutputDirError}.get(outcome[0], RunLockHeld)(outcome[1])
         if error is not None:
             state.destroy_process_group()  # every process leaves cleanly (no abort in the backend's teardown)
     if error is not None:
@@ -79,8 +81,12 @@ def take_run_lock(output_dir: str):
     return lock
 
 
-def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
+def guarded_run(output_dir: str, train: Callable[[Any], dict], collective_timeout: float | None = None) -> dict:
     """Run ``train(stop)`` under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled.
+
+    With several processes, a collective that fails because another process died (its closed
+    connections end ours within seconds) or stopped answering (``collective_timeout`` seconds)
+    stops this one with a line naming the last step and the newest checkpoint.
 
     ``stop`` is the run's :class:`~sd_memfree.stopping.StopSignals`: a signal stops at once until
     the loop calls ``stop.defer()``; from then on the loop finishes the step and checkpoints.
@@ -91,7 +97,7 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
     Raises:
         RunStopped: the run stopped early with a one-line reason and an exit code: SIGTERM / SIGINT
             (before training started, or after writing a checkpoint of the step in progress),
-            non-finite losses, a full disk.
+            non-finite losses, a full disk, a lost process or node.
         OutputDirError, RunLockHeld: ``output_dir`` is unusable or in use, before any model loads.
     """
     from .stopping import SIGNAL_EXIT_CODES, RunInterrupted, RunStopped, StopSignals, disk_full_message, is_disk_full
@@ -99,7 +105,7 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
     stop = StopSignals().install()  # stops at once until the loop starts, then asks it to stop after a step
     lock, finished = None, False
     try:
-        lock = take_run_lock(output_dir)
+        lock = take_run_lock(output_dir, collective_timeout)
         summary = train(stop)
         finished = True
         return summary
@@ -110,6 +116,8 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
         close_progress_bars()
         if is_disk_full(e):
             raise RunStopped(disk_full_message(e, output_dir)) from None
+        if is_lost_peer(e):
+            raise RunStopped(lost_peer_message(e, output_dir, stop.last_step, collective_timeout)) from None
         raise
     finally:
         stop.restore()
@@ -121,6 +129,34 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
             lock.release()
             if lock.created_dir and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # a run stopped by bad input leaves no trace
+
+
+# What gloo / NCCL / the c10d store say when a peer died or stopped answering.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+              "Watchdog caught collective operation timeout", "NCCL communicator was aborted", "ProcessGroupNCCL",
+              "Socket Timeout", "failed to recv", "failed to send")
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process died or hung."""
+    import torch.distributed as dist
+
+    if isinstance(exc, (getattr(dist, "DistBackendError", ()), getattr(dist, "DistNetworkError", ()))):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _LOST_PEER)
+
+
+def lost_peer_message(exc: BaseException, output_dir: str, step: int | None, collective_timeout: float | None) -> str:
+    """The one line for a lost process or node: what happened, where the run is, what to do."""
+    from .checkpointing import list_checkpoints
+
+    found = list_checkpoints(Path(output_dir))
+    newest = str(found[-1][1]) if found else "none was written"
+    where = f"after step {step}" if step is not None else "before the first step"
+    why = ("stopped answering" if "imed out" in str(exc) or "imeout" in str(exc) else "died or lost its connection")
+    limit = f" (--collective_timeout {collective_timeout:g} s)" if collective_timeout else ""
+    return (f"another process or node {why}{limit}: this process stopped {where} in a collective (newest checkpoint: "
+            f"{newest}); restart every process with --resume_from_checkpoint latest once all nodes are back.")
 
 
 def run_cli(main: Callable[[Any], dict], args: Any) -> None:

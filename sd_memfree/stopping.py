@@ -64,12 +64,15 @@ class StopSignals:
     Attributes:
         signum: the first signal received since :meth:`defer`, None if none (a plain attribute set by
             the handler: reading it costs nothing, so the loop may check it every step).
+        last_step: the last optimizer step the loop finished (``StepStops.after_step`` sets it),
+            None before the first; named when the run stops on a lost process.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.last_step: int | None = None
         self.deferred = False
         self._previous: dict[int, object] = {}
 
@@ -205,19 +208,21 @@ class StepStops:
         params: the trainable tensors (checked for NaN/inf before a checkpoint).
         output_dir: where checkpoints are written (to name the newest).
         learning_rate: for the divergence message.
-        device, world_size: the training device and the number of processes.
+        device: the training device.
+        collectives: the run's ``Collectives`` (``MemFree.collectives``); None with one process.
         progress: the progress bar, closed before a message (so it starts a line of its own).
         end_training: called before a signal stop raises (e.g. ``accelerator.end_training``).
         log: where the "no checkpoint for a non-finite step" warning goes (the recipe's logger).
     """
 
-    def __init__(self, stop: StopSignals, params, output_dir, learning_rate: float, device=None, world_size: int = 1,
+    def __init__(self, stop: StopSignals, params, output_dir, learning_rate: float, device=None, collectives=None,
                  progress=None, end_training=None, log=None) -> None:
         import logging
         from pathlib import Path
 
         self.stop, self.params, self.output_dir = stop, list(params), Path(output_dir)
-        self.learning_rate, self.device, self.world_size = learning_rate, device, world_size
+        self.learning_rate, self.device, self.collectives = learning_rate, device, collectives
+        self.world_size = collectives.size() if collectives is not None else 1
         self.progress, self.end_training = progress, end_training
         self.log = log if log is not None else logging.getLogger("sd_memfree.train")
         self.watch = NonFiniteWatch(device)
@@ -238,7 +243,7 @@ class StepStops:
         """``values`` (0-d device tensors or ints) maxed over processes, read in one sync."""
         flags = torch.stack([torch.as_tensor(v, device=self.device).long() for v in values])
         if self.world_size > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            self.collectives.all_reduce(flags, op="max")
         return flags.tolist()
 
     def _close_progress(self) -> None:
@@ -283,6 +288,7 @@ class StepStops:
         """
         from .checkpointing import CHECKPOINT_PREFIX
 
+        self.stop.last_step = step
         signum, last_step_nonfinite = 0, False
         # Several processes only look at the sync points, so they all stop after the same step.
         if checkpoint_due or sync_due or (self.world_size == 1 and self.stop.signum is not None):

@@ -68,7 +68,7 @@ def test_off_is_the_plain_weighted_mean_and_steps_do_nothing():
     assert memfree.reduce(losses, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), weights).item() == pytest.approx((1 + 1 + 3) / 3)
     events = memfree.step()
     assert (events.logs, events.merged, events.reload_data) == ({}, False, False)
-    assert memfree.finish() == {} and memfree.proxies is None and memfree.data_parallel
+    assert memfree.finish() == {} and memfree.proxies is None and memfree.data_world == 1
     assert memfree.counters.micro_step == 2 and memfree.counters.global_step == 1
     assert memfree.lr_schedule_steps == memfree.local_steps == 12
 
@@ -224,7 +224,8 @@ def test_loading_needs_no_call_after_it(tmp_path):
 
 def test_loading_switches_the_live_proxy_before_training_goes_on():
     """A state whose counters say proxy 1's turn while proxy 0 is live (as after another script's
-    bookkeeping): the next generator read makes proxy 1 live, with its own optimizer state."""
+    bookkeeping): the next reduce makes proxy 1 live, with its own optimizer state; reading the
+    generator changes nothing (it is proxy 1's stream already)."""
     memfree = toy_memfree()
     assert memfree.proxies.live == 0
     state = memfree.state_dict()
@@ -234,7 +235,8 @@ def test_loading_switches_the_live_proxy_before_training_goes_on():
     other = toy_memfree()
     other.stateful_objects()["counters"].load_state_dict(state["counters"])
     assert other.proxies.live == 0  # not yet: the rest of a checkpoint may still be loading
-    _ = other.generator
+    assert other.generator is other.rng[1] and other.proxies.live == 0
+    other.reduce(torch.tensor([1.0]), torch.tensor([0]), torch.tensor([0]))
     assert other.proxies.live == 1
 
 
@@ -276,14 +278,14 @@ def test_prepare_keeps_the_loader_options_and_wraps_the_model_only_without_shard
     def collate(keys):
         return torch.tensor([i for i, _ in keys])
 
-    for config, data_parallel in ((FULL, False), (MemFreeConfig(agc_ratio=1.5), True)):
+    for config, one_shard in ((FULL, False), (MemFreeConfig(agc_ratio=1.5), True)):
         model = torch.nn.Linear(3, 1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
         memfree = MemFree(config, num_samples=N, num_train_timesteps=4, max_train_steps=12, accelerator=accelerator)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         user_loader = DataLoader(Keys(), batch_size=3, shuffle=True, collate_fn=collate)
-        prepared, optimizer, loader = memfree.prepare(model, optimizer, lr_scheduler, user_loader)
-        assert memfree.data_parallel is data_parallel and (memfree.proxies is None) is data_parallel
+        prepared, optimizer, scheduler, loader = memfree.prepare(model, optimizer, lr_scheduler, user_loader)
+        assert prepared is model and scheduler is lr_scheduler and (memfree.proxies is None) is one_shard
         assert loader.collate_fn is collate and loader.batch_sampler is memfree.sampler
         first = next(iter(loader))
         assert len(first) == 3 and set(first.tolist()) <= set(memfree.assignment.members(memfree.current_proxy))

@@ -405,10 +405,10 @@ def test_weight_memory_does_not_grow_with_k(num_proxies):
 
 @pytest.mark.parametrize(
     ("num_proxies", "world_size", "message"),
-    [(3, 2, "--num_shards=3 cannot be spread over 2 processes: use a multiple of 2 shards (2, 4, 6, ...) "
-            "or launch 1 or 3 processes"),
-     (2, 4, "--num_shards=2 cannot be spread over 4 processes: use a multiple of 4 shards (4, 8, 12, ...) "
-            "or launch 1 or 2 processes")],
+    [(3, 2, "--num_shards=3 cannot be spread over 2 processes: launch a number of processes that divides 3 or is a "
+            "multiple of it (1, 3, 6, 9, 12, ...), or use --num_shards=2"),
+     (4, 6, "--num_shards=4 cannot be spread over 6 processes: launch a number of processes that divides 4 or is a "
+            "multiple of it (1, 2, 4, 8, 12, 16, ...), or use --num_shards=6")],
 )
 def test_bad_spread_over_processes_names_valid_combinations(num_proxies, world_size, message):
     layer = nn.Linear(2, 1)

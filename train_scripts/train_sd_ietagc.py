@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from sd_memfree import collectives
 from sd_memfree.config import MemFreeConfig
 
 logger = logging.getLogger("sd_memfree.train")
@@ -124,6 +125,7 @@ def parse_args(argv=None):
                         help="Drop samples whose image does not decode or whose caption is missing/empty (listed in the log and in "
                              "output_dir/dropped_samples.json) instead of stopping at start-up.")
     MemFreeConfig.add_arguments(parser)
+    collectives.add_arguments(parser)  # --collective_timeout
 
     args = parser.parse_args(argv)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -214,7 +216,7 @@ def main(args) -> dict:
     """
     from sd_memfree.runguard import guarded_run
 
-    return guarded_run(args.output_dir, lambda stop: train(args, stop))
+    return guarded_run(args.output_dir, lambda stop: train(args, stop), collective_timeout=args.collective_timeout)
 
 
 def train(args, stop) -> dict:
@@ -236,7 +238,7 @@ def train(args, stop) -> dict:
     from sd_memfree.data import (IndexedCaptionDataset, build_image_transforms, check_resolution, check_samples, collate,
                                  dropped_warning, load_image_caption_dataset, write_dropped_samples)
     from sd_memfree.losses import min_snr_weights, per_sample_loss
-    from sd_memfree.proxies import check_spread
+    from sd_memfree.collectives import ProcessLayout, refuse_sharded_engines, timeout
     from sd_memfree.resume import data_fingerprint, trajectory_settings, write_trajectory
     from sd_memfree.startpoint import continue_upstream, plan_start
     from sd_memfree.steplog import StepLossLog
@@ -265,8 +267,10 @@ def train(args, stop) -> dict:
             lib.utils.logging.set_verbosity_error()
     rank, world = accelerator.process_index, accelerator.num_processes
     K = mf.num_shards
-    if K > 1:
-        check_spread(K, world)  # before the data is decoded: W must divide K (MemFree checks it again)
+    refuse_sharded_engines(accelerator)
+    # Before the data is decoded: W must divide K or be a multiple of it (one line naming the
+    # process counts that work); D processes share each proxy's micro-batch.
+    layout = ProcessLayout(K, world, rank)
     if args.seed is not None:
         set_seed(args.seed)
     seed = args.seed if args.seed is not None else 0
@@ -290,14 +294,15 @@ def train(args, stop) -> dict:
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    # The budget. With several shards each process trains its own proxies (no data parallelism).
-    samples_per_step = args.train_batch_size * (1 if K > 1 and world > 1 else world) * args.gradient_accumulation_steps
+    # The budget, in proxy steps: each takes D x --train_batch_size samples per micro-step.
+    samples_per_step = args.train_batch_size * layout.group_size * args.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(num_samples / samples_per_step))
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     memfree = MemFree(mf, num_samples=num_samples, num_train_timesteps=noise_scheduler.config.num_train_timesteps,  # [memfree]
                       max_train_steps=args.max_train_steps, seed=seed, accelerator=accelerator,
-                      storage_device=accelerator.device if args.use_lora else "cpu")  # raises if K > num_samples
+                      storage_device=accelerator.device if args.use_lora else "cpu",
+                      collective_timeout=timeout(args.collective_timeout))  # raises if K > num_samples
     # What a resume must match (resume.py), also written into every checkpoint.
     trajectory = trajectory_settings(args, accelerator.mixed_precision, num_samples,
                                      data_fingerprint(dataset, image_column, caption_column))
@@ -366,8 +371,6 @@ def train(args, stop) -> dict:
                     f"the last round is shortened to {schedule.last_round_steps} step(s) per proxy so that every shard weighs the same "
                     f"in the final merge; training runs {schedule.total_steps} steps ({schedule.dropped_steps} that cannot be shared equally dropped).")
     total_steps = memfree.total_steps  # summed over proxies and processes
-    step_unit = memfree.step_unit  # optimizer steps of all processes per local step
-    local_max_steps = memfree.local_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
 
@@ -377,15 +380,14 @@ def train(args, stop) -> dict:
                                           augment=memfree.augment)  # [memfree] loss-aware augmentation (None when off)
     gas = args.gradient_accumulation_steps
     loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
-    # The proxies swap their own optimizer state and LR position in turn; without shards accelerate
-    # wraps the UNet as upstream (DDP), with shards it stays unwrapped (proxies never all-reduce
-    # gradients); each micro-batch comes from the shard of the proxy that trains, and the loader
-    # follows shard changes by itself.
-    unet, optimizer, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
+    # The proxies swap their own optimizer state and LR position in turn; the UNet is wrapped in DDP
+    # over the processes that share its proxy (all of them without shards), never across proxies;
+    # each micro-batch comes from the shard of the proxy that trains, and the loader follows shard
+    # changes by itself.
+    unet, optimizer, lr_scheduler, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
     if ema_unet is not None:
         ema_unet.to("cpu" if args.offload_ema else accelerator.device)
 
-    counters = memfree.counters
     # Every process's state for an exact resume; the method's objects under their checkpoint names,
     # in the order of earlier versions (the state file numbers tensors in this order).
     method_state = memfree.stateful_objects()  # [memfree] loading them finishes the method's own bookkeeping
@@ -396,11 +398,11 @@ def train(args, stop) -> dict:
         weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
 
     if upstream:
-        continue_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, lr_scheduler, counters, gas,
+        continue_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, lr_scheduler, stateful["counters"], gas,
                           ema=ema_unet, log=log)
     elif resume_dir is not None:
         load_process_state(resume_dir, rank, world, stateful)
-        log.info(f"Resumed from {resume_dir} at step {counters.global_step * step_unit}")
+        log.info(f"Resumed from {resume_dir} at step {memfree.global_step}")
 
     # Secrets (--hub_token) never reach train_args.json, the tracker config or the card.
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
@@ -415,8 +417,8 @@ def train(args, stop) -> dict:
         write_run_config(output_dir)
 
     log.info(f"***** Running training: {num_samples} samples, {K} shard(s), {total_steps} optimizer steps (summed over proxies), "
-             f"batch {args.train_batch_size} per process x {memfree.data_world} x accumulation {gas} *****")
-    progress = tqdm(range(total_steps), initial=counters.global_step * step_unit, desc="Steps", disable=not accelerator.is_local_main_process)
+             f"batch {args.train_batch_size} per process x {layout.group_size} process(es) per proxy x accumulation {gas} *****")
+    progress = tqdm(range(total_steps), initial=memfree.global_step, desc="Steps", disable=not accelerator.is_local_main_process)
 
     def run_state_files(folder: Path) -> None:
         """A checkpoint: the model in the final output's form (the last merge's weights with shards;
@@ -431,9 +433,9 @@ def train(args, stop) -> dict:
                 ema_unet.save_pretrained(str(folder / "unet_ema"))
 
     def save_checkpoint() -> None:
-        step = counters.global_step * step_unit
+        step = memfree.global_step
         with checkpointing.atomic_checkpoint_dir(output_dir, step, is_main_process=accelerator.is_main_process,
-                                                 wait_for_everyone=accelerator.wait_for_everyone) as tmp:
+                                                 wait_for_everyone=memfree.collectives.barrier) as tmp:
             run_state_files(tmp)
         if accelerator.is_main_process:
             checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=output_dir / f"{checkpointing.CHECKPOINT_PREFIX}{step}")
@@ -447,7 +449,7 @@ def train(args, stop) -> dict:
         """Log train_loss and lr of each step since the last flush under its own step number, with
         the method's values of that step, then the progress bar. Called at the same steps on every
         process (the loss is gathered), and before any other tracker log, so steps only grow."""
-        rows = step_log.flush(accelerator.gather if world > 1 else None)
+        rows = step_log.flush(memfree.collectives.all_gather if world > 1 else None)
         if not rows:
             return
         method_logs = memfree.logs()  # [memfree] merges, redistributions at their steps; skip rates, augmentation strength
@@ -456,39 +458,41 @@ def train(args, stop) -> dict:
             accelerator.log(logs, step=step)
         postfix = {"step_loss": value, "lr": lr}
         if K > 1:
-            postfix.update(proxy=memfree.current_proxy if counters.global_step < local_max_steps else "-",
-                           round=counters.global_step // (mf.merge_every * len(memfree.local_proxies)))
+            postfix.update(proxy=memfree.current_proxy if not memfree.done else "-",
+                           round=memfree.local_step // (mf.merge_every * len(memfree.local_proxies)))
         if "agc/skip_rate" in logs:
             postfix["skip"] = f"{logs['agc/skip_rate']:.2f}"
         progress.set_postfix(**postfix)
 
     unet.train()
     loop_start, loop_cpu_start = time.perf_counter(), time.process_time()
-    start_step = counters.global_step
+    start_step = memfree.global_step
     # Non-finite losses are counted on the device (the step never waits) and read only where the
     # loop syncs anyway: every LOG_EVERY steps and before a checkpoint; a stop signal is acted on
     # there too (StepStops).
-    stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, world_size=world,
+    stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, collectives=memfree.collectives,
                       progress=progress, end_training=accelerator.end_training, log=log)
 
     stop.defer()  # from here on SIGTERM / Ctrl-C finish the optimizer step and write a checkpoint
-    while counters.global_step < local_max_steps:
+    while not memfree.done:
         batch = next(data_iter)
-        g = memfree.generator  # [memfree] the live proxy's random stream
+        # Randomness from the live proxy's stream: each process draws its slice of the proxy's
+        # micro-batch (memfree.randn / randint), so the draws do not depend on the process count.
         with accelerator.accumulate(unet):
             pixel_values = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype, non_blocking=True)
             input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
             sample_ids = batch["sample_ids"].to(accelerator.device, non_blocking=True)
             with torch.no_grad():
-                latents = vae.encode(pixel_values).latent_dist.sample(generator=g) * vae.config.scaling_factor
+                posterior = vae.encode(pixel_values).latent_dist  # a sample is mean + std * N(0, 1), as latent_dist.sample
+                latents = (posterior.mean + posterior.std * memfree.randn(posterior.mean.shape, dtype=posterior.mean.dtype)) * vae.config.scaling_factor  # [memfree]
                 encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+            noise = memfree.randn(latents.shape, dtype=latents.dtype)  # [memfree]
             if args.noise_offset:
-                noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g, device=latents.device, dtype=latents.dtype)
+                noise += args.noise_offset * memfree.randn((latents.shape[0], latents.shape[1], 1, 1), dtype=latents.dtype)  # [memfree]
             if args.input_perturbation:
-                new_noise = noise + args.input_perturbation * torch.randn(noise.shape, generator=g, device=noise.device, dtype=noise.dtype)
+                new_noise = noise + args.input_perturbation * memfree.randn(noise.shape, dtype=noise.dtype)  # [memfree]
             bsz = latents.shape[0]
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g, device=latents.device).long()
+            timesteps = memfree.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,)).long()  # [memfree]
             noisy_latents = noise_scheduler.add_noise(latents, new_noise if args.input_perturbation else noise, timesteps)
             if noise_scheduler.config.prediction_type == "epsilon":
                 target = noise
@@ -522,29 +526,29 @@ def train(args, stop) -> dict:
             ema_unet.step(unet.parameters())
             if args.offload_ema:
                 ema_unet.to("cpu", non_blocking=True)
-        step_log.end_step((counters.global_step + 1) * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
-        progress.update(step_unit)
+        step_log.end_step(memfree.global_step + memfree.step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
+        progress.update(memfree.step_unit)
         memfree.step()  # [memfree] counts the step; turns, merges, redistribution
-        total = counters.global_step * step_unit  # optimizer steps summed over proxies and processes
+        total = memfree.global_step  # optimizer steps summed over proxies and processes
         # The last step is checkpointed too when it falls on --checkpointing_steps, as upstream.
-        checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
-        if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps or checkpoint_due:
+        checkpoint_due = total // args.checkpointing_steps > (total - memfree.step_unit) // args.checkpointing_steps
+        sync_due = memfree.local_step % LOG_EVERY == 0 or memfree.done
+        if step_log.full or sync_due or checkpoint_due:
             flush_logs()  # a checkpoint's logs are complete up to its step
         # Divergence and stop signals are checked at the sync points (one sync); a signal makes this
         # step's checkpoint and stops the run (exit 128 + signal), on every process after the same step.
-        stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps,
-                         last=counters.global_step >= local_max_steps, save_checkpoint=save_checkpoint)
+        stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=sync_due, last=memfree.done, save_checkpoint=save_checkpoint)
         # Validation after epoch e (0-based) when e % --validation_epochs == 0, as upstream; the
         # last step is left to the final validation.
-        if (args.validation_prompts or args.validation_prompt) and counters.global_step < local_max_steps \
-                and counters.global_step % steps_per_epoch == 0 and (counters.global_step // steps_per_epoch - 1) % args.validation_epochs == 0:
+        if (args.validation_prompts or args.validation_prompt) and not memfree.done \
+                and memfree.local_step % steps_per_epoch == 0 and (memfree.local_step // steps_per_epoch - 1) % args.validation_epochs == 0:
             flush_logs()  # on every process: the flush gathers
             if accelerator.is_main_process:
                 if ema_unet is not None:  # validate the EMA weights, as upstream; training goes on from its own
                     ema_unet.store(unet.parameters())
                     ema_unet.copy_to(unet.parameters())
                 parts = {"unet": accelerator.unwrap_model(unet), "text_encoder": text_encoder, "vae": vae}
-                log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit)
+                log_validation(parts, args, accelerator, weight_dtype, memfree.global_step)
                 if ema_unet is not None:
                     ema_unet.restore(unet.parameters())
     flush_logs()  # steps of a loop left early
@@ -555,16 +559,16 @@ def train(args, stop) -> dict:
     # The budget ends with a merge (see RoundSchedule). Only a run stopped mid-round merges here,
     # with every local proxy weighted by the steps it took in that round.
     report = memfree.end_training()  # [memfree] whole-run skip rates (this process's proxies), shards, merges, skips per sample
-    accelerator.wait_for_everyone()
-    summary = {"global_step": counters.global_step * step_unit, "num_shards": K, "output_dir": str(output_dir),
-               "train_loop_seconds": loop_seconds, "train_loop_cpu_seconds": loop_cpu_seconds, "steps_this_run": (counters.global_step - start_step) * step_unit}
+    memfree.collectives.barrier()
+    summary = {"global_step": memfree.global_step, "num_shards": K, "output_dir": str(output_dir),
+               "train_loop_seconds": loop_seconds, "train_loop_cpu_seconds": loop_cpu_seconds, "steps_this_run": memfree.global_step - start_step}
     method_summary = report.summary
     summary.update({k: v for k, v in method_summary.items() if k.startswith("agc/")})
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         # Never publish a non-finite model, e.g. one that diverged in its last few steps, under the stop checks' limit.
         if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
-            raise RunStopped(f"the trained weights are NaN/inf after step {counters.global_step * step_unit}: the final model was not "
+            raise RunStopped(f"the trained weights are NaN/inf after step {memfree.global_step}: the final model was not "
                              f"saved (newest checkpoint: {stops.newest_checkpoint()}); lower --learning_rate (now {args.learning_rate:g}) and resume or start again.")
         staging = output_dir / ".tmp-final"  # written in full first, then renamed into place
         shutil.rmtree(staging, ignore_errors=True)
@@ -575,7 +579,7 @@ def train(args, stop) -> dict:
                 ema_unet.copy_to(final_unet.parameters())
             save_full_pipeline(final_unet, args.pretrained_model_name_or_path, staging, revision=args.revision, variant=args.variant)
         checkpointing.publish_entries(staging, output_dir)
-        state = {"num_samples": num_samples, "global_step": counters.global_step * step_unit,
+        state = {"num_samples": num_samples, "global_step": memfree.global_step,
                  **{k: v for k, v in method_summary.items() if not k.startswith("agc/")}}  # shard split and moves, merges
         tmp = output_dir / "memfree_state.json.partial"
         tmp.write_text(json.dumps(state, indent=2))
@@ -598,7 +602,7 @@ def train(args, stop) -> dict:
                                                                safety_checker=None, requires_safety_checker=False, torch_dtype=weight_dtype)
                 pipe.load_lora_weights(str(output_dir))
                 parts = {"unet": pipe.unet}
-            images = log_validation(parts, args, accelerator, weight_dtype, counters.global_step * step_unit, is_final=True)
+            images = log_validation(parts, args, accelerator, weight_dtype, memfree.global_step, is_final=True)
         repo_id = args.hub_model_id or output_dir.name  # the full id create_repo returned, with --push_to_hub
         hub.write_model_card(output_dir, repo_id=repo_id, base_model=args.pretrained_model_name_or_path, method_config=mf.to_dict(),
                              training_args={k: getattr(args, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "resolution", "mixed_precision", "gradient_accumulation_steps", "seed")},

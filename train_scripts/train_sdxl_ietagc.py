@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from sd_memfree import collectives
 from sd_memfree.config import MemFreeConfig
 
 logger = logging.getLogger("sd_memfree.train_sdxl")
@@ -121,6 +122,7 @@ def parse_args(argv=None):
                         help="Drop samples whose image does not decode or whose caption is missing/empty (listed in the log and in "
                              "output_dir/dropped_samples.json) instead of stopping at start-up.")
     MemFreeConfig.add_arguments(parser)
+    collectives.add_arguments(parser)  # --collective_timeout
 
     args = parser.parse_args(argv)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -309,7 +311,7 @@ def main(args) -> dict:
     """
     from sd_memfree.runguard import guarded_run
 
-    return guarded_run(args.output_dir, lambda stop: train(args, stop))
+    return guarded_run(args.output_dir, lambda stop: train(args, stop), collective_timeout=args.collective_timeout)
 
 
 def train(args, stop) -> dict:
@@ -328,6 +330,7 @@ def train(args, stop) -> dict:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from sd_memfree import MemFree, checkpointing, hub
+    from sd_memfree.collectives import ProcessLayout, refuse_sharded_engines, timeout
     from sd_memfree.data import check_resolution, check_samples, dropped_warning, load_image_caption_dataset, write_dropped_samples
     from sd_memfree.losses import min_snr_weights, per_sample_loss
     from sd_memfree.resume import write_trajectory
@@ -351,6 +354,10 @@ def train(args, stop) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     for lib in (datasets, transformers, diffusers):
         (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process else lib.utils.logging.set_verbosity_error)()
+    refuse_sharded_engines(accelerator)
+    # Before the data is decoded: W must divide K or be a multiple of it (one line naming the
+    # process counts that work); D processes share each proxy's micro-batch.
+    layout = ProcessLayout(mf.num_shards, accelerator.num_processes, accelerator.process_index)
     if args.seed is not None:
         set_seed(args.seed)
     seed = args.seed if args.seed is not None else 0
@@ -372,8 +379,7 @@ def train(args, stop) -> dict:
     if dropped:
         log.warning(dropped_warning(dropped, output_dir))
     num_samples = len(dataset)
-    data_world = 1 if (mf.num_shards > 1 and accelerator.num_processes > 1) else accelerator.num_processes
-    steps_per_epoch = max(1, math.ceil(num_samples / (args.train_batch_size * data_world * args.gradient_accumulation_steps)))
+    steps_per_epoch = max(1, math.ceil(num_samples / (args.train_batch_size * layout.group_size * args.gradient_accumulation_steps)))
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     settings = trajectory(args, accelerator.mixed_precision, dataset, image_column, caption_column)
@@ -421,7 +427,7 @@ def train(args, stop) -> dict:
     # ---- The method, optimizer, schedule ([memfree]) --------------------------------------------
     memfree = MemFree(mf, num_samples=num_samples, num_train_timesteps=noise_scheduler.config.num_train_timesteps,  # [memfree]
                       max_train_steps=args.max_train_steps, seed=seed, accelerator=accelerator,
-                      storage_device=accelerator.device if args.use_lora else "cpu")
+                      storage_device=accelerator.device if args.use_lora else "cpu", collective_timeout=timeout(args.collective_timeout))
     if args.scale_lr:
         args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if args.use_8bit_adam:
@@ -440,7 +446,7 @@ def train(args, stop) -> dict:
     train_dataset = SDXLCaptionDataset(dataset, image_column, caption_column, tokenizers, args, seed, augment=memfree.augment)  # [memfree]
     loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
     # Proxies swap optimizer state and LR position; DDP only without shards; batches from the live proxy's shard.
-    unet, optimizer, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
+    unet, optimizer, lr_scheduler, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
     if ema_unet is not None:
         ema_unet.to(accelerator.device)
     bias = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
@@ -450,13 +456,11 @@ def train(args, stop) -> dict:
                 "ema": ema_unet, "scaler": accelerator.scaler, **memfree.stateful_objects()}  # [memfree] loading finishes its bookkeeping
     if not args.use_lora:  # the checkpoint's unet/ holds these weights once
         weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
-    counters = memfree.counters
     if start.upstream:
-        continue_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, lr_scheduler, counters,
+        continue_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, lr_scheduler, stateful["counters"],
                           args.gradient_accumulation_steps, ema=ema_unet, log=log)
     elif resume_dir is not None:
         load_process_state(resume_dir, accelerator.process_index, accelerator.num_processes, stateful)
-    step_unit = memfree.step_unit
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -467,9 +471,9 @@ def train(args, stop) -> dict:
         mf.save_json(output_dir / "memfree_config.json")
 
     def save_checkpoint() -> None:
-        step = counters.global_step * step_unit
+        step = memfree.global_step
         with checkpointing.atomic_checkpoint_dir(output_dir, step, is_main_process=accelerator.is_main_process,
-                                                 wait_for_everyone=accelerator.wait_for_everyone) as tmp:
+                                                 wait_for_everyone=memfree.collectives.barrier) as tmp:
             save_process_state(tmp, accelerator.process_index, accelerator.num_processes, stateful)
             if accelerator.is_main_process:
                 mf.save_json(tmp / "memfree_config.json")
@@ -489,41 +493,43 @@ def train(args, stop) -> dict:
     step_log = StepLossLog(LOG_EVERY, args.gradient_accumulation_steps, device=accelerator.device)
 
     def flush_logs() -> None:
-        rows = step_log.flush(accelerator.gather if accelerator.num_processes > 1 else None)
+        rows = step_log.flush(memfree.collectives.all_gather if accelerator.num_processes > 1 else None)
         method_logs = memfree.logs() if rows else {}  # [memfree] merges, redistributions, skip rates, augmentation strength
         for step, value, lr in rows:
             accelerator.log({"train_loss": value, "lr": lr, **method_logs.get(step, {})}, step=step)
         if rows:
             progress.set_postfix(step_loss=rows[-1][1], lr=rows[-1][2])
 
-    progress = tqdm(range(memfree.total_steps), initial=counters.global_step * step_unit, desc="Steps", disable=not accelerator.is_local_main_process)
-    start_step = counters.global_step
+    progress = tqdm(range(memfree.total_steps), initial=memfree.global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    start_step = memfree.global_step
     # Non-finite losses are counted on the device and read only where the loop syncs anyway; a stop
     # signal is acted on there too: the step finishes, is checkpointed, the run exits 143 / 130.
-    stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, world_size=accelerator.num_processes,
+    stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, collectives=memfree.collectives,
                       progress=progress, end_training=accelerator.end_training, log=log)
     stop.defer()
     batches = iter(loader)
     target_size = torch.tensor([args.resolution, args.resolution], device=accelerator.device)
-    while counters.global_step < memfree.local_steps:
+    while not memfree.done:
         batch = next(batches)
-        g = memfree.generator  # [memfree] the live proxy's random stream
+        # Randomness from the live proxy's stream: each process draws its slice of the proxy's
+        # micro-batch (memfree.randn / randint / multinomial), whatever the process count.
         with accelerator.accumulate(unet):
             pixel_values = batch["pixel_values"].to(accelerator.device, dtype=vae.dtype, non_blocking=True)
             sample_ids = batch["sample_ids"].to(accelerator.device, non_blocking=True)
             with torch.no_grad():
-                latents = vae.encode(pixel_values).latent_dist.sample(generator=g) * vae.config.scaling_factor
+                posterior = vae.encode(pixel_values).latent_dist  # a sample is mean + std * N(0, 1), as latent_dist.sample
+                latents = (posterior.mean + posterior.std * memfree.randn(posterior.mean.shape, dtype=posterior.mean.dtype)) * vae.config.scaling_factor  # [memfree]
                 latents = latents.to(weight_dtype)
                 prompt_embeds, pooled = encode_prompt(text_encoders, [batch["input_ids"].to(accelerator.device),
                                                                       batch["input_ids_2"].to(accelerator.device)])
-            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+            noise = memfree.randn(latents.shape, dtype=latents.dtype)  # [memfree]
             if args.noise_offset:
-                noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g, device=latents.device, dtype=latents.dtype)
+                noise += args.noise_offset * memfree.randn((latents.shape[0], latents.shape[1], 1, 1), dtype=latents.dtype)  # [memfree]
             bsz = latents.shape[0]
             if bias is None:
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g, device=latents.device)
+                timesteps = memfree.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,))  # [memfree]
             else:
-                timesteps = torch.multinomial(bias, bsz, replacement=True, generator=g)
+                timesteps = memfree.multinomial(bias, bsz)  # [memfree]
             timesteps = timesteps.long()
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             time_ids = torch.cat([batch["original_sizes"].to(accelerator.device), batch["crop_top_lefts"].to(accelerator.device),
@@ -557,26 +563,26 @@ def train(args, stop) -> dict:
             lr_scheduler.step()
         if ema_unet is not None:
             ema_unet.step(unet.parameters())
-        step_log.end_step((counters.global_step + 1) * step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
+        step_log.end_step(memfree.global_step + memfree.step_unit, lr_scheduler.get_last_lr()[0])  # before a turn change swaps the LR
         memfree.step()  # [memfree] turns, merges, redistribution
-        progress.update(step_unit)
-        total = counters.global_step * step_unit
-        checkpoint_due = total // args.checkpointing_steps > (total - step_unit) // args.checkpointing_steps
-        if step_log.full or counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps or checkpoint_due:
+        progress.update(memfree.step_unit)
+        total = memfree.global_step
+        checkpoint_due = total // args.checkpointing_steps > (total - memfree.step_unit) // args.checkpointing_steps
+        sync_due = memfree.local_step % LOG_EVERY == 0 or memfree.done
+        if step_log.full or sync_due or checkpoint_due:
             flush_logs()
-        stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps,
-                         last=counters.global_step >= memfree.local_steps, save_checkpoint=save_checkpoint)
-        if args.validation_prompt and accelerator.is_main_process and counters.global_step < memfree.local_steps \
-                and counters.global_step % steps_per_epoch == 0 and (counters.global_step // steps_per_epoch - 1) % args.validation_epochs == 0:
-            log_validation(validation_pipeline(accelerator.unwrap_model(unet)), args, accelerator, counters.global_step // steps_per_epoch)
+        stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=sync_due, last=memfree.done, save_checkpoint=save_checkpoint)
+        if args.validation_prompt and accelerator.is_main_process and not memfree.done \
+                and memfree.local_step % steps_per_epoch == 0 and (memfree.local_step // steps_per_epoch - 1) % args.validation_epochs == 0:
+            log_validation(validation_pipeline(accelerator.unwrap_model(unet)), args, accelerator, memfree.local_step // steps_per_epoch)
     flush_logs()
     progress.close()
 
     # ---- Final merge and save ---------------------------------------------------------------------
     report = memfree.end_training()  # [memfree] final merge; skip rates, shards, merges, skips per sample (all processes)
-    accelerator.wait_for_everyone()
-    summary = {"global_step": counters.global_step * step_unit, "num_shards": mf.num_shards, "output_dir": str(output_dir),
-               "steps_this_run": (counters.global_step - start_step) * step_unit, **report.summary}
+    memfree.collectives.barrier()
+    summary = {"global_step": memfree.global_step, "num_shards": mf.num_shards, "output_dir": str(output_dir),
+               "steps_this_run": memfree.global_step - start_step, **report.summary}
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
