@@ -31,9 +31,10 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -180,7 +181,7 @@ class Collectives:
         kwargs = {"timeout": timeout} if timeout is not None else {}
         self._groups[("world", "default")] = None  # the default group
         if need_host:
-            self._groups[("world", "host")] = dist.new_group(backend="gloo", **kwargs)
+            self._groups[("world", "host")] = _world_host_group(kwargs)
         for over in ("data", "merge"):
             all_ranks = layout.all_ranks(over)
             if len(all_ranks) == 1:  # the whole world (or every group a single process)
@@ -249,6 +250,16 @@ class Collectives:
 
         dist.barrier(group=self._groups.get(("world", "host")))
 
+    @contextlib.contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        """Process 0 runs the block first, the others after it (e.g. one process fills a
+        download or dataset cache that the others then read), as accelerate's context of that name."""
+        if self.layout.rank != 0:
+            self.barrier()
+        yield
+        if self.layout.rank == 0:
+            self.barrier()
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """``obj`` of process ``src`` on every process (picklable plain data: only objects this
         program built are sent, never a file's contents)."""
@@ -260,6 +271,21 @@ class Collectives:
         dist.broadcast_object_list(box, src=src, group=self._groups.get(("world", "host")),
                                    device=None if ("world", "host") in self._groups else _object_device(self._default_devices))
         return box[0]
+
+
+# The host (gloo) twin of the default group, one per process group: built once, by every process at
+# the same point (the first Collectives), and shared by every later Collectives of the run.
+_WORLD_HOST: dict[int, Any] = {}
+
+
+def _world_host_group(kwargs: dict[str, Any]) -> Any:
+    import torch.distributed as dist
+
+    key = id(dist.group.WORLD)
+    if key not in _WORLD_HOST:
+        _WORLD_HOST.clear()  # a new default group: the old twin died with the old one
+        _WORLD_HOST[key] = dist.new_group(backend="gloo", **kwargs)
+    return _WORLD_HOST[key]
 
 
 def _object_device(default_devices: set[str]) -> torch.device | None:

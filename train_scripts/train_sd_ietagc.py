@@ -238,7 +238,7 @@ def train(args, stop) -> dict:
     from sd_memfree.data import (IndexedCaptionDataset, build_image_transforms, check_resolution, check_samples, collate,
                                  dropped_warning, load_image_caption_dataset, write_dropped_samples)
     from sd_memfree.losses import min_snr_weights, per_sample_loss
-    from sd_memfree.collectives import ProcessLayout, refuse_sharded_engines, timeout
+    from sd_memfree.collectives import Collectives, ProcessLayout, refuse_sharded_engines, timeout
     from sd_memfree.resume import data_fingerprint, trajectory_settings, write_trajectory
     from sd_memfree.startpoint import continue_upstream, plan_start
     from sd_memfree.steplog import StepLossLog
@@ -280,7 +280,7 @@ def train(args, stop) -> dict:
     vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
     check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1),
                      generates_images=bool(args.validation_prompts or args.validation_prompt))
-    with accelerator.main_process_first():
+    with Collectives().main_process_first():  # over the host group: the default one may be NCCL
         dataset, image_column, caption_column = load_image_caption_dataset(
             dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
             cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,

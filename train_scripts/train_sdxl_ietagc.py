@@ -330,7 +330,7 @@ def train(args, stop) -> dict:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from sd_memfree import MemFree, checkpointing, hub
-    from sd_memfree.collectives import ProcessLayout, refuse_sharded_engines, timeout
+    from sd_memfree.collectives import Collectives, ProcessLayout, refuse_sharded_engines, timeout
     from sd_memfree.data import check_resolution, check_samples, dropped_warning, load_image_caption_dataset, write_dropped_samples
     from sd_memfree.losses import min_snr_weights, per_sample_loss
     from sd_memfree.resume import write_trajectory
@@ -368,7 +368,7 @@ def train(args, stop) -> dict:
     vae_path, vae_sub = (args.pretrained_vae_model_name_or_path, None) if args.pretrained_vae_model_name_or_path else (args.pretrained_model_name_or_path, "vae")
     vae_config = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
     check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1), generates_images=bool(args.validation_prompt))
-    with accelerator.main_process_first():
+    with Collectives().main_process_first():  # over the host group: the default one may be NCCL
         dataset, image_column, caption_column = load_image_caption_dataset(
             dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
             cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
