@@ -308,13 +308,19 @@ def add_arguments(parser) -> None:
                              "a node stops answering (the backends' own defaults are 10-30 minutes).")
 
 
+BACKSTOP_SECONDS = 60.0
+
+
 def timeout(seconds: float | None) -> timedelta | None:
-    """``--collective_timeout`` as the ``timeout=`` of ``init_process_group`` / ``new_group``."""
+    """The backends' timeout for ``--collective_timeout`` (``timeout=`` of ``init_process_group`` /
+    ``new_group``): a minute longer, so that inside the loop the run's own stall watch
+    (``stopping.StallWatch``) speaks first with its one line, and NCCL's watchdog, which ends a
+    process without one, only backs it up (e.g. in a checkpoint's barrier)."""
     if seconds is None:
         return None
     if not seconds > 0:
         raise ValueError(f"--collective_timeout must be > 0 seconds, got {seconds:g}.")
-    return timedelta(seconds=seconds)
+    return timedelta(seconds=seconds + BACKSTOP_SECONDS)
 
 
 def refuse_sharded_engines(accelerator: Any) -> None:

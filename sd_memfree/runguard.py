@@ -106,6 +106,7 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict], collective_timeou
     lock, finished = None, False
     try:
         lock = take_run_lock(output_dir, collective_timeout)
+        stop.on_stall = lock.release if lock is not None else None  # a stalled process exits at once: free the folder
         summary = train(stop)
         finished = True
         return summary

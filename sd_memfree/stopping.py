@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -73,6 +74,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.last_step: int | None = None
+        self.on_stall = None  # set by the run guard: what to release before a stalled process exits
         self.deferred = False
         self._previous: dict[int, object] = {}
 
@@ -188,6 +190,66 @@ def disk_full_message(exc: BaseException, where: str | os.PathLike) -> str:
             "and rerun with --resume_from_checkpoint latest.")
 
 
+class StallWatch:
+    """Stops a process whose training loop made no optimizer step for ``seconds``.
+
+    Why: when another process or a whole node stops answering with its connections open (a
+    machine gone from the network, a hung driver), this process waits inside a collective until
+    the backend's timeout, and NCCL's watchdog then ends it without a word. The loop beats once
+    per optimizer step (``beat``); a daemon thread checks the beats and, after ``seconds`` of
+    silence, prints ``describe()`` as one line and ends the process (exit 1) after calling
+    ``on_expire`` (the run lock's release). Long known waits (checkpoint writes) run under
+    ``paused()``; the backends' own timeouts, set a little longer, stay as the backstop there.
+    The watch arms at the first beat, so start-up (loading, data checks) is not watched.
+    """
+
+    def __init__(self, seconds: float, describe, on_expire=None, poll: float = 1.0) -> None:
+        import threading
+
+        self.seconds, self.describe, self.on_expire, self.poll = seconds, describe, on_expire, poll
+        self._last: float | None = None
+        self._paused = 0
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        import threading
+        import time
+
+        self._last = time.monotonic()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="sd-memfree-stall-watch", daemon=True)
+            self._thread.start()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No stall is reported while the block runs (a checkpoint write); its end counts as a beat."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            if self._last is not None:
+                self.beat()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _watch(self) -> None:
+        import sys
+        import time
+
+        while not self._closed.wait(self.poll):
+            if self._paused or self._last is None or time.monotonic() - self._last <= self.seconds:
+                continue
+            print(f"error: {self.describe()}", file=sys.stderr, flush=True)
+            try:
+                if self.on_expire is not None:
+                    self.on_expire()
+            finally:
+                os._exit(EXIT_FAILED)
+
+
 class StepStops:
     """What the loop does about stopping after each optimizer step, shared by the recipes.
 
@@ -210,13 +272,15 @@ class StepStops:
         learning_rate: for the divergence message.
         device: the training device.
         collectives: the run's ``Collectives`` (``MemFree.collectives``); None with one process.
+        stall_seconds: with several processes, stop after this long without an optimizer step
+            (``StallWatch``; ``--collective_timeout``); None: not watched.
         progress: the progress bar, closed before a message (so it starts a line of its own).
         end_training: called before a signal stop raises (e.g. ``accelerator.end_training``).
         log: where the "no checkpoint for a non-finite step" warning goes (the recipe's logger).
     """
 
     def __init__(self, stop: StopSignals, params, output_dir, learning_rate: float, device=None, collectives=None,
-                 progress=None, end_training=None, log=None) -> None:
+                 progress=None, end_training=None, log=None, stall_seconds: float | None = None) -> None:
         import logging
         from pathlib import Path
 
@@ -226,6 +290,21 @@ class StepStops:
         self.progress, self.end_training = progress, end_training
         self.log = log if log is not None else logging.getLogger("sd_memfree.train")
         self.watch = NonFiniteWatch(device)
+        self.stall = None
+        if stall_seconds is not None and self.world_size > 1:
+            self.stall = StallWatch(stall_seconds, self._stalled, on_expire=stop.on_stall)
+
+    def _stalled(self) -> str:
+        self._close_progress()  # the line starts a line of its own
+        where = f"after step {self.stop.last_step}" if self.stop.last_step is not None else "at its first step"
+        return (f"another process or node stopped answering: no optimizer step for {self.stall.seconds:g} s "
+                f"(--collective_timeout), this process waited {where} in a collective (newest checkpoint: "
+                f"{self.newest_checkpoint()}); restart every process with --resume_from_checkpoint latest once all nodes are back.")
+
+    def close(self) -> None:
+        """The loop is over: stop watching for stalls."""
+        if self.stall is not None:
+            self.stall.close()
 
     def observe(self, losses: torch.Tensor) -> None:
         self.watch.observe(losses)
@@ -289,6 +368,8 @@ class StepStops:
         from .checkpointing import CHECKPOINT_PREFIX
 
         self.stop.last_step = step
+        if self.stall is not None:
+            self.stall.beat()
         signum, last_step_nonfinite = 0, False
         # Several processes only look at the sync points, so they all stop after the same step.
         if checkpoint_due or sync_due or (self.world_size == 1 and self.stop.signum is not None):
@@ -297,7 +378,11 @@ class StepStops:
         if (checkpoint_due or stopping) and last_step_nonfinite:
             self.log.warning(f"step {step}: the loss was NaN/inf, so no checkpoint is written for this step.")
         elif checkpoint_due or stopping:
-            save_checkpoint()
+            if self.stall is not None:
+                with self.stall.paused():
+                    save_checkpoint()
+            else:
+                save_checkpoint()
         if stopping:
             self._close_progress()
             if self.end_training is not None:

@@ -159,6 +159,47 @@ def launch(nproc: int, argv: list[str], nccl_like: bool = False) -> subprocess.C
     return proc
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(argv: list[str], nnodes: int = 2, nproc: int = 2, nccl_like: bool = True, logs: Path | None = None) -> list[subprocess.Popen]:
+    """``nnodes`` torchrun launches on this machine, as on ``nnodes`` machines: static rendezvous
+    on 127.0.0.1 (node 0's launcher hosts the store). Output goes to pipes, or with ``logs`` to
+    files ``logs/node<r>.err`` (a long run must not block on a full pipe nobody reads)."""
+    port = free_port()
+    procs = []
+    for node in range(nnodes):
+        out = subprocess.PIPE if logs is None else open(logs / f"node{node}.out", "w")
+        err = subprocess.PIPE if logs is None else open(logs / f"node{node}.err", "w")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               *([str(REPO / "tests" / "nccl_like_launch.py")] if nccl_like else []), SCRIPT, *argv]
+        procs.append(subprocess.Popen(cmd, env=ENV, stdout=out, stderr=err, text=True))
+    return procs
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """``sig`` to a launcher and every process under it (torchrun starts its workers in sessions
+    of their own, so its process group does not hold them)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
 def weights(out: Path, lora: bool) -> dict:
     return load_file(out / ("pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"))
 
@@ -176,12 +217,19 @@ METHOD = ["--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--agc_ema=0.
 @pytest.mark.parametrize(("lora", "redistribute_at"), [(False, "mid_round"), (True, "merge")], ids=["full-mid_round", "lora-merge"])
 def test_four_processes_two_per_proxy_equal_two_processes_with_twice_the_batch(model20, tiny_data_dir, tmp_path, lora, redistribute_at):
     """K=2 with AGC, redistribution and loss-aware augmentation, 8 steps: 4 processes of batch 1
-    (two per proxy, DDP inside each pair, default group NCCL-like) give the weights of 2
-    processes of batch 2, to float round-off (the pair's gradient is the mean of two halves).
-    Both runs agree on the shard moves, and the 4-process checkpoint resumes to its own end."""
+    (two per proxy, DDP inside each pair, default group NCCL-like; for LoRA as two torchrun
+    nodes of two) give the weights of 2 processes of batch 2, to float round-off (the pair's
+    gradient is the mean of two halves). Both agree on the shard moves, and the 4-process
+    checkpoint resumes to its own end bit for bit."""
     extra = [*METHOD, f"--redistribute_at={redistribute_at}", *(["--use_lora", "--rank=4"] if lora else [])]
     four, two = tmp_path / "four", tmp_path / "two"
-    launch(4, run_args(model20, tiny_data_dir, four, *extra, batch=1), nccl_like=True)
+    if lora:  # as two nodes of two processes: one process group over both launches
+        nodes = start_nodes(run_args(model20, tiny_data_dir, four, *extra, batch=1))
+        for node in nodes:
+            _, err = node.communicate(timeout=900)
+            assert node.returncode == 0, err[-4000:]
+    else:
+        launch(4, run_args(model20, tiny_data_dir, four, *extra, batch=1), nccl_like=True)
     launch(2, run_args(model20, tiny_data_dir, two, *extra, batch=2))
     assert max_difference(weights(four, lora), weights(two, lora)) <= 1e-5
     moves = [json.loads((d / "memfree_state.json").read_text())["moves"] for d in (four, two)]
@@ -214,3 +262,60 @@ def test_one_proxy_on_four_processes_equals_one_process_with_the_whole_batch(mod
     assert errors == {f"error: checkpoint {four / 'checkpoint-4'} was written by 4 processes but this run has 2; "
                       "resume with --num_processes 4."}, proc.stderr[-3000:]
     assert not other.exists() or not any(other.iterdir())
+
+
+# -- a lost process or node --------------------------------------------------------------------
+
+def test_stall_watch_speaks_once_and_exits_after_its_seconds_without_a_beat(tmp_path):
+    """A loop that beats for 1 s then hangs (as in a collective whose peer froze): the watch
+    prints its one line and ends the process with exit 1 about 2 s after the last beat; the
+    release callback ran first; a paused block of 3 s is not a stall."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import sys, time\n"
+        "from sd_memfree.stopping import StallWatch\n"
+        "w = StallWatch(2.0, lambda: 'no step for 2 s', on_expire=lambda: print('released', flush=True), poll=0.1)\n"
+        "for _ in range(5):\n    w.beat(); time.sleep(0.2)\n"
+        "with w.paused():\n    time.sleep(3)\n"
+        "w.beat(); print('hanging', flush=True); time.sleep(60)\n")
+    import time
+
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == "error: no step for 2 s"
+    assert proc.stdout.split() == ["hanging", "released"] and 5 < elapsed < 20
+
+
+@pytest.mark.multiprocess
+def test_a_frozen_node_stops_the_other_within_the_collective_timeout(model20, tiny_data_dir, tmp_path):
+    """Two nodes of one process (K=2), --collective_timeout 5: once a checkpoint exists, node 1
+    is frozen as a whole (SIGSTOP to its launcher and worker: connections stay open, nothing
+    answers). Node 0's worker waits in its next collective and exits with one line naming the
+    step and the newest checkpoint, well before the backends' own 10-30 minutes."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = run_args(model20, tiny_data_dir, out, "--num_shards=2", "--merge_every=2", "--collective_timeout=5",
+                    "--checkpointing_steps=2", batch=1, steps=4000)
+    nodes = start_nodes(argv, nproc=1, nccl_like=False, logs=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("checkpoint-*")) and time.monotonic() < deadline:
+            assert all(n.poll() is None for n in nodes), (tmp_path / "node0.err").read_text()[-3000:]
+            time.sleep(0.2)
+        signal_tree(nodes[1].pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        nodes[0].wait(timeout=120)
+        waited = time.monotonic() - frozen
+    finally:
+        for n in nodes:
+            signal_tree(n.pid, signal.SIGCONT)
+            signal_tree(n.pid, signal.SIGKILL)
+    err = (tmp_path / "node0.err").read_text()
+    lines = [line for line in err.splitlines() if line.startswith("error: another process or node stopped answering")]
+    assert len(lines) == 1, err[-3000:]
+    assert "no optimizer step for 5 s (--collective_timeout)" in lines[0] and "this process waited after step " in lines[0]
+    assert f"newest checkpoint: {out}/checkpoint-" in lines[0] and lines[0].endswith("--resume_from_checkpoint latest once all nodes are back.")
+    assert waited < 60

@@ -471,7 +471,8 @@ def train(args, stop) -> dict:
     # loop syncs anyway: every LOG_EVERY steps and before a checkpoint; a stop signal is acted on
     # there too (StepStops).
     stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, collectives=memfree.collectives,
-                      progress=progress, end_training=accelerator.end_training, log=log)
+                      progress=progress, end_training=accelerator.end_training, log=log,
+                      stall_seconds=args.collective_timeout)
 
     stop.defer()  # from here on SIGTERM / Ctrl-C finish the optimizer step and write a checkpoint
     while not memfree.done:
@@ -553,6 +554,7 @@ def train(args, stop) -> dict:
                     ema_unet.restore(unet.parameters())
     flush_logs()  # steps of a loop left early
     progress.close()
+    stops.close()  # the loop is over: no more stall watch (the backends' timeouts still bound the rest)
     loop_seconds, loop_cpu_seconds = time.perf_counter() - loop_start, time.process_time() - loop_cpu_start
 
     # ---- Final merge and save --------------------------------------------------------------------

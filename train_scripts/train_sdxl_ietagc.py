@@ -505,7 +505,8 @@ def train(args, stop) -> dict:
     # Non-finite losses are counted on the device and read only where the loop syncs anyway; a stop
     # signal is acted on there too: the step finishes, is checkpointed, the run exits 143 / 130.
     stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, collectives=memfree.collectives,
-                      progress=progress, end_training=accelerator.end_training, log=log)
+                      progress=progress, end_training=accelerator.end_training, log=log,
+                      stall_seconds=args.collective_timeout)
     stop.defer()
     batches = iter(loader)
     target_size = torch.tensor([args.resolution, args.resolution], device=accelerator.device)
@@ -577,6 +578,7 @@ def train(args, stop) -> dict:
             log_validation(validation_pipeline(accelerator.unwrap_model(unet)), args, accelerator, memfree.local_step // steps_per_epoch)
     flush_logs()
     progress.close()
+    stops.close()  # the loop is over: no more stall watch (the backends' timeouts still bound the rest)
 
     # ---- Final merge and save ---------------------------------------------------------------------
     report = memfree.end_training()  # [memfree] final merge; skip rates, shards, merges, skips per sample (all processes)
