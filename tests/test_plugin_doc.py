@@ -92,3 +92,83 @@ def test_the_docs_state_how_many_lines_each_recipe_tags():
     design = int(re.search(r"\((\d+) in the SD script\)", (REPO / "docs" / "design.md").read_text()).group(1))
     assert tagged("train_sd_ietagc.py") == sd == design
     assert tagged("train_sdxl_ietagc.py") == sdxl
+
+
+class _ScaledAccelerator:
+    """An ``Accelerator`` with torch's loss scaler on the CPU (accelerate makes none there) whose
+    first backward writes an inf into one gradient, as an fp16 overflow would: the unscale,
+    overflow check and skipped step are torch's and accelerate's real code. Built on first use
+    (the subclass needs accelerate imported)."""
+
+    @staticmethod
+    def make(skipped: list):
+        import accelerate
+
+        class Scaled(accelerate.Accelerator):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # before prepare(): the optimizer wrapper takes it
+                self.backward_calls = 0
+
+            def backward(self, loss, **kwargs):
+                super().backward(loss, **kwargs)
+                self.backward_calls += 1
+                if self.backward_calls == 1:
+                    grads = [p.grad for g in self._optimizers[0].optimizer.param_groups for p in g["params"] if p.grad is not None]
+                    grads[0].view(-1)[0] = float("inf")
+
+            @property
+            def optimizer_step_was_skipped(self):
+                value = super().optimizer_step_was_skipped
+                skipped.append(value)
+                return value
+
+        return Scaled
+
+
+def test_doc_example_in_half_precision_with_a_skipped_step_equals_the_sd_script(model20, tiny_data_dir, tmp_path, monkeypatch):
+    """bf16 autocast with a loss scaler whose first step overflows (emulated on the CPU): the
+    example and the script both skip step 1 without stepping the LR warm-up, and train the same
+    bits. (A loop stepping its LR scheduler regardless would be a warm-up step ahead.)"""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    skipped: list = []
+    monkeypatch.setattr(accelerate, "Accelerator", _ScaledAccelerator.make(skipped))
+    AcceleratorState._reset_state(True)  # earlier tests in this process set up accelerate without mixed precision
+    try:
+        _compare_half_precision(model20, tiny_data_dir, tmp_path, skipped)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+def _compare_half_precision(model20, tiny_data_dir, tmp_path, skipped):
+    config = MemFreeConfig(**METHOD)
+    steps, seed = 8, 3
+    out = tmp_path / "script"
+    train.main(train.parse_args([
+        f"--pretrained_model_name_or_path={model20}", f"--train_data_dir={tiny_data_dir}", f"--output_dir={out}",
+        "--resolution=32", "--train_batch_size=4", f"--max_train_steps={steps}", "--learning_rate=1e-3",
+        "--lr_scheduler=constant_with_warmup", "--lr_warmup_steps=3", "--mixed_precision=bf16", f"--seed={seed}",
+        "--report_to=none", "--checkpointing_steps=1000000", *script_flags(config)]))
+    script_skips, skipped[:] = list(skipped), []
+    unet, _ = doc_example()["train"](str(model20), str(tiny_data_dir), config, max_train_steps=steps, resolution=32,
+                                     batch_size=4, learning_rate=1e-3, seed=seed, lr_warmup_steps=3, mixed_precision="bf16")
+    assert script_skips == skipped == [True] + [False] * (steps - 1)
+    expected = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    different = [k for k, v in unet.state_dict().items() if not torch.equal(expected[k], v.cpu())]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_doc_example_resumes_where_its_checkpoint_was_taken(model20, tiny_data_dir, tmp_path):
+    """The example saves its state at step 6 of 12 (mid-round, after a redistribution); a new run
+    that loads it goes on from step 6, not 0, and ends with the straight run's weights, bit for
+    bit."""
+    config = MemFreeConfig(**METHOD)
+    example = doc_example()["train"]
+    common = dict(max_train_steps=12, resolution=32, batch_size=4, learning_rate=1e-3, seed=3)
+    straight, _ = example(str(model20), str(tiny_data_dir), config, checkpoint_at=6, checkpoint_dir=str(tmp_path / "ckpt"), **common)
+    resumed, memfree = example(str(model20), str(tiny_data_dir), config, resume_from=str(tmp_path / "ckpt"), **common)
+    assert memfree.global_step == 12 and memfree.summary()["num_merges"] == 3
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
