@@ -255,7 +255,7 @@ def test_one_proxy_on_four_processes_equals_one_process_with_the_whole_batch(mod
     assert skips[0] == skips[1]
     other = tmp_path / "other"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT,
-                           *run_args(model20, tiny_data_dir, other, *extra, f"--resume_from_checkpoint={four / 'checkpoint-4'}", batch=2)],
+                           *run_args(model20, tiny_data_dir, other, *extra, f"--resume_from_checkpoint={four / 'checkpoint-4'}", batch=1)],
                           env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0  # torchrun exits 1 whatever its workers' codes (2 here)
     errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
