@@ -17,6 +17,8 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
+import os
 import shutil
 import signal
 import sys
@@ -41,6 +43,59 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+class LaunchError(ValueError):
+    """The processes were launched in a way this run cannot work with (one line, exit 2)."""
+
+
+def check_launched_processes(num_processes: int, env=None) -> None:
+    """Refuse a launch whose processes do not see each other.
+
+    ``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE`` in every worker. On a machine without
+    a GPU, accelerate joins the workers into one process group only with ``ACCELERATE_USE_CPU=1``
+    (``accelerate launch --cpu``); without it each worker believes it is alone, all train the same
+    proxies and race for the same ``output_dir``.
+
+    Raises:
+        LaunchError: ``WORLD_SIZE`` > 1 but accelerate sees ``num_processes`` == 1.
+    """
+    env = os.environ if env is None else env
+    try:
+        launched = int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return  # not a launcher's value: nothing to compare
+    if launched > 1 and num_processes == 1:
+        cpu = env.get("ACCELERATE_USE_CPU", "")
+        raise LaunchError(f"WORLD_SIZE={launched}: {launched} processes were launched but each sees only itself "
+                          f"(ACCELERATE_USE_CPU={cpu or 'unset'}); on a machine without a GPU set ACCELERATE_USE_CPU=1 "
+                          "(or use accelerate launch --cpu), else launch one process.")
+
+
+def check_learning_rate(learning_rate: float, adam_beta1: float = 0.9) -> None:
+    """Refuse a learning rate AdamW cannot take a single float32 step with.
+
+    AdamW's first step scales the update by ``lr / (1 - beta1)``, which torch converts to a
+    float32 scalar: past float32's maximum that is a ``RuntimeError`` deep inside the optimizer.
+
+    Raises:
+        ValueError: one line with the largest rate that works.
+    """
+    import torch
+
+    limit = torch.finfo(torch.float32).max * (1 - adam_beta1) if 0 <= adam_beta1 < 1 else math.inf
+    if not math.isfinite(learning_rate) or learning_rate > limit:
+        raise ValueError(f"--learning_rate={learning_rate:g} is too large: AdamW's first step is --learning_rate / (1 - --adam_beta1), "
+                         f"beyond float32's range; use a learning rate below {limit:.3g} (1e-4 is usual for fine-tuning).")
+
+
+def overflow_message(exc: BaseException) -> str | None:
+    """The one line for an optimizer step whose scalars overflow float32 (a learning rate that
+    --scale_lr made too large), or None for any other error."""
+    if isinstance(exc, RuntimeError) and "cannot be converted to type float without overflow" in str(exc):
+        return ("the optimizer step overflowed float32 (value cannot be converted to type float without overflow): the learning "
+                "rate, after --scale_lr if given, is too large; lower --learning_rate (1e-4 is usual for fine-tuning).")
+    return None
+
+
 def take_run_lock(output_dir: str):
     """Check ``output_dir`` and take its run lock on the main process; every process learns the outcome.
 
@@ -56,6 +111,7 @@ def take_run_lock(output_dir: str):
     # The process group only, built as Accelerator() builds it (which then reuses it); without the
     # CPU flag, processes launched on a CPU-only machine would each think they are alone.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_launched_processes(state.num_processes)  # before the lock: workers that see only themselves would race for it
     lock, error, note = None, None, None
     if state.is_main_process:
         lock = RunLock(output_dir)
@@ -110,6 +166,8 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
         close_progress_bars()
         if is_disk_full(e):
             raise RunStopped(disk_full_message(e, output_dir)) from None
+        if overflow_message(e):
+            raise RunStopped(overflow_message(e)) from None
         raise
     finally:
         stop.restore()
@@ -134,6 +192,8 @@ def run_cli(main: Callable[[Any], dict], args: Any) -> None:
     from .stopping import EXIT_FAILED, SIGNAL_EXIT_CODES, RunStopped
 
     try:
+        if hasattr(args, "learning_rate"):
+            check_learning_rate(args.learning_rate, getattr(args, "adam_beta1", 0.9))
         main(args)
     except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # hub.HubError and OutputDirError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
