@@ -88,9 +88,10 @@ class ThumbnailCopyDetector(nn.Module):
         return nn.functional.normalize(thumb @ self.project, dim=-1)
 
 
-def make_copy_detector_sscd(path: str | os.PathLike, dim: int = 512) -> Path:
-    """Write a scripted ``ThumbnailCopyDetector`` (fixed weights, ``dim``-d output) to ``path``."""
-    model = torch.jit.script(ThumbnailCopyDetector(dim).eval())
+def make_copy_detector_sscd(path: str | os.PathLike, dim: int = 512, seed: int = 0) -> Path:
+    """Write a scripted ``ThumbnailCopyDetector`` (``dim``-d output; ``seed`` picks the projection,
+    so two seeds give two different files that both detect copies) to ``path``."""
+    model = torch.jit.script(ThumbnailCopyDetector(dim, seed).eval())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(str(path))
