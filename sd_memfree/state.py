@@ -380,12 +380,14 @@ class Counters:
     MAX_COUNT = 2 ** 53
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Take the saved counts; every one must be a known name holding a count in [0, 2**53].
+        """Take the saved counts; every one must be a known name holding a count in [0, 2**53]
+        (a name the state lacks keeps its value: states of earlier versions had fewer counters;
+        ``startpoint.check_resumed_counters`` then holds the step against the checkpoint's marker).
 
         Raises:
-            ValueError: a missing or unknown name, or a value that is not such a count.
+            ValueError: an unknown name, or a value that is not such a count.
         """
-        if not isinstance(state, dict) or set(state) != set(self.values):
+        if not isinstance(state, dict) or not set(state) <= set(self.values):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"counters {got} are not this run's {sorted(self.values)}")
         for name, value in state.items():
