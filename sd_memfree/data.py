@@ -188,6 +188,15 @@ def _image_problem(item) -> str | None:
 
     if isinstance(item, dict) and str(item.get("path") or "").startswith(REFUSED_PATH):
         return "its file_name is absolute or leaves the dataset folder, so it is never read; put the image inside the folder"
+    if isinstance(item, dict) and not item.get("bytes") and item.get("path"):
+        import stat
+
+        try:
+            mode = os.stat(item["path"]).st_mode
+        except OSError as e:
+            return f"{type(e).__name__}: {e.strerror}"
+        if not stat.S_ISREG(mode):  # a FIFO would block open() forever
+            return "not a regular file (a FIFO, device or folder), never opened"
     try:
         if isinstance(item, dict):
             src = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]

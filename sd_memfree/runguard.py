@@ -135,6 +135,18 @@ def take_run_lock(output_dir: str):
     return lock
 
 
+def remove_planted_links(output_dir: str) -> list[Path]:
+    """Remove symbolic links under the names this run writes *into* (the final model's staging
+    folder): ``rmtree`` refuses a link, so the model would be saved through it into the folder it
+    points to, and publishing would then move that folder's files. Run under the lock, which makes
+    these names ours. Returns the links removed."""
+    staging = Path(output_dir) / STAGING_DIR
+    if staging.is_symlink():
+        staging.unlink()
+        return [staging]
+    return []
+
+
 def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
     """Run ``train(stop)`` under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled.
 
@@ -156,6 +168,7 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict]) -> dict:
     lock, finished = None, False
     try:
         lock = take_run_lock(output_dir)
+        remove_planted_links(output_dir)
         summary = train(stop)
         finished = True
         return summary

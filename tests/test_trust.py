@@ -280,6 +280,21 @@ def test_dataset_file_name_outside_the_folder(tmp_path, tiny_data_dir, tiny_mode
     assert len(kept) == rows and [d["index"] for d in dropped] == [rows] and "outside" not in kept[caption_col]
 
 
+def test_dataset_image_that_is_a_fifo_is_refused_without_blocking(tmp_path, tiny_data_dir):
+    """An image file replaced by a FIFO: the start-up check names it instead of hanging in open()."""
+    from sd_memfree.data import DataError, check_samples, load_image_caption_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    first = json.loads((data / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
+    ds, image_col, caption_col = load_image_caption_dataset(train_data_dir=str(data), verify_images=False)
+    (data / first).unlink()
+    os.mkfifo(data / first)
+    with within(60), pytest.raises(DataError, match=f"{first} \\(sample 0\\): not a regular file") as e:
+        check_samples(ds, image_col, caption_col, progress=False)
+    assert "\n" not in str(e.value)
+
+
 def test_scorer_with_one_training_image_stops_before_generation(tmp_path, tiny_data_dir, tiny_model_dir, capsys, monkeypatch):
     """One training image: the pixel copy test (d1/d2) and FID need two, so the scorer stops with
     one line before loading the pipeline (it failed after generation and embedding)."""
@@ -418,8 +433,9 @@ def test_workers_that_see_only_themselves_are_refused():
 
 def test_links_in_output_dir_are_replaced_not_written_through(tiny_model_dir, tiny_data_dir, tmp_path):
     """train_args.json, README.md, memfree_config.json and memfree_state.json in output_dir are
-    links to files outside it: the run replaces the links with its own files and the files
-    outside keep their bytes."""
+    links to files outside it, and .tmp-final (where the final model is staged) links to another
+    folder: the run replaces the links with its own files, the files outside keep their bytes and
+    the other folder is neither written into nor emptied."""
     out = tmp_path / "out"
     out.mkdir()
     outside = {}
@@ -428,10 +444,15 @@ def test_links_in_output_dir_are_replaced_not_written_through(tiny_model_dir, ti
         target.write_text(f"do not overwrite {name}")
         (out / name).symlink_to(target)
         outside[name] = target
+    theirs = tmp_path / "their-folder"  # the final model's staging name, linked to another folder
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("theirs")
+    (out / ".tmp-final").symlink_to(theirs, target_is_directory=True)
     run(args(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=2))
     for name, target in outside.items():
         assert target.read_text() == f"do not overwrite {name}"
         assert not (out / name).is_symlink() and (out / name).is_file()
+    assert [p.name for p in theirs.iterdir()] == ["keep.txt"] and not (out / "keep.txt").exists()
     assert json.loads((out / "train_args.json").read_text())["max_train_steps"] == 2
     assert all(torch.isfinite(t).all() for t in load_file(out / "pytorch_lora_weights.safetensors").values())
 
