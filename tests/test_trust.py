@@ -462,3 +462,19 @@ def test_read_json_refuses_a_fifo_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "p.json")
     with within(10), pytest.raises(safeio.UnsafeFile, match="is a FIFO \\(named pipe\\), not a regular file"):
         safeio.read_json(tmp_path / "p.json", "fix it.")
+
+
+def test_resume_of_a_finished_run_writes_its_final_files_again(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The disk-full advice when a checkpoint exists: memfree_state.json and the card were lost
+    after the model was published; rerunning with --resume_from_checkpoint latest (the checkpoint
+    is at the last step) trains nothing and writes them again, with the same weights."""
+    out = tmp_path / "done"
+    run(args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", steps=2))
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    (out / "memfree_state.json").unlink()
+    (out / "README.md").unlink()
+    summary = run(args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=2))
+    assert summary["steps_this_run"] == 0 and summary["global_step"] == 2
+    assert json.loads((out / "memfree_state.json").read_text())["global_step"] == 2 and (out / "README.md").is_file()
+    after = load_file(out / "pytorch_lora_weights.safetensors")
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in after)
