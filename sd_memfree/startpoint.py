@@ -117,7 +117,7 @@ def check_step_in_budget(folder: Path, step: int, max_train_steps: int) -> None:
     """
     if step > max_train_steps:
         raise ValueError(f"{folder} is at step {step}, past this run's --max_train_steps={max_train_steps}: nothing would be trained; "
-                         f"raise --max_train_steps above {step} to continue it, or resume from an earlier checkpoint.")
+                         f"pass --max_train_steps={step} or more to continue it, or resume from an earlier checkpoint.")
 
 
 def check_resumed_counters(folder: Path, loaded_step: int) -> None:

@@ -187,7 +187,7 @@ def divergence_advice(learning_rate: float | None = None) -> str:
 
 
 # Files a finished run writes into output_dir after the model itself is in place.
-_AFTER_MODEL_FILES = ("memfree_state.json", "memfree_skip_counts.json", "README.md")
+_AFTER_MODEL_FILES = ("memfree_state.json", "README.md")  # always written (skip counts only with AGC)
 _MODEL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")
 
 
