@@ -21,7 +21,6 @@ from sd_memfree.runguard import check_launched_processes, check_learning_rate, g
 from sd_memfree.stopping import RunStopped
 from test_checkpoint_contents import args, one_line_error, run
 from test_train_safety import assert_no_partial_files, cli_error, complete_steps, saved_tensors
-from train_scripts import train_sd_ietagc as train
 
 
 @contextmanager
