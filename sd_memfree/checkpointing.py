@@ -20,6 +20,10 @@ Invariants:
     - A ``checkpoint-<int>`` folder without the marker (another script's, e.g. diffusers'
       example scripts write accelerate's ``save_state`` layout there) is never replaced, pruned
       or resumed as ours (:func:`foreign_checkpoints`, :func:`is_accelerate_checkpoint`).
+    - A ``checkpoint-<int>`` that is a symbolic link is never ours either: it is never listed as
+      a checkpoint, pruned or replaced (deleting through it would reach another folder), only
+      resumed when named explicitly.
+    - A marker is trusted only as a JSON object whose ``step`` is a count (:func:`checkpoint_step`).
 
 Pure filesystem helpers: nothing here imports accelerate; the caller passes
 ``accelerator.is_main_process`` and ``accelerator.wait_for_everyone``.
@@ -27,13 +31,14 @@ Pure filesystem helpers: nothing here imports accelerate; the caller passes
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .safeio import read_json, replace_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = ".complete"
@@ -60,7 +65,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for entry in output_dir.iterdir():
         match = _CHECKPOINT_NAME.fullmatch(entry.name)
-        if match and entry.is_dir() and is_complete(entry):
+        if match and entry.is_dir() and not entry.is_symlink() and is_complete(entry):
             found.append((int(match.group(1)), entry))
     return sorted(found, key=lambda step_path: step_path[0])
 
@@ -79,7 +84,7 @@ def foreign_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     found = []
     for entry in output_dir.iterdir():
         match = _CHECKPOINT_NAME.fullmatch(entry.name)
-        if match and entry.is_dir() and not is_complete(entry):
+        if match and entry.is_dir() and (entry.is_symlink() or not is_complete(entry)):
             found.append((int(match.group(1)), entry))
     return [path for _, path in sorted(found, key=lambda step_path: step_path[0])]
 
@@ -91,7 +96,9 @@ def is_accelerate_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def describe_foreign(path: str | os.PathLike) -> str:
-    """What an unmarked checkpoint folder looks like, for error messages."""
+    """What an unmarked (or linked) checkpoint folder looks like, for error messages."""
+    if Path(path).is_symlink():
+        return "a symbolic link to another folder, which sd_memfree never prunes, replaces or resumes as 'latest'"
     if is_accelerate_checkpoint(path):
         return "an accelerate save_state checkpoint (as diffusers' train_text_to_image scripts write), not one of sd_memfree"
     return "not a complete sd_memfree checkpoint (no .complete marker: not written by sd_memfree, or not fully written)"
@@ -102,8 +109,17 @@ def checkpoint_step(checkpoint: str | os.PathLike) -> int:
 
     Read from the marker rather than the folder name, so a checkpoint copied or renamed
     elsewhere (``--resume_from_checkpoint=/backup/run1-final``) still resumes at the right step.
+
+    Raises:
+        ValueError: one line: the marker is not a regular file, not JSON, not an object, or its
+            ``step`` is not a count (``1e400``, ``"3"``, ``-1``, ``true``).
     """
-    return int(json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())["step"])
+    marker = Path(checkpoint) / COMPLETE_MARKER
+    fix = "the checkpoint is damaged: resume from another checkpoint."
+    step = read_json(marker, fix).get("step")
+    if type(step) is not int or not 0 <= step <= 2 ** 53:
+        raise ValueError(f"{marker} gives step {step!r}, which is not a step count; {fix}")
+    return step
 
 
 def resolve_resume_checkpoint(
@@ -204,12 +220,14 @@ def atomic_checkpoint_dir(
     output_dir = Path(output_dir)
     tmp = output_dir / f"{TMP_PREFIX}{step}"
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    if final.exists() and not is_complete(final):
+    if final.is_symlink() or (final.exists() and not is_complete(final)):
         # Not ours (e.g. diffusers' script wrote it): replacing it would destroy the user's work.
         raise FileExistsError(f"{final} exists and is {describe_foreign(final)}; it is never overwritten: move it or choose a new --output_dir")
     if is_main_process:
         # A leftover from a crash at the same step would mix old files into the new checkpoint.
-        if tmp.exists():
+        if tmp.is_symlink():
+            tmp.unlink()  # a link under our temporary name: never write (or delete) through it
+        elif tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     # The other processes must not write into the folder before it exists (or while a leftover
@@ -225,7 +243,7 @@ def atomic_checkpoint_dir(
         raise
     wait_for_everyone()
     if is_main_process:
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step}) + "\n")
+        replace_file(tmp / COMPLETE_MARKER, f'{{"step": {int(step)}}}\n')
         _fsync_tree(tmp)
         if final.exists():
             # os.replace cannot overwrite a non-empty folder: move the old one aside (a name that
@@ -288,10 +306,18 @@ def prune_checkpoints(
 
     if output_dir.is_dir():
         for stale in sorted(output_dir.glob(f"{TMP_PREFIX}*")):
-            if stale.is_dir():
+            if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale)
                 removed.append(stale)
     return removed
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link (never what it points to) or a folder; nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def publish_entries(staging: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
@@ -309,13 +335,11 @@ def publish_entries(staging: str | os.PathLike, dest: str | os.PathLike) -> list
     for name in names:
         target = dest / name
         old = dest / f".old-{name}"
-        if target.exists():
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            os.replace(target, old)
+        if target.exists() or target.is_symlink():
+            _remove(old)
+            os.replace(target, old)  # renames a link itself, never what it points to
         os.replace(staging / name, target)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        _remove(old)
     _fsync_dir(dest)
     shutil.rmtree(staging, ignore_errors=True)
     return names

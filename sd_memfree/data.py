@@ -6,6 +6,9 @@ Invariants:
   full and whose every caption is a non-empty string (or a list of them), or raises ``DataError``
   with one line naming the bad files and the fix, before any model is loaded. A bad sample is
   never found mid-run. ``check_samples(..., drop_bad=True)`` drops them instead and says which.
+- An imagefolder ``file_name`` that is absolute or leaves the folder (``../x.png``) is never
+  read: such a row becomes a sample whose image is refused by ``check_samples`` (one line, or
+  dropped with ``--drop_bad_samples``), instead of a traceback inside ``datasets``.
 - ``ShardBatchSampler`` is a pure function of (members, generation, seed, schedule, origin, micro-step): the
   batch drawn at micro-step ``m`` never depends on how many batches were prefetched, whether the
   run was resumed, or ``--dataloader_num_workers``. Each element carries its own augmentation
@@ -31,11 +34,32 @@ class DataError(ValueError):
     """Bad training data, reported before training starts."""
 
 
-def _check_local_metadata(folder: Path, image_column: str) -> None:
-    """Every file named in an imagefolder ``metadata.jsonl`` must exist (datasets drops them silently)."""
+# The image path of a metadata row whose file_name is refused; ``_image_problem`` reports it.
+REFUSED_PATH = "<refused file_name> "
+
+
+def _outside(folder: Path, name: str) -> bool:
+    """Whether an imagefolder ``file_name`` is absolute or resolves outside ``folder``."""
+    if os.path.isabs(name) or Path(name).drive or ".." in Path(name.replace("\\", "/")).parts:
+        return True
+    root = folder.resolve()
+    return root != (folder / name).resolve() and root not in (folder / name).resolve().parents
+
+
+def _check_local_metadata(folder: Path, image_column: str) -> list[tuple[int, str]]:
+    """Every file named in an imagefolder ``metadata.jsonl`` must exist (datasets drops them silently).
+
+    Returns:
+        ``(line number, file_name)`` of the rows whose file name is absolute or leaves ``folder``
+        (never opened; ``load_image_caption_dataset`` turns them into refused samples).
+    """
     meta = folder / "metadata.jsonl"
+    outside: list[tuple[int, str]] = []
     if not meta.exists():
-        return
+        return outside
+    from .safeio import check_regular_file
+
+    check_regular_file(meta, "replace it with the dataset's metadata file.")
     with open(meta, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -49,11 +73,31 @@ def _check_local_metadata(folder: Path, image_column: str) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{meta}:{lineno} is not valid JSON ({e.msg}); fix that line.") from None
-            name = row.get("file_name")
-            if name is None:
-                raise DataError(f"{meta}:{lineno} has no 'file_name'; every row needs the image's file name.")
-            if not (folder / name).exists():
+            name = row.get("file_name") if isinstance(row, dict) else None
+            if not isinstance(name, str) or not name:
+                raise DataError(f"{meta}:{lineno} has no 'file_name' string; every row needs the image's file name.")
+            if _outside(folder, name):
+                outside.append((lineno, name))
+            elif not (folder / name).exists():
                 raise DataError(f"image file {folder / name} listed in {meta}:{lineno} is missing; add it or remove that row.")
+    return outside
+
+
+def _dataset_from_metadata(folder: Path, image_column: str):
+    """An imagefolder read row by row from its ``metadata.jsonl``: the rows ``datasets`` cannot
+    load (a file name outside the folder) keep their place with a refused image, so the check
+    names them and ``--drop_bad_samples`` can drop them."""
+    import datasets
+
+    rows = []
+    with open(folder / "metadata.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                name = row.pop("file_name")
+                path = f"{REFUSED_PATH}{name}" if _outside(folder, name) else str(folder / name)
+                rows.append({image_column: {"path": path, "bytes": None}, **row})
+    return datasets.Dataset.from_list(rows).cast_column(image_column, datasets.Image())
 
 
 def load_image_caption_dataset(
@@ -89,9 +133,13 @@ def load_image_caption_dataset(
         if local.is_dir() and dataset_name is None:
             if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in local.rglob("*") if f.is_file()):
                 raise DataError(f"the dataset is empty: no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) were found in {local}; add images with a metadata.jsonl.")
-            _check_local_metadata(local, image_column or "image")
+            outside = _check_local_metadata(local, image_column or "image")
+    else:
+        outside = []
     try:
-        if dataset_name is not None:
+        if outside:  # datasets would raise on them: read the rows ourselves, the check refuses those
+            ds = _dataset_from_metadata(local, image_column or "image")
+        elif dataset_name is not None:
             ds = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, data_dir=train_data_dir)
         else:
             ds = datasets.load_dataset("imagefolder", data_dir=str(local), cache_dir=cache_dir)
@@ -138,6 +186,17 @@ def _image_problem(item) -> str | None:
     compressed data is corrupt has a valid header and CRCs) and return why it failed, or None."""
     from PIL import Image
 
+    if isinstance(item, dict) and str(item.get("path") or "").startswith(REFUSED_PATH):
+        return "its file_name is absolute or leaves the dataset folder, so it is never read; put the image inside the folder"
+    if isinstance(item, dict) and not item.get("bytes") and item.get("path"):
+        import stat
+
+        try:
+            mode = os.stat(item["path"]).st_mode
+        except OSError as e:
+            return f"{type(e).__name__}: {e.strerror}"
+        if not stat.S_ISREG(mode):  # a FIFO would block open() forever
+            return "not a regular file (a FIFO, device or folder), never opened"
     try:
         if isinstance(item, dict):
             src = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
@@ -232,7 +291,9 @@ def dropped_warning(dropped: list[dict], output_dir: str | os.PathLike) -> str:
 def write_dropped_samples(output_dir: str | os.PathLike, dropped: list[dict]) -> None:
     """List ``check_samples``'s dropped samples in ``output_dir`` (nothing is written when none was)."""
     if dropped:
-        (Path(output_dir) / DROPPED_SAMPLES_FILE).write_text(json.dumps(dropped, indent=2))
+        from .safeio import replace_file
+
+        replace_file(Path(output_dir) / DROPPED_SAMPLES_FILE, json.dumps(dropped, indent=2))
 
 
 def check_resolution(resolution: int, vae_scale_factor: int, generates_images: bool = False) -> None:

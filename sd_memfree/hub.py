@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from typing import Any
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+
+from .safeio import replace_file
 
 PAPER_IET_AGC = "https://arxiv.org/abs/2407.15328"
 PAPER_IET_AGC_PLUS = "https://arxiv.org/abs/2502.09434"
@@ -321,15 +324,16 @@ def write_model_card(
     if images:
         body += ["## Validation images", ""]
         for i, image in enumerate(images):
-            image.save(output_dir / f"image_{i}.png")
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            replace_file(output_dir / f"image_{i}.png", buffer.getvalue())  # never through a link
             body.append(f"![image_{i}](./image_{i}.png)")
         body.append("")
 
     card = ModelCard("---\n" + card_data.to_yaml() + "\n---\n\n" + "\n".join(body))
     card = populate_model_card(card, tags=list(_BASE_TAGS) + (["lora"] if is_lora else []))
     path = output_dir / "README.md"
-    card.save(path)
-    return path
+    return replace_file(path, str(card))  # never through a link placed there
 
 
 # Names of arguments that are secrets: never written to train_args.json, a tracker config, a log

@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .safeio import check_regular_file, read_json, replace_file
+
 TRAJECTORY_FILE = "trajectory.json"
 
 # Flags of the training script whose value changes what the steps after a resume compute.
@@ -104,7 +106,7 @@ def trajectory_settings(args: Any, mixed_precision: str, num_samples: int, finge
 
 
 def write_trajectory(folder: str | os.PathLike, settings: dict[str, Any]) -> None:
-    (Path(folder) / TRAJECTORY_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    replace_file(Path(folder) / TRAJECTORY_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def check_same_trajectory(checkpoint: str | os.PathLike, now: dict[str, Any]) -> None:
@@ -114,10 +116,10 @@ def check_same_trajectory(checkpoint: str | os.PathLike, now: dict[str, Any]) ->
         ValueError: a setting or the data differ, or the checkpoint has no ``trajectory.json``.
     """
     path = Path(checkpoint) / TRAJECTORY_FILE
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"checkpoint {checkpoint} has no {TRAJECTORY_FILE} (written by an older sd_memfree); "
                          "resume with the version that wrote it or start a new --output_dir")
-    saved = json.loads(path.read_text())
+    saved = read_json(path, "the checkpoint is damaged: resume from another checkpoint or start a new --output_dir.")
     flags = [n for n in saved if n != "data" and n in now and saved[n] != now[n]]
     parts = []
     if flags:
@@ -152,10 +154,21 @@ def continue_from_upstream(folder: str | os.PathLike, unet: Any, is_lora: bool, 
     import logging
 
     import torch
-    from safetensors.torch import load_file
 
     log = logging.getLogger("sd_memfree.train")
     folder = Path(folder)
+    fix = "the checkpoint is damaged or not a diffusers checkpoint: continue from another one."
+
+    def load_file(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as _load
+
+        check_regular_file(path, fix)
+        try:
+            return _load(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({(str(e).strip().splitlines() or [''])[0][:160]}); {fix}") from None
+
     name = folder.name
     if not (name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit()):
         raise ValueError(f"{folder} looks like another script's checkpoint but its name is not checkpoint-<step>; rename it so the step is known.")
@@ -204,16 +217,38 @@ def continue_from_upstream(folder: str | os.PathLike, unet: Any, is_lora: bool, 
                 for shadow, n in zip(ema.shadow_params, names):
                     shadow.copy_(ema_state[n])
             config = folder / "unet_ema" / "config.json"
-            ema.optimization_step = int(json.loads(config.read_text()).get("optimization_step", step)) if config.is_file() else step
+            saved_step = read_json(config, fix).get("optimization_step", step) if config.exists() else step
+            if type(saved_step) is not int or not 0 <= saved_step <= step:
+                raise ValueError(f"{config} gives optimization_step {saved_step!r}, not a count up to the checkpoint's step {step}; {fix}")
+            ema.optimization_step = saved_step
     opt_file = folder / "optimizer.bin"
-    if opt_file.is_file():
+    if opt_file.exists():
+        check_regular_file(opt_file, fix)
         try:
             optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=True))
+            check_optimizer_shapes(optimizer)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
-            log.warning(f"{opt_file} not loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the optimizer moments start from zero.")
+            optimizer.state.clear()  # a partly loaded or misfit state would crash the first step
+            log.warning(f"{opt_file} not loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); the optimizer moments start from zero.")
     else:
         log.warning(f"{folder} has no optimizer.bin; the optimizer moments start from zero.")
     return step
+
+
+def check_optimizer_shapes(optimizer: Any) -> None:
+    """Every tensor of each parameter's optimizer state (AdamW's moments) must have the
+    parameter's shape, or a loaded ``optimizer.bin`` of another model crashes the first step.
+
+    Raises:
+        ValueError: naming the first parameter whose state does not fit.
+    """
+    import torch
+
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(f"its {key} of parameter {i} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
 
 
 def check_budget_change(checkpoint: str | os.PathLike, step: int, saved_budget: int | None, budget: int,

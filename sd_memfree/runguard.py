@@ -17,6 +17,8 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
+import os
 import shutil
 import signal
 import sys
@@ -41,6 +43,59 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+class LaunchError(ValueError):
+    """The processes were launched in a way this run cannot work with (one line, exit 2)."""
+
+
+def check_launched_processes(num_processes: int, env=None) -> None:
+    """Refuse a launch whose processes do not see each other.
+
+    ``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE`` in every worker. On a machine without
+    a GPU, accelerate joins the workers into one process group only with ``ACCELERATE_USE_CPU=1``
+    (``accelerate launch --cpu``); without it each worker believes it is alone, all train the same
+    proxies and race for the same ``output_dir``.
+
+    Raises:
+        LaunchError: ``WORLD_SIZE`` > 1 but accelerate sees ``num_processes`` == 1.
+    """
+    env = os.environ if env is None else env
+    try:
+        launched = int(env.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return  # not a launcher's value: nothing to compare
+    if launched > 1 and num_processes == 1:
+        cpu = env.get("ACCELERATE_USE_CPU", "")
+        raise LaunchError(f"WORLD_SIZE={launched}: {launched} processes were launched but each sees only itself "
+                          f"(ACCELERATE_USE_CPU={cpu or 'unset'}); on a machine without a GPU set ACCELERATE_USE_CPU=1 "
+                          "(or use accelerate launch --cpu), else launch one process.")
+
+
+def check_learning_rate(learning_rate: float, adam_beta1: float = 0.9) -> None:
+    """Refuse a learning rate AdamW cannot take a single float32 step with.
+
+    AdamW's first step scales the update by ``lr / (1 - beta1)``, which torch converts to a
+    float32 scalar: past float32's maximum that is a ``RuntimeError`` deep inside the optimizer.
+
+    Raises:
+        ValueError: one line with the largest rate that works.
+    """
+    import torch
+
+    limit = torch.finfo(torch.float32).max * (1 - adam_beta1) if 0 <= adam_beta1 < 1 else math.inf
+    if not math.isfinite(learning_rate) or learning_rate > limit:
+        raise ValueError(f"--learning_rate={learning_rate:g} is too large: AdamW's first step is --learning_rate / (1 - --adam_beta1), "
+                         f"beyond float32's range; use a learning rate below {limit:.3g} (1e-4 is usual for fine-tuning).")
+
+
+def overflow_message(exc: BaseException) -> str | None:
+    """The one line for an optimizer step whose scalars overflow float32 (a learning rate that
+    --scale_lr made too large), or None for any other error."""
+    if isinstance(exc, RuntimeError) and "cannot be converted to type float without overflow" in str(exc):
+        return ("the optimizer step overflowed float32 (value cannot be converted to type float without overflow): the learning "
+                "rate, after --scale_lr if given, is too large; lower --learning_rate (1e-4 is usual for fine-tuning).")
+    return None
+
+
 def take_run_lock(output_dir: str, collective_timeout: float | None = None):
     """Check ``output_dir`` and take its run lock on the main process; every process learns the outcome.
 
@@ -61,6 +116,7 @@ def take_run_lock(output_dir: str, collective_timeout: float | None = None):
     # CPU flag, processes launched on a CPU-only machine would each think they are alone.
     limit = timeout(collective_timeout)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **({"timeout": limit} if limit is not None else {}))
+    check_launched_processes(state.num_processes)  # before the lock: workers that see only themselves would race for it
     lock, error, note = None, None, None
     if state.is_main_process:
         lock = RunLock(output_dir)
@@ -79,6 +135,18 @@ def take_run_lock(output_dir: str, collective_timeout: float | None = None):
     if note:
         logger.warning(note)
     return lock
+
+
+def remove_planted_links(output_dir: str) -> list[Path]:
+    """Remove symbolic links under the names this run writes *into* (the final model's staging
+    folder): ``rmtree`` refuses a link, so the model would be saved through it into the folder it
+    points to, and publishing would then move that folder's files. Run under the lock, which makes
+    these names ours. Returns the links removed."""
+    staging = Path(output_dir) / STAGING_DIR
+    if staging.is_symlink():
+        staging.unlink()
+        return [staging]
+    return []
 
 
 def guarded_run(output_dir: str, train: Callable[[Any], dict], collective_timeout: float | None = None) -> dict:
@@ -107,6 +175,7 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict], collective_timeou
     try:
         lock = take_run_lock(output_dir, collective_timeout)
         stop.on_stall = lock.release if lock is not None else None  # a stalled process exits at once: free the folder
+        remove_planted_links(output_dir)
         summary = train(stop)
         finished = True
         return summary
@@ -119,6 +188,8 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict], collective_timeou
             raise RunStopped(disk_full_message(e, output_dir)) from None
         if is_lost_peer(e):
             raise RunStopped(lost_peer_message(e, output_dir, stop.last_step, collective_timeout)) from None
+        if overflow_message(e):
+            raise RunStopped(overflow_message(e)) from None
         raise
     finally:
         stop.restore()
@@ -171,6 +242,8 @@ def run_cli(main: Callable[[Any], dict], args: Any) -> None:
     from .stopping import EXIT_FAILED, SIGNAL_EXIT_CODES, RunStopped
 
     try:
+        if hasattr(args, "learning_rate"):
+            check_learning_rate(args.learning_rate, getattr(args, "adam_beta1", 0.9))
         main(args)
     except (DataError, FileNotFoundError, ValueError, RunLockHeld) as e:  # hub.HubError and OutputDirError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

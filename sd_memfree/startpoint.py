@@ -17,7 +17,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 
 from . import checkpointing
 from .resume import check_budget_change, check_same_trajectory, continue_from_upstream
+from .safeio import read_json
 
 logger = logging.getLogger("sd_memfree.train")
 
@@ -69,15 +69,20 @@ def plan_start(resume_from_checkpoint: str | None, output_dir: str | Path, traje
     if upstream and num_shards > 1:
         raise ValueError(f"{resume_dir} is {checkpointing.describe_foreign(resume_dir)}; continuing it works without shards only: "
                          "drop --num_shards, or start a new --output_dir from a pipeline holding its UNet.")
+    if resume_dir is not None:
+        check_step_in_budget(resume_dir, checkpoint_start_step(resume_dir, upstream), max_train_steps)
     if resume_dir is not None and not upstream:
         check_same_trajectory(resume_dir, trajectory)
         saved_args = resume_dir / "train_args.json"
-        saved_budget = json.loads(saved_args.read_text()).get("max_train_steps") if saved_args.is_file() else None
+        fix = "the checkpoint is damaged: resume from another checkpoint or start a new --output_dir."
+        saved_budget = read_json(saved_args, fix).get("max_train_steps") if saved_args.exists() else None
+        if saved_budget is not None and (type(saved_budget) is not int or saved_budget < 1):
+            raise ValueError(f"{saved_args} gives max_train_steps {saved_budget!r}, not a step count; {fix}")
         check_budget_change(resume_dir, checkpointing.checkpoint_step(resume_dir), saved_budget, max_train_steps,
                             num_shards, merge_every)
     elif resume_from_checkpoint and resume_dir is None:
         log.info(f"--resume_from_checkpoint={resume_from_checkpoint}: no complete checkpoint yet, starting a new run.")
-    start = (checkpointing.checkpoint_step(resume_dir) if not upstream else int(resume_dir.name.split("-")[-1])) if resume_dir is not None else -1
+    start = checkpoint_start_step(resume_dir, upstream) if resume_dir is not None else -1
     later = [f for f in checkpointing.foreign_checkpoints(output_dir) if int(f.name.split("-")[-1]) > start]
     if later:
         # Another script's checkpoints ahead of where this run starts: we would write over them (or
@@ -91,6 +96,41 @@ def plan_start(resume_from_checkpoint: str | None, output_dir: str | Path, traje
         raise ValueError(f"--output_dir {output_dir} already holds checkpoints of a run ({newest}); "
                          "pass --resume_from_checkpoint=latest to continue it, or choose a new --output_dir.")
     return StartPoint(resume_dir, upstream)
+
+
+def checkpoint_start_step(folder: Path, upstream: bool) -> int:
+    """The optimizer step a checkpoint resumes at: our marker's, or another script's folder name's."""
+    if not upstream:
+        return checkpointing.checkpoint_step(folder)
+    tail = folder.name[len(checkpointing.CHECKPOINT_PREFIX):]
+    if not (folder.name.startswith(checkpointing.CHECKPOINT_PREFIX) and tail.isdigit() and tail.isascii()):
+        raise ValueError(f"{folder} looks like another script's checkpoint but its name is not checkpoint-<step>; rename it so the step is known.")
+    return int(tail)
+
+
+def check_step_in_budget(folder: Path, step: int, max_train_steps: int) -> None:
+    """A checkpoint past the run's budget is refused: resuming it would train nothing and publish
+    its weights as the final model (and a forged step, e.g. 10**30, would do just that).
+
+    Raises:
+        ValueError: one line naming the step, the budget and the two fixes.
+    """
+    if step > max_train_steps:
+        raise ValueError(f"{folder} is at step {step}, past this run's --max_train_steps={max_train_steps}: nothing would be trained; "
+                         f"pass --max_train_steps={step} or more to continue it, or resume from an earlier checkpoint.")
+
+
+def check_resumed_counters(folder: Path, loaded_step: int) -> None:
+    """After loading our checkpoint's state: the step its counters give (summed over processes)
+    must be the step its ``.complete`` marker names, which ``plan_start`` held against the budget.
+
+    Raises:
+        ValueError: one line; the state or the marker was edited or damaged.
+    """
+    marker_step = checkpointing.checkpoint_step(folder)
+    if loaded_step != marker_step:
+        raise ValueError(f"checkpoint {folder}: its state is at step {loaded_step} but its {checkpointing.COMPLETE_MARKER} marker says "
+                         f"step {marker_step}; it is damaged or edited: resume from another checkpoint.")
 
 
 def continue_upstream(folder: Path, unet: Any, is_lora: bool, optimizer: Any, lr_scheduler: Any, counters: Any,

@@ -23,6 +23,13 @@ Invariants:
   only the old pickle format (``state_rank{r}.pt``) is refused with one line.
 - Files are written to the given (temporary) checkpoint folder only; making the folder visible
   as a complete checkpoint is ``checkpointing.atomic_checkpoint_dir``'s job.
+- Nothing non-finite is saved: ``save_process_state`` checks every floating tensor of the state
+  (inactive proxies' stashed optimizer states, paused weights, the running sum, loss banks, EMA,
+  and what ``Slimmed`` leaves to the model folders) with one fused reduction per dtype, agrees on
+  the outcome with the other processes, and raises ``NonFiniteState`` before writing anything.
+- Loading a damaged or forged state (a FIFO, JSON of another shape or nested too deep, a bad
+  safetensors header, a counter that is not a count, a bad RNG state, tensors that do not fit)
+  raises one ``ValueError`` line, never a traceback from deep inside torch or json.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .safeio import UnsafeFile, check_regular_file, read_json
+
 STATE_FORMAT = "sd_memfree-state-1"
 _TAGS = ("__tensor__", "__tuple__", "__items__", "__ndarray__", "__float__")
 
@@ -46,6 +55,64 @@ def state_files(folder: str | Path, rank: int) -> tuple[Path, Path]:
     return folder / f"state_rank{rank}.json", folder / f"state_rank{rank}.safetensors"
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be read as what it should be; the message is the one line."""
+
+
+class NonFiniteState(ValueError):
+    """The state a checkpoint would hold has NaN/inf tensors; nothing was written.
+
+    Attributes:
+        where: the state paths of the non-finite tensors on this process (empty when only another
+            process found some).
+    """
+
+    def __init__(self, message: str, where: list[str]) -> None:
+        super().__init__(message)
+        self.where = where
+
+
+def _nonfinite(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating tensors holding NaN/inf: one fused max-abs reduction per dtype and
+    device (``_foreach_norm`` with ``ord=inf`` is inf or NaN exactly when an element is, and
+    cannot overflow on large finite values), then one host read per group."""
+    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            groups.setdefault((t.dtype, t.device), []).append((name, t.detach()))
+    bad = []
+    for items in groups.values():
+        norms = torch._foreach_norm([t for _, t in items], ord=float("inf"))
+        flags = ~torch.isfinite(torch.stack(norms))
+        if bool(flags.any()):
+            bad += [name for (name, _), f in zip(items, flags.tolist()) if f]
+    return bad
+
+
+def _tensors_in(obj: Any, where: str) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested state (dicts, lists, tuples) with its path."""
+    if isinstance(obj, torch.Tensor):
+        return [(where, obj)]
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in _tensors_in(v, f"{where}.{k}")]
+    if isinstance(obj, (list, tuple)):
+        return [t for i, v in enumerate(obj) for t in _tensors_in(v, f"{where}[{i}]")]
+    return []
+
+
+def _agree_any(flag: bool, world_size: int) -> bool:
+    """``flag`` ORed over processes (every process calls ``save_process_state`` at the same
+    point, so one all-reduce keeps them together: none waits forever on a save another
+    abandoned). A host tensor: ``Collectives`` sends it to the host group under NCCL."""
+    import torch.distributed as dist
+
+    from .collectives import Collectives
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return flag
+    return bool(Collectives().all_reduce(torch.tensor([int(flag)]), op="max").item())
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -54,6 +121,8 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        raise ValueError("the RNG state lacks python/numpy/torch entries")
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -66,9 +135,10 @@ class _Encoder:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.where: dict[str, str] = {}  # tensor name -> its path in the state, for messages
         self._storages: set[int] = set()
 
-    def tensor(self, t: torch.Tensor) -> dict[str, str]:
+    def tensor(self, t: torch.Tensor, where: str = "") -> dict[str, str]:
         t = t.detach().to("cpu")
         # safetensors refuses two entries over one storage (views of one buffer): copy the later ones.
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
@@ -78,6 +148,7 @@ class _Encoder:
             self._storages.add(ptr)
         name = str(len(self.tensors))
         self.tensors[name] = t
+        self.where[name] = where
         return {"__tensor__": name}
 
     def __call__(self, obj: Any, where: str) -> Any:
@@ -86,7 +157,7 @@ class _Encoder:
         if isinstance(obj, float):
             return obj if math.isfinite(obj) else {"__float__": repr(obj)}
         if isinstance(obj, torch.Tensor):
-            return self.tensor(obj)
+            return self.tensor(obj, where)
         if isinstance(obj, np.ndarray):
             return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
         if isinstance(obj, np.generic):
@@ -140,6 +211,8 @@ def save_process_state(folder: str | Path, rank: int, world_size: int, objects: 
 
     Raises:
         TypeError: some state holds an object that is neither a tensor nor plain data.
+        NonFiniteState: a floating tensor of the state (or one ``Slimmed`` leaves to the model
+            folders) holds NaN/inf on this or another process; no file was written.
     """
     from safetensors.torch import save_file
 
@@ -151,6 +224,12 @@ def save_process_state(folder: str | Path, rank: int, world_size: int, objects: 
         "rng": encode(_rng_state(), "rng"),
         "extra": encode(extra or {}, "extra"),
     }
+    # What the checkpoint holds beside the state files (the model folders) is checked too.
+    omitted = [t for name, obj in objects.items() if isinstance(obj, Slimmed) for t in _tensors_in(obj.omitted_state, name)]
+    bad = _nonfinite([(encode.where[n], t) for n, t in encode.tensors.items()] + omitted)
+    if _agree_any(bool(bad), world_size):
+        where = f"in {len(bad)} tensor(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else "on another process"
+        raise NonFiniteState(f"the state of the checkpoint holds NaN/inf {where}", bad)
     json_path, tensor_path = state_files(folder, rank)
     save_file(encode.tensors, str(tensor_path), metadata={"format": STATE_FORMAT})
     json_path.write_text(json.dumps(payload, allow_nan=False))
@@ -167,19 +246,24 @@ def read_process_state(folder: str | Path, rank: int) -> dict:
 
     folder = Path(folder)
     json_path, tensor_path = state_files(folder, rank)
-    if not json_path.is_file():
+    if not json_path.exists():
         if (folder / f"state_rank{rank}.pt").exists():
             raise ValueError(f"checkpoint {folder} holds state_rank{rank}.pt, the pickle format of older sd_memfree versions, "
                              "which is never loaded (unpickling can run code); resume from a newer checkpoint or start a new --output_dir.")
         raise ValueError(f"{json_path} is missing: the checkpoint was written by fewer processes; resume with the same number of processes.")
+    fix = "resume from another checkpoint."
+    payload = read_json(json_path, fix)
+    check_regular_file(tensor_path, fix)
     try:
-        payload = json.loads(json_path.read_text())
         if payload.get("format") != STATE_FORMAT:
             raise ValueError(f"format {payload.get('format')!r}, expected {STATE_FORMAT!r}")
         with safe_open(str(tensor_path), framework="pt", device="cpu") as handle:
             tensors = _TensorFile(handle)
-            return {key: _decode(payload[key], tensors, key) for key in ("world_size", "objects", "rng", "extra")}
-    except (OSError, KeyError, ValueError, TypeError, AttributeError, SafetensorError) as e:
+            state = {key: _decode(payload[key], tensors, key) for key in ("world_size", "objects", "rng", "extra")}
+        if type(state["world_size"]) is not int or not isinstance(state["objects"], dict):
+            raise ValueError("world_size or objects of the wrong type")
+        return state
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, RecursionError, SafetensorError) as e:
         raise ValueError(f"checkpoint state {json_path} is damaged or not sd_memfree state ({e}); resume from another checkpoint.") from None
 
 
@@ -203,8 +287,20 @@ def load_process_state(folder: str | Path, rank: int, world_size: int, objects: 
             continue
         if name not in saved:
             raise ValueError(f"checkpoint {folder} has no state for '{name}': it was written with another configuration; resume with the same flags.")
-        obj.load_state_dict(saved[name])
-    _set_rng_state(payload["rng"])
+        try:
+            obj.load_state_dict(saved[name])
+        except (UnsafeFile, DamagedCheckpoint):
+            raise  # already one line naming the file (the model folders Slimmed reads)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as e:
+            # A forged or damaged state fails deep inside torch or our objects: one line instead.
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"checkpoint {folder}: the state of '{name}' does not fit this run ({first}); it is damaged, or "
+                             "written with other flags: resume with the same flags or from another checkpoint.") from None
+    try:
+        _set_rng_state(payload["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"checkpoint {folder}: its RNG state is damaged ({first}); resume from another checkpoint.") from None
     return payload["extra"]
 
 
@@ -227,10 +323,12 @@ class Slimmed:
 
     def __init__(self, obj: Any, drop, fill):
         self.obj, self.drop, self.fill = obj, drop, fill
+        self.omitted_state: dict[str, Any] = {}  # what the last state_dict() left out (references), checked for NaN/inf
 
     def state_dict(self) -> dict[str, Any]:
         state = dict(self.obj.state_dict())
         omitted = [k for k in self.drop(state)]
+        self.omitted_state = {k: state[k] for k in omitted}
         return {"state": {k: v for k, v in state.items() if k not in omitted}, "omitted": omitted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -277,7 +375,23 @@ class Counters:
     def state_dict(self) -> dict[str, int]:
         return dict(self.values)
 
+    # A count beyond 2**53 cannot come from a run (nor survive a float): it is forged or damaged.
+    MAX_COUNT = 2 ** 53
+
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Take the saved counts; every one must be a known name holding a count in [0, 2**53]
+        (a name the state lacks keeps its value: states of earlier versions had fewer counters;
+        ``startpoint.check_resumed_counters`` then holds the step against the checkpoint's marker).
+
+        Raises:
+            ValueError: an unknown name, or a value that is not such a count.
+        """
+        if not isinstance(state, dict) or not set(state) <= set(self.values):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"counters {got} are not this run's {sorted(self.values)}")
+        for name, value in state.items():
+            if type(value) is not int or not 0 <= value <= self.MAX_COUNT:
+                raise ValueError(f"counters.{name} = {value!r} is not a count")
         self.values.update(state)
 
 
@@ -308,12 +422,20 @@ def _model_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a diffusers model folder (one or several ``*.safetensors`` shards)."""
     from safetensors.torch import load_file
 
+    from safetensors import SafetensorError
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ValueError(f"checkpoint model folder {folder} holds no .safetensors weights; the checkpoint is damaged.")
     tensors: dict[str, torch.Tensor] = {}
+    fix = "the checkpoint is damaged: resume from another checkpoint."
     for f in files:
-        tensors.update(load_file(str(f)))
+        check_regular_file(f, fix)
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise DamagedCheckpoint(f"{f} is not a readable safetensors file ({first}); {fix}") from None
     return tensors
 
 

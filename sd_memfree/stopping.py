@@ -177,8 +177,54 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def divergence_advice(learning_rate: float | None = None) -> str:
+    """What to do after a divergence, as the end of a one-line message.
+
+    Why not "resume with a lower --learning_rate": the learning rate is part of a checkpoint's
+    trajectory (``resume.TRAJECTORY_FLAGS``): the LR scheduler's base rate and every stashed
+    proxy's schedule position are restored from the checkpoint, so a resume either refuses
+    another rate or would silently keep the old one; and a resume with the same settings replays
+    the same steps bit for bit, so it diverges again.
+    """
+    now = f" (now {learning_rate:g})" if learning_rate is not None else ""
+    return (f"resuming replays the same steps and would diverge again: start a new run in a new --output_dir with a lower "
+            f"--learning_rate{now}, or check the data.")
+
+
+# Files a finished run writes into output_dir after the model itself is in place.
+_AFTER_MODEL_FILES = ("memfree_state.json", "README.md")  # always written (skip counts only with AGC)
+_MODEL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")
+
+
+def output_dir_state(output_dir: str | os.PathLike) -> tuple[str, str]:
+    """``(what the folder holds, what to do)`` after a failed write, for one-line messages.
+
+    The advice depends on what is there: "resume from latest" only when a checkpoint exists
+    (without one it would start from step 0, which the advice then says).
+    """
+    from pathlib import Path
+
+    from .checkpointing import list_checkpoints
+
+    out = Path(output_dir)
+    checkpoints = list_checkpoints(out)
+    model = [n for n in _MODEL_FILES if (out / n).exists()]
+    missing = [n for n in _AFTER_MODEL_FILES if not (out / n).exists()]
+    parts = []
+    if model:
+        parts.append(f"the final model ({model[0]}) is in {out}" + (f" but {', '.join(missing)} may be missing or from an earlier run"
+                                                                    if missing else ""))
+    parts.append(f"newest checkpoint: {checkpoints[-1][1].name}" if checkpoints else "no checkpoint was written")
+    if checkpoints:
+        advice = f"rerun the same command with --resume_from_checkpoint latest (it continues from {checkpoints[-1][1].name} and writes the final files again)"
+    else:
+        advice = "rerun the same command (with no checkpoint it trains again from step 0; --checkpointing_steps keeps progress)"
+    return "; ".join(parts), advice
+
+
 def disk_full_message(exc: BaseException, where: str | os.PathLike) -> str:
-    """The one line for a full disk: what failed and where, and what to do."""
+    """The one line for a full disk: the file that failed, what ``where`` (the output folder)
+    now holds, and advice that works in that state."""
     path = where
     e = exc
     while e is not None:
@@ -186,8 +232,8 @@ def disk_full_message(exc: BaseException, where: str | os.PathLike) -> str:
             path = e.filename
             break
         e = e.__cause__ or e.__context__
-    return (f"no space left on device while writing {path}; free space there (completed checkpoints are intact) "
-            "and rerun with --resume_from_checkpoint latest.")
+    state, advice = output_dir_state(where)
+    return f"no space left on device while writing {path} ({state}); free space there, then {advice}."
 
 
 class StallWatch:
@@ -347,9 +393,23 @@ class StepStops:
             what = (f"the loss was NaN/inf in {worst} consecutive optimizer steps (limit {MAX_NONFINITE_STEPS})" if worst >= MAX_NONFINITE_STEPS
                     else "the trained weights became NaN/inf")
             raise RunStopped(f"the run diverged at step {step}: {what}; "
-                             f"nothing non-finite was saved (newest checkpoint: {self.newest_checkpoint()}); lower --learning_rate "
-                             f"(now {self.learning_rate:g}) or check the data, then resume from a good checkpoint or start again.")
+                             f"nothing non-finite was saved (newest checkpoint: {self.newest_checkpoint()}); {divergence_advice(self.learning_rate)}")
         return signum, current > 0
+
+    def _save(self, step: int, save_checkpoint) -> None:
+        """``save_checkpoint()``, stopping the run (exit 1) when the state it would write holds
+        NaN/inf anywhere (``state.NonFiniteState``: raised before any file is written, agreed by
+        every process), e.g. an inactive proxy's stashed optimizer state that the weights check
+        cannot see."""
+        from .state import NonFiniteState
+
+        try:
+            with self.stall.paused() if self.stall is not None else contextlib.nullcontext():
+                save_checkpoint()  # a long write: not a stall (the backends' timeouts still bound its barriers)
+        except NonFiniteState as e:
+            self._close_progress()
+            raise RunStopped(f"the run diverged by step {step}: {e}, so checkpoint-{step} was not written and nothing non-finite was "
+                             f"saved (newest checkpoint: {self.newest_checkpoint()}); {divergence_advice(self.learning_rate)}") from None
 
     def after_step(self, step: int, *, checkpoint_due: bool, sync_due: bool, last: bool, save_checkpoint) -> None:
         """After optimizer step ``step`` (summed over processes): the checks where due, the
@@ -378,11 +438,7 @@ class StepStops:
         if (checkpoint_due or stopping) and last_step_nonfinite:
             self.log.warning(f"step {step}: the loss was NaN/inf, so no checkpoint is written for this step.")
         elif checkpoint_due or stopping:
-            if self.stall is not None:
-                with self.stall.paused():
-                    save_checkpoint()
-            else:
-                save_checkpoint()
+            self._save(step, save_checkpoint)
         if stopping:
             self._close_progress()
             if self.end_training is not None:

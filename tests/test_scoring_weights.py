@@ -58,7 +58,14 @@ def server(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def standin_bytes(tmp_path_factory):
-    return standin.make_standin_sscd(tmp_path_factory.mktemp("standin") / "s.pt").read_bytes()
+    """A stand-in that detects copies (a known name must, before it is cached)."""
+    return standin.make_copy_detector_sscd(tmp_path_factory.mktemp("standin") / "s.pt").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def random_standin_bytes(tmp_path_factory):
+    """A well-formed SSCD-shaped TorchScript with random weights: it does not detect copies."""
+    return standin.make_standin_sscd(tmp_path_factory.mktemp("random-standin") / "s.pt").read_bytes()
 
 
 def _cache_files(tmp_path):
@@ -72,7 +79,7 @@ def test_known_name_downloads_verifies_and_is_reused(server, standin_bytes, tmp_
     server.files["sscd_disc_mixup.torchscript.pt"] = (standin_bytes, "ok")
     model = sscd.load_sscd("sscd_disc_mixup")
     dest = tmp_path / "cache" / "sscd" / "sscd_disc_mixup.torchscript.pt"
-    assert dest.read_bytes() == standin_bytes and _cache_files(tmp_path) == [dest.name]
+    assert dest.read_bytes() == standin_bytes and _cache_files(tmp_path) == [dest.name, sscd.VERIFIED_FILE]
     assert server.hits == ["/mirror/sscd_disc_mixup.torchscript.pt"]
     assert sscd.file_sha256(dest) == hashlib.sha256(standin_bytes).hexdigest()
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 512)

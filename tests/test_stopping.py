@@ -79,7 +79,8 @@ def test_disk_full_is_recognised_however_it_is_reported(tmp_path):
     except RuntimeError as outer:
         assert is_disk_full(outer)
         message = disk_full_message(outer, tmp_path)
-    assert message.startswith(f"no space left on device while writing {tmp_path / 'x.bin'};") and "\n" not in message
+    assert message == (f"no space left on device while writing {tmp_path / 'x.bin'} (no checkpoint was written); free space there, "
+                       "then rerun the same command (with no checkpoint it trains again from step 0; --checkpointing_steps keeps progress).")
     rust = Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
     assert is_disk_full(rust) and str(tmp_path) in disk_full_message(rust, tmp_path)
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))

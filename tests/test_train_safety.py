@@ -192,8 +192,9 @@ def test_disk_full_during_a_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, 
     monkeypatch.setattr(state, "save_process_state", fill_the_disk)
     out = tmp_path / "full"
     line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", steps=5), 1)
-    assert line.startswith(f"error: no space left on device while writing {out}/.tmp-checkpoint-3/state_rank0.pt;"), line
-    assert "--resume_from_checkpoint latest" in line
+    assert line.startswith(f"error: no space left on device while writing {out}/.tmp-checkpoint-3/state_rank0.pt "
+                           "(newest checkpoint: checkpoint-2); free space there, then rerun the same command with "
+                           "--resume_from_checkpoint latest (it continues from checkpoint-2"), line
     assert complete_steps(out) == [1, 2]
     assert_no_partial_files(out)
     assert not (out / LOCK_NAME).exists()
@@ -211,7 +212,7 @@ def test_disk_full_during_the_final_save(tiny_model_dir, tiny_data_dir, tmp_path
     monkeypatch.setattr(trainable, "save_full_pipeline", fill_the_disk)
     out = tmp_path / "full"
     line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=3), 1)
-    assert line.startswith(f"error: no space left on device while writing {out};"), line
+    assert line.startswith(f"error: no space left on device while writing {out} (newest checkpoint: checkpoint-2);"), line
     assert complete_steps(out) == [2] and not (out / "unet").exists()
     assert_no_partial_files(out)
 
@@ -239,6 +240,7 @@ def test_diverging_run_stops_and_saves_nothing_non_finite(tiny_model_dir, tiny_d
             if not a.startswith("--learning_rate")] + ["--learning_rate=1e3"] + (["--agc_ratio=1.25"] if agc else [])
     line = cli_error(capsys, argv, 1)
     assert re.fullmatch(r"error: the run diverged at step \d+: .*NaN/inf.*; nothing non-finite was saved \(newest checkpoint: .*\); "
+                        r"resuming replays the same steps and would diverge again: start a new run in a new --output_dir with a "
                         r"lower --learning_rate \(now 1000\).*", line), line
     assert not (out / "unet").exists() and not (out / "memfree_state.json").exists(), "no final model"
     assert all(torch.isfinite(t).all() for t in saved_tensors(out).values())

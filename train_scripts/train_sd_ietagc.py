@@ -240,10 +240,11 @@ def train(args, stop) -> dict:
     from sd_memfree.losses import min_snr_weights, per_sample_loss
     from sd_memfree.collectives import Collectives, ProcessLayout, refuse_sharded_engines, timeout
     from sd_memfree.resume import data_fingerprint, trajectory_settings, write_trajectory
-    from sd_memfree.startpoint import continue_upstream, plan_start
+    from sd_memfree.safeio import replace_file
+    from sd_memfree.startpoint import check_resumed_counters, continue_upstream, plan_start
     from sd_memfree.steplog import StepLossLog
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
-    from sd_memfree.stopping import RunStopped, StepStops, all_finite
+    from sd_memfree.stopping import RunStopped, StepStops, all_finite, divergence_advice
     from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
                                       trainable_parameters, upcast_trainable_)
 
@@ -402,6 +403,7 @@ def train(args, stop) -> dict:
                           ema=ema_unet, log=log)
     elif resume_dir is not None:
         load_process_state(resume_dir, rank, world, stateful)
+        check_resumed_counters(resume_dir, memfree.global_step)  # its counters agree with its marker
         log.info(f"Resumed from {resume_dir} at step {memfree.global_step}")
 
     # Secrets (--hub_token) never reach train_args.json, the tracker config or the card.
@@ -410,7 +412,7 @@ def train(args, stop) -> dict:
     def write_run_config(folder: Path) -> None:
         """The resolved settings, beside the model and in every checkpoint (resume checks them)."""
         mf.save_json(folder / "memfree_config.json")
-        (folder / "train_args.json").write_text(json.dumps(plain_args, indent=2))
+        replace_file(folder / "train_args.json", json.dumps(plain_args, indent=2))  # never through a link
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in plain_args.items() if v is not None})
@@ -571,7 +573,7 @@ def train(args, stop) -> dict:
         # Never publish a non-finite model, e.g. one that diverged in its last few steps, under the stop checks' limit.
         if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
             raise RunStopped(f"the trained weights are NaN/inf after step {memfree.global_step}: the final model was not "
-                             f"saved (newest checkpoint: {stops.newest_checkpoint()}); lower --learning_rate (now {args.learning_rate:g}) and resume or start again.")
+                             f"saved (newest checkpoint: {stops.newest_checkpoint()}); {divergence_advice(args.learning_rate)}")
         staging = output_dir / ".tmp-final"  # written in full first, then renamed into place
         shutil.rmtree(staging, ignore_errors=True)
         if args.use_lora:
@@ -583,9 +585,7 @@ def train(args, stop) -> dict:
         checkpointing.publish_entries(staging, output_dir)
         state = {"num_samples": num_samples, "global_step": memfree.global_step,
                  **{k: v for k, v in method_summary.items() if not k.startswith("agc/")}}  # shard split and moves, merges
-        tmp = output_dir / "memfree_state.json.partial"
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, output_dir / "memfree_state.json")
+        replace_file(output_dir / "memfree_state.json", json.dumps(state, indent=2))
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
             from sd_memfree.scoring.generate import caption_text
             from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts

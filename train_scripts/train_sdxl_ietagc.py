@@ -334,10 +334,11 @@ def train(args, stop) -> dict:
     from sd_memfree.data import check_resolution, check_samples, dropped_warning, load_image_caption_dataset, write_dropped_samples
     from sd_memfree.losses import min_snr_weights, per_sample_loss
     from sd_memfree.resume import write_trajectory
-    from sd_memfree.startpoint import continue_upstream, plan_start
+    from sd_memfree.safeio import replace_file
+    from sd_memfree.startpoint import check_resumed_counters, continue_upstream, plan_start
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
     from sd_memfree.steplog import StepLossLog
-    from sd_memfree.stopping import RunStopped, StepStops, all_finite
+    from sd_memfree.stopping import RunStopped, StepStops, all_finite, divergence_advice
     from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
                                       upcast_trainable_)
     if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
@@ -461,6 +462,8 @@ def train(args, stop) -> dict:
                           args.gradient_accumulation_steps, ema=ema_unet, log=log)
     elif resume_dir is not None:
         load_process_state(resume_dir, accelerator.process_index, accelerator.num_processes, stateful)
+    if resume_dir is not None and not start.upstream:
+        check_resumed_counters(resume_dir, memfree.global_step)  # its counters agree with its marker
     plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -477,7 +480,7 @@ def train(args, stop) -> dict:
             save_process_state(tmp, accelerator.process_index, accelerator.num_processes, stateful)
             if accelerator.is_main_process:
                 mf.save_json(tmp / "memfree_config.json")
-                (tmp / "train_args.json").write_text(json.dumps(plain_args, indent=2))
+                replace_file(tmp / "train_args.json", json.dumps(plain_args, indent=2))
                 write_trajectory(tmp, settings)
                 # The live tensors may hold a proxy's weights: publish the last merge's.
                 save_checkpoint_model(accelerator.unwrap_model(unet), tmp, args.use_lora, trainable=memfree.merged_weights())  # [memfree]
@@ -589,7 +592,7 @@ def train(args, stop) -> dict:
         final_unet = accelerator.unwrap_model(unet)
         if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
             raise RunStopped(f"the trained weights are NaN/inf after step {summary['global_step']}: the final model was not saved; "
-                             f"lower --learning_rate (now {args.learning_rate:g}) and start again.")
+                             f"{divergence_advice(args.learning_rate)}")
         staging = output_dir / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
         if args.use_lora:
@@ -606,9 +609,7 @@ def train(args, stop) -> dict:
         checkpointing.publish_entries(staging, output_dir)
         state = {"num_samples": num_samples, "global_step": summary["global_step"],
                  **{k: v for k, v in report.summary.items() if not k.startswith("agc/")}}  # shard split and moves, merges
-        tmp = output_dir / "memfree_state.json.partial"
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, output_dir / "memfree_state.json")
+        replace_file(output_dir / "memfree_state.json", json.dumps(state, indent=2))
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
             from sd_memfree.scoring.generate import caption_text
             from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts

@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from ..safeio import replace_file
+
 THUMB = 192
 
 
@@ -182,15 +184,11 @@ def write_html(
         + "".join(sections)
         + "</body></html>"
     )
-    path = Path(path)
-    path.write_text(doc, encoding="utf-8")
-    return path
+    return replace_file(path, doc)
 
 
 def write_metrics_json(path: str | Path, metrics: dict) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    return path
+    return replace_file(path, json.dumps(metrics, indent=2, sort_keys=False) + "\n")
 
 
 def model_card_snippet(metrics: dict) -> str:

@@ -50,10 +50,9 @@ def write_skip_counts(path: str | os.PathLike, counts: Sequence[int], captions: 
         raise ValueError(f"{len(counts)} counts, {len(captions)} captions and {len(file_names)} file names: one each per sample.")
     path = Path(path)
     rows = [{"sample_id": i, "skip_count": int(c), "file_name": f, "text": t} for i, (c, t, f) in enumerate(zip(counts, captions, file_names))]
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps({"version": 1, "num_samples": len(rows), "samples": rows}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from ..safeio import replace_file
+
+    return replace_file(path, json.dumps({"version": 1, "num_samples": len(rows), "samples": rows}, indent=1))
 
 
 def read_skip_counts(path: str | os.PathLike, captions: Sequence[str], file_names: Sequence[str | None]) -> np.ndarray:

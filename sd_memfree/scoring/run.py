@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sd_memfree.scoring import cache as cache_lib
+from sd_memfree.safeio import replace_file
 from sd_memfree.scoring import clip_score, fid, generate, metrics, report, risk, search, sscd
 
 logger = logging.getLogger("sd_memfree.score")
@@ -143,6 +144,15 @@ def main(args: argparse.Namespace) -> dict:
     )
     if len(train) == 0:
         raise DataError(f"the training set {args.dataset_name or args.train_data_dir} has no images; pass the data the model was trained on.")
+    # The pixel copy test (d1/d2) and FID compare against at least two training images: say so
+    # now, not after hours of generation and embedding.
+    train_px = _pixels((row[image_col] for row in train.select_columns([image_col])), len(train), args.pixel_size) if args.pixel_size else None
+    distinct = len(metrics.distinct_rows(train_px)) if train_px is not None else len(train)
+    needs = [what for what, on in (("the pixel copy test", bool(args.pixel_size)), ("FID", not args.no_fid)) if on]
+    if needs and distinct < 2:
+        off = " and ".join(f for f, on in (("--pixel_size 0", bool(args.pixel_size)), ("--no_fid", not args.no_fid)) if on)
+        raise DataError(f"the training set {args.dataset_name or args.train_data_dir} has {distinct} distinct image(s) but "
+                        f"{' and '.join(needs)} need at least 2; add training images or pass {off}.")
     sscd_path = sscd.resolve_sscd_path(args.sscd_model)
     sscd.load_sscd(str(sscd_path), "cpu")  # TorchScript, finite non-zero [B, D] rows on a probe batch
     if not args.no_clip_score:
@@ -225,7 +235,6 @@ def main(args: argparse.Namespace) -> dict:
         del meter
     pixel_per_image = None
     if args.pixel_size:
-        train_px = _pixels((row[image_col] for row in train.select_columns([image_col])), len(train), args.pixel_size)
         gen_px = _pixels(iter(gen_images), len(gen_images), args.pixel_size)
         summary, pixel_per_image = metrics.pixel_copy_details(gen_px, train_px, device=device)
         result["pixel"] = {"pixel_size": args.pixel_size, **summary}
@@ -260,20 +269,21 @@ def main(args: argparse.Namespace) -> dict:
     }
 
     # 7. Outputs.
-    with open(out / "per_image.jsonl", "w", encoding="utf-8") as f:
-        for g, (r, s, n) in enumerate(zip(records, gen_sim.tolist(), nearest.tolist())):
-            row = {"file_name": r.file_name, "text": r.text, "similarity": s, "train_index": n, "noise_magnitude": r.noise_magnitude}
-            if pixel_per_image is not None:
-                row.update(pixel_copy=bool(pixel_per_image["copy"][g]), pixel_d1_d2=float(pixel_per_image["d1"][g] / max(pixel_per_image["d2"][g], 1e-12)),
-                           pixel_nearest=int(pixel_per_image["nearest"][g]))
-            f.write(json.dumps(row) + "\n")
+    lines = []
+    for g, (r, s, n) in enumerate(zip(records, gen_sim.tolist(), nearest.tolist())):
+        row = {"file_name": r.file_name, "text": r.text, "similarity": s, "train_index": n, "noise_magnitude": r.noise_magnitude}
+        if pixel_per_image is not None:
+            row.update(pixel_copy=bool(pixel_per_image["copy"][g]), pixel_d1_d2=float(pixel_per_image["d1"][g] / max(pixel_per_image["d2"][g], 1e-12)),
+                       pixel_nearest=int(pixel_per_image["nearest"][g]))
+        lines.append(json.dumps(row) + "\n")
+    replace_file(out / "per_image.jsonl", "".join(lines))  # outputs are replaced, never written through a link
     report.write_metrics_json(out / "metrics.json", result)
     pair_images = [(gen_images[p["generated"]], train[p["train"]][image_col]) for p in pairs]
     risk_images = [train[row["train"]][image_col] for row in result["training_risk"]["most_copied"]] if result["training_risk"] else []
     report.write_html(out / "report.html", result, gen_sim, background, pairs, pair_images,
                       magnitudes=magnitudes if result["noise_magnitude"] else None,
                       copies=pixel_per_image["copy"] if pixel_per_image is not None else None, risk_images=risk_images)
-    (out / "model_card_snippet.md").write_text(report.model_card_snippet(result), encoding="utf-8")
+    replace_file(out / "model_card_snippet.md", report.model_card_snippet(result))
     g = result["gen_vs_train"]
     logger.info("sim_95pc=%.4f mean=%.4f %s=%.4f -> %s", g["sim_95pc"], g["mean"], metrics.threshold_key(args.threshold), g[metrics.threshold_key(args.threshold)], out)
     return result

@@ -11,7 +11,15 @@ Invariants:
 - Every model is checked before use (``load_sscd``): it must load with ``torch.jit.load``
   (TorchScript, never a pickle) and map a probe batch to finite, non-zero ``[B, D]`` rows (unit
   norm and the published width for a downloaded known name); otherwise ``SSCDError`` names the
-  file and the problem. ``embed_images`` applies the same finite / non-zero check to every batch,
+  file and the problem.
+- A known name is trusted only once it has shown it detects copies (``check_copy_detection``: a
+  few generated images and their re-encoded / resized / cropped copies must score far above
+  pairs of different images), before it enters the cache and again for a file put in the cache
+  by hand; the SHA-256 of what passed is then recorded (``verified.json`` in the cache) and every
+  later load of that name must have the same bytes. The authors publish no checksums for their
+  files (their README, github.com/facebookresearch/sscd-copy-detection, lists download links
+  only), so ``KNOWN_SSCD_SHA256`` is empty: the first verified file's hash is the reference.
+  A file given by path is the user's own choice and gets the probe checks only. ``embed_images`` applies the same finite / non-zero check to every batch,
   so a broken measurement can never read as "no memorization".
 - ``embed_images`` returns float32 ``[N, D]`` rows of unit L2 norm, in the order of the input,
   whatever the batch size (we re-normalise because normalisation is idempotent and not every
@@ -25,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -38,6 +47,13 @@ SSCD_URL = DEFAULT_SSCD_BASE_URL + "/{name}.torchscript.pt"
 KNOWN_SSCD_DIMS = {"sscd_disc_mixup": 512, "sscd_disc_large": 1024, "sscd_disc_blur": 512, "sscd_disc_advanced": 512, "sscd_imagenet_mixup": 512}
 KNOWN_SSCD_MODELS = tuple(KNOWN_SSCD_DIMS)
 PREPROCESSINGS = ("dcr", "sscd")
+# SHA-256 of the authors' files, where they publish one (none is published; see the docstring).
+KNOWN_SSCD_SHA256: dict[str, str] = {}
+VERIFIED_FILE = "verified.json"  # in <cache>/sscd/: name -> SHA-256 of the file that passed the copy check
+# A copy detector must score every copy above every pair of different images, and on average by
+# this much: SSCD scores copies ~0.6-0.9 and unrelated images ~0-0.2; random weights score
+# everything alike (all ~0 for random unit vectors, all ~1 for a random network).
+MIN_COPY_MARGIN = 0.3
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -140,7 +156,10 @@ def download_sscd(name: str, timeout: float = 60.0) -> Path:
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or (f"interrupted after {tmp.stat().st_size if tmp.exists() else 0} bytes" if isinstance(e, http.client.IncompleteRead) else e)
             raise MissingWeightsError(f"could not download SSCD model '{name}' from {url} ({reason}): {manual}.") from None
-        verify_sscd(_jit_load(tmp, "cpu", f"the file downloaded from {url}"), f"the file downloaded from {url}", expected_dim=KNOWN_SSCD_DIMS[name], unit_norm=True)
+        what = f"the file downloaded from {url}"
+        model = _jit_load(tmp, "cpu", what)
+        verify_sscd(model, what, expected_dim=KNOWN_SSCD_DIMS[name], unit_norm=True)
+        trust_known_file(name, tmp, model, what)  # before it is cached as the name
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -204,13 +223,129 @@ def verify_sscd(model, what: str, expected_dim: int | None = None, unit_norm: bo
 
 def load_sscd(name_or_path: str, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
     """Load an SSCD TorchScript file (or a stand-in of the same interface) in eval mode, checked
-    by ``verify_sscd`` (fetching a known name first if needed)."""
+    by ``verify_sscd`` (fetching a known name first if needed); a known name's cached file must be
+    the one that passed the copy check (``trust_known_file``)."""
     path = resolve_sscd_path(name_or_path)
     model = _jit_load(path, device, f"SSCD file {path}")
     name = path.name.removesuffix(".pt").removesuffix(".torchscript")
     known = path == cached_sscd_path(name) and name in KNOWN_SSCD_DIMS
     verify_sscd(model, f"SSCD file {path}", expected_dim=KNOWN_SSCD_DIMS[name] if known else None, device=device)
+    if known:
+        trust_known_file(name, path, model, f"SSCD file {path}", device=device)
     return model
+
+
+def _verified(root: Path) -> dict:
+    from ..safeio import UnsafeFile, read_json
+
+    path = root / VERIFIED_FILE
+    try:
+        return read_json(path, "delete it; the models are verified again on their next use.") if path.exists() else {}
+    except UnsafeFile:
+        return {}  # a damaged record only costs a new verification
+
+
+def trust_known_file(name: str, path: str | os.PathLike, model, what: str, device="cpu") -> str:
+    """Accept ``path`` as known SSCD model ``name`` only if its bytes are the ones trusted before.
+
+    The reference hash is the authors' (``KNOWN_SSCD_SHA256``) when published, else the one of
+    the first file that passed ``check_copy_detection`` (recorded in ``<cache>/sscd/verified.json``).
+    Without a reference the model is checked now and, if it passes, its hash is recorded.
+
+    Returns:
+        The file's SHA-256.
+
+    Raises:
+        SSCDError: the bytes differ from the reference, or the model does not detect copies.
+    """
+    from ..safeio import replace_file
+
+    digest = file_sha256(path)
+    root = cached_sscd_path(name).parent
+    published = KNOWN_SSCD_SHA256.get(name)
+    recorded = _verified(root).get(name)
+    expected = published or recorded
+    if expected and digest != expected:
+        source = "the SSCD authors' published SHA-256" if published else f"the SHA-256 recorded in {root / VERIFIED_FILE} when it was first verified"
+        raise SSCDError(f"{what} has SHA-256 {digest}, not {expected} ({source}); it is not the '{name}' model: delete it "
+                        f"and fetch it again from {DEFAULT_SSCD_BASE_URL}.")
+    if recorded != digest:
+        check_copy_detection(model, what, device=device)
+        records = {**_verified(root), name: digest}
+        root.mkdir(parents=True, exist_ok=True)
+        replace_file(root / VERIFIED_FILE, json.dumps(records, indent=1, sort_keys=True) + "\n")
+    return digest
+
+
+def copy_check_images(count: int = 4, size: int = 256, seed: int = 0) -> list[Image.Image]:
+    """``count`` different generated images (no download): smooth gradients under large
+    coloured shapes, at random places, so each has its own layout at every scale."""
+    import random
+
+    from PIL import ImageDraw
+
+    rng = random.Random(seed)
+    images = []
+    for _ in range(count):
+        a, b = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(2)]
+        im = Image.new("RGB", (size, size))
+        px = im.load()
+        horizontal = rng.random() < 0.5
+        for y in range(size):
+            for x in range(size):
+                t = (x if horizontal else y) / (size - 1)
+                px[x, y] = tuple(int(a[c] * (1 - t) + b[c] * t) for c in range(3))
+        draw = ImageDraw.Draw(im)
+        for _ in range(6):
+            x0, y0 = rng.randrange(size - 40), rng.randrange(size - 40)
+            x1, y1 = x0 + rng.randrange(40, size // 2), y0 + rng.randrange(40, size // 2)
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+        images.append(im)
+    return images
+
+
+def copies_of(image: Image.Image) -> list[Image.Image]:
+    """Three copies a copy detector must recognise: JPEG re-encoded at quality 30, shrunk to 40 %
+    and enlarged back, and cropped to the central 80 % and resized back."""
+    import io
+
+    w, h = image.size
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=30)
+    jpeg = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    resized = image.resize((w * 2 // 5, h * 2 // 5), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+    cropped = image.crop((w // 10, h // 10, w - w // 10, h - h // 10)).resize((w, h), Image.BILINEAR)
+    return [jpeg, resized, cropped]
+
+
+@torch.no_grad()
+def check_copy_detection(model, what: str, device="cpu", margin: float = MIN_COPY_MARGIN) -> tuple[float, float]:
+    """Check that ``model`` detects copies: every image's copies (``copies_of``) score above every
+    pair of different images, and on average by at least ``margin``.
+
+    Returns:
+        ``(lowest copy similarity, highest similarity of different images)``.
+
+    Raises:
+        SSCDError: one line with both numbers; the model is not a copy detector (random or wrong
+            weights), so a score it gave would read as "no memorization".
+    """
+    originals = copy_check_images()
+    images = [im for original in originals for im in [original, *copies_of(original)]]
+    emb = embed_images(model, images, "dcr", batch_size=len(images), device=device, source=what)
+    group = torch.arange(len(originals)).repeat_interleave(len(images) // len(originals))
+    sims = emb @ emb.T
+    same = (group[:, None] == group[None, :]) & ~torch.eye(len(images), dtype=torch.bool)
+    different = group[:, None] != group[None, :]
+    copy_sims, other_sims = sims[same], sims[different]
+    low, high = float(copy_sims.min()), float(other_sims.max())
+    if low <= high or float(copy_sims.mean() - other_sims.mean()) < margin:
+        raise SSCDError(f"{what} does not detect copies: an image and its re-encoded / resized / cropped copies score "
+                        f"{low:.2f}..{float(copy_sims.max()):.2f} against {float(other_sims.min()):.2f}..{high:.2f} for different "
+                        f"images (mean {float(copy_sims.mean()):.2f} vs {float(other_sims.mean()):.2f}); its weights are not SSCD's, "
+                        f"so it would report no memorization: fetch it from {DEFAULT_SSCD_BASE_URL}.")
+    return low, high
 
 
 def make_transform(preprocess: str) -> Callable[[Image.Image], torch.Tensor]:

@@ -4,6 +4,10 @@ then loaded by the *same* code path as the real file:
 
 - ``make_standin_sscd``: a TorchScript model with SSCD's interface (ResNet trunk, GeM pooling,
   512-d projection, L2 norm), loaded by ``sscd.load_sscd``.
+- ``make_copy_detector_sscd``: a TorchScript model with the same interface that *is* a (weak)
+  copy detector, with fixed weights: an 8 x 8 colour thumbnail, mean-removed, mapped by an
+  orthonormal projection (which keeps every inner product) and L2-normalised. It passes
+  ``sscd.check_copy_detection``; the random ``make_standin_sscd`` does not.
 - ``make_tiny_clip``: a small open_clip architecture (registered as ``TINY_CLIP_NAME``) and its
   weights file, loaded by ``open_clip.create_model_and_transforms(name, pretrained=<file>)``.
 - ``make_random_inception_weights``: a state dict of torch-fidelity's FID Inception-v3, loaded by
@@ -56,6 +60,38 @@ def make_standin_sscd(path: str | os.PathLike, trunk: str = "resnet18", seed: in
     """Write a scripted ``StandinSSCD`` with seeded random weights to ``path``."""
     torch.manual_seed(seed)
     model = torch.jit.script(StandinSSCD(trunk).eval())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(str(path))
+    return path
+
+
+class ThumbnailCopyDetector(nn.Module):
+    """8 x 8 thumbnail -> remove its mean -> orthonormal projection to ``dim`` -> L2 norm.
+
+    The cosine of two outputs is the correlation of the two thumbnails: near 1 for an image and
+    its re-encoded, resized or slightly cropped copy, near 0 for unrelated images.
+    """
+
+    def __init__(self, dim: int = 512, seed: int = 0):
+        super().__init__()
+        features = 3 * 8 * 8
+        if dim < features:
+            raise ValueError(f"dim must be at least {features}")
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(dim, features, generator=g))  # [dim, 192], orthonormal columns
+        self.register_buffer("project", q.T.contiguous())  # [192, dim], orthonormal rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        thumb = nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+        thumb = thumb - thumb.mean(dim=1, keepdim=True)
+        return nn.functional.normalize(thumb @ self.project, dim=-1)
+
+
+def make_copy_detector_sscd(path: str | os.PathLike, dim: int = 512, seed: int = 0) -> Path:
+    """Write a scripted ``ThumbnailCopyDetector`` (``dim``-d output; ``seed`` picks the projection,
+    so two seeds give two different files that both detect copies) to ``path``."""
+    model = torch.jit.script(ThumbnailCopyDetector(dim, seed).eval())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(str(path))
