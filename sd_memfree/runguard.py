@@ -52,7 +52,7 @@ def check_launched_processes(num_processes: int, env=None) -> None:
 
     ``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE`` in every worker. On a machine without
     a GPU, accelerate joins the workers into one process group only with ``ACCELERATE_USE_CPU=1``
-    (``accelerate launch --cpu``); without it each worker believes it is alone, all train the same
+    (``accelerate launch --cpu --num_processes N`` starts one process only); without it each worker believes it is alone, all train the same
     proxies and race for the same ``output_dir``.
 
     Raises:
@@ -67,7 +67,7 @@ def check_launched_processes(num_processes: int, env=None) -> None:
         cpu = env.get("ACCELERATE_USE_CPU", "")
         raise LaunchError(f"WORLD_SIZE={launched}: {launched} processes were launched but each sees only itself "
                           f"(ACCELERATE_USE_CPU={cpu or 'unset'}); on a machine without a GPU set ACCELERATE_USE_CPU=1 "
-                          "(or use accelerate launch --cpu), else launch one process.")
+                          "(ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N, or torchrun), else launch one process.")
 
 
 def check_learning_rate(learning_rate: float, adam_beta1: float = 0.9) -> None:
