@@ -225,8 +225,9 @@ def lost_peer_message(exc: BaseException, output_dir: str, step: int | None, col
     found = list_checkpoints(Path(output_dir))
     newest = str(found[-1][1]) if found else "none was written"
     where = f"after step {step}" if step is not None else "before the first step"
-    why = ("stopped answering" if "imed out" in str(exc) or "imeout" in str(exc) else "died or lost its connection")
-    limit = f" (--collective_timeout {collective_timeout:g} s)" if collective_timeout else ""
+    timed_out = "imed out" in str(exc) or "imeout" in str(exc)
+    why = "stopped answering" if timed_out else "died or lost its connection"
+    limit = f" (--collective_timeout {collective_timeout:g} s)" if collective_timeout and timed_out else ""
     return (f"another process or node {why}{limit}: this process stopped {where} in a collective (newest checkpoint: "
             f"{newest}); restart every process with --resume_from_checkpoint latest once all nodes are back.")
 

@@ -92,6 +92,48 @@ def test_no_torch_distributed_reduction_outside_the_collectives_module():
     assert not offenders, "\n".join(offenders)
 
 
+def _collectives_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from sd_memfree.collectives import Collectives, ProcessLayout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("cuda:gloo", rank=rank, world_size=4)  # refuses host tensors, as NCCL does
+    try:
+        raw = "accepted"
+        try:
+            dist.all_reduce(torch.ones(1))
+        except RuntimeError as e:
+            raw = str(e).splitlines()[0]
+        c = Collectives(ProcessLayout(2, 4, rank))
+        world = c.all_reduce(torch.tensor([rank + 1.0])).item()
+        data = c.all_gather(torch.tensor([[rank]]), over="data").flatten().tolist()
+        merge = c.all_reduce(torch.tensor([float(rank)]), over="merge").item()
+        flag = c.all_reduce(torch.tensor([rank == 3]).long(), op="max").item()
+        c.barrier()
+        with c.main_process_first():
+            pass
+        results[rank] = (raw, world, data, merge, flag, c.broadcast_object({"from": rank}), c.group("data", "cpu") is not None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_collective_takes_host_tensors_past_an_nccl_like_default_group():
+    """4 processes, K=2 (D=2), default group ``cuda:gloo``: a raw all-reduce of a host tensor is
+    refused with NCCL's error, while every ``Collectives`` call goes through: world sum 1+2+3+4=10,
+    the data group of ranks (0,1) / (2,3) gathers in rank order, the merge groups (0,2) / (1,3) sum
+    to 2 / 4, a max, a barrier, main-process-first and rank 0's object everywhere."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_collectives_worker, args=(free_port(), results), nprocs=4, join=True)
+    for rank in range(4):
+        raw, world, data, merge, flag, obj, host_group = results[rank]
+        assert raw == "No backend type associated with device type cpu"
+        assert world == 10 and data == ([0, 1] if rank < 2 else [2, 3]) and merge == (2 if rank % 2 == 0 else 4)
+        assert flag == 1 and obj == {"from": 0} and host_group
+
+
 # -- a proxy's draws and loss do not depend on how many processes share it ---------------------
 
 class _NoCollectives:
