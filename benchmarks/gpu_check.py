@@ -183,7 +183,7 @@ def check_dependencies(proxyset_only: bool = False) -> list[str]:
         except Exception as e:  # noqa: BLE001 - a broken install is as missing as an absent one
             missing.append(f"{pip_name} ({type(e).__name__}: {e})")
     try:
-        importlib.import_module("sd_memfree.proxies")
+        importlib.import_module("sd_memfree.method.proxies")
     except Exception as e:  # noqa: BLE001
         missing.append(f"sd_memfree from {REPO} ({type(e).__name__}: {e})")
     return missing
@@ -366,12 +366,12 @@ def build_config(ctx: dict, precision: str, mode: str, name: str, reset: bool = 
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    from sd_memfree.agc import LossBank, SkipStats
+    from sd_memfree.method.agc import LossBank, SkipStats
     from sd_memfree.config import MemFreeConfig
-    from sd_memfree.losses import masked_mean, per_sample_loss
-    from sd_memfree.proxies import ProxySet
-    from sd_memfree.shards import ShardAssignment
-    from sd_memfree.state import ProxyGenerators
+    from sd_memfree.method.losses import masked_mean, per_sample_loss
+    from sd_memfree.method.proxies import ProxySet
+    from sd_memfree.method.shards import ShardAssignment
+    from sd_memfree.run.state import ProxyGenerators
     from sd_memfree.trainable import add_lora, trainable_parameters, upcast_trainable_
 
     a = ctx["args"]
@@ -407,7 +407,7 @@ def build_config(ctx: dict, precision: str, mode: str, name: str, reset: bool = 
     assignment = ShardAssignment(N, K, seed)
     strengths = None
     if mf.loss_aware_augmentation:
-        from sd_memfree.augment import AugmentationStrengths, augmentation_strength
+        from sd_memfree.method.augment import AugmentationStrengths, augmentation_strength
 
         strengths = AugmentationStrengths(N)
     T = noise_scheduler.config.num_train_timesteps
@@ -715,7 +715,7 @@ def proxyset_probe(device, numel: int = 860_000_000, num_tensors: int = 100) -> 
     """
     import torch
 
-    from sd_memfree.proxies import ProxySet
+    from sd_memfree.method.proxies import ProxySet
 
     def timed(fn, *a) -> float:
         sync(device)
@@ -776,7 +776,7 @@ def augment_cost(resolution: int, n: int = 16) -> dict:
     import torch
     from PIL import Image
 
-    from sd_memfree.augment import AugmentationStrengths, LossAwareAugment
+    from sd_memfree.method.augment import AugmentationStrengths, LossAwareAugment
 
     store = AugmentationStrengths(1)
     store.values.fill_(1.0)

@@ -422,7 +422,7 @@ def main(args: argparse.Namespace) -> dict:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from sd_memfree import checkpointing
+    from sd_memfree.run import checkpointing
     from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, tiny_base_model
 
     t0 = time.time()

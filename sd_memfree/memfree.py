@@ -34,7 +34,7 @@ Invariants:
 - The data the loop sees always follows the state: an iterator of ``prepare``'s / ``dataloader``'s
   loader starts afresh (at the current micro-step, from the current shards) after a
   redistribution or a loaded checkpoint, and a new sampler iterator always starts there too.
-- ``state_dict()`` holds tensors and plain data only (sd_memfree/state.py writes it without
+- ``state_dict()`` holds tensors and plain data only (sd_memfree/run/state.py writes it without
   pickle); ``stateful_objects()`` names the same objects under the names the SD script's
   checkpoints use. Loading a checkpoint into them needs no further call: the loaded counters
   tell the plugin, which makes the right proxy live before it next trains.
@@ -48,15 +48,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .agc import LossBank, SkipStats
+from .method.agc import LossBank, SkipStats
 from .config import MemFreeConfig
-from .data import ShardBatchSampler
-from .losses import masked_mean
+from .method.sampler import ShardBatchSampler
+from .method.losses import masked_mean
 from .collectives import Collectives, ProcessLayout
-from .proxies import ProxySet
-from .schedule import RoundSchedule
-from .shards import ShardAssignment
-from .state import Counters, ProxyGenerators
+from .method.proxies import ProxySet
+from .method.schedule import RoundSchedule
+from .method.shards import ShardAssignment
+from .run.state import Counters, ProxyGenerators
 
 
 class _LoopCounters(Counters):
@@ -172,7 +172,7 @@ class MemFree:
                                       gradient_accumulation_steps=self.gradient_accumulation_steps)
         self.strengths = self.augment = None
         if mf.loss_aware_augmentation:  # per-sample strengths in shared memory, read by the data workers
-            from .augment import AugmentationStrengths, LossAwareAugment
+            from .method.augment import AugmentationStrengths, LossAwareAugment
 
             self.strengths = AugmentationStrengths(num_samples)
             self.augment = LossAwareAugment(self.strengths, max_magnitude=mf.augment_max_magnitude)
@@ -411,7 +411,7 @@ class MemFree:
                 # averages the D processes' gradients, so each divides by 1/D of the global count.
                 denominator = seen_keep.sum().clamp(min=1).to(losses.dtype) / self.data_world
             if self.strengths is not None:  # loss-aware augmentation strength for the next draw
-                from .augment import augmentation_strength
+                from .method.augment import augmentation_strength
 
                 self.strengths.update(seen_ids, augmentation_strength(seen_losses, seen_t, bank.bank, self.config.agc_ratio,
                                                                       self.config.augment_alpha), seen_keep)

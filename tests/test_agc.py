@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sd_memfree.agc import LossBank, SkipStats
+from sd_memfree.method.agc import LossBank, SkipStats
 
 
 def reference_update(bank: list[float], losses: list[float], timesteps: list[int], ema: float) -> list[float]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageChops
 
-from sd_memfree.augment import AugmentationStrengths, LossAwareAugment, augmentation_strength
+from sd_memfree.method.augment import AugmentationStrengths, LossAwareAugment, augmentation_strength
 from sd_memfree.testing.tiny import make_tiny_image
 
 

@@ -92,7 +92,7 @@ def test_full_checkpoint_holds_unet_and_ema_loadable(tiny_model_dir, tiny_data_d
     unet_ema/) ends on the same final model."""
     from diffusers import UNet2DConditionModel
 
-    from sd_memfree.state import read_process_state
+    from sd_memfree.run.state import read_process_state
 
     out = tmp_path / "ema"
     run(args(tiny_model_dir, tiny_data_dir, out, "--use_ema", "--checkpointing_steps=1", steps=2))
@@ -172,7 +172,7 @@ def test_shard_checkpoint_size_and_resume_from_every_position(tiny_model_dir, ti
 
 
 def read_live_trainable(ckpt: Path) -> dict:
-    from sd_memfree.state import read_process_state
+    from sd_memfree.run.state import read_process_state
 
     trainable = read_process_state(ckpt, 0)["objects"]["trainable"]
     assert trainable["omitted"] == []  # mid-turn the live weights differ from unet/, so they are stored
@@ -247,7 +247,7 @@ def test_full_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_dat
     summary = run(args(tiny_model_dir, tiny_data_dir, out, "--learning_rate=0", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=4))
     assert summary["steps_this_run"] == 2 and summary["global_step"] == 4
     assert same(load_file(out / "unet" / "diffusion_pytorch_model.safetensors"), load_file(tmp_path / "their_unet" / "diffusion_pytorch_model.safetensors"))
-    from sd_memfree.state import read_process_state
+    from sd_memfree.run.state import read_process_state
 
     assert read_process_state(out / "checkpoint-4", 0)["objects"]["optimizer"]["state"][0]["step"].item() == 32
     assert tree_digest(out / "checkpoint-2") == before and not marker.exists()

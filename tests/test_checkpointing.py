@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_memfree.checkpointing import (
+from sd_memfree.run.checkpointing import (
     COMPLETE_MARKER,
     atomic_checkpoint_dir,
     checkpoint_step,
@@ -117,7 +117,7 @@ def test_accelerate_checkpoints_resolve_as_another_scripts(tmp_path):
     """Ours at 1 and 4, diffusers' (accelerate layout) at 3 and 4: 'latest' takes ours at 4 (a
     tie goes to ours, which holds the exact state); with diffusers' at 6 too, 'latest' is that
     one; an explicit path to one is returned (the script continues from its weights)."""
-    from sd_memfree.checkpointing import is_accelerate_checkpoint
+    from sd_memfree.run.checkpointing import is_accelerate_checkpoint
 
     save(tmp_path, 1)
     save(tmp_path, 4)
@@ -134,7 +134,7 @@ def test_accelerate_checkpoints_resolve_as_another_scripts(tmp_path):
 def test_foreign_checkpoints_listed_and_never_overwritten(tmp_path):
     """An upstream checkpoint-4 (accelerate layout, no marker) is listed as foreign, oldest step
     first; saving our step 4 over it raises and leaves its files untouched."""
-    from sd_memfree.checkpointing import foreign_checkpoints
+    from sd_memfree.run.checkpointing import foreign_checkpoints
 
     for step in (4, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -246,7 +246,7 @@ def test_prune_without_limit_keeps_all_and_rejects_zero(tmp_path):
 
 def test_publish_entries_replaces_and_leaves_nothing_behind(tmp_path):
     """Existing entries are replaced by the staged ones; other files and the staging folder go."""
-    from sd_memfree.checkpointing import publish_entries
+    from sd_memfree.run.checkpointing import publish_entries
 
     dest = tmp_path / "out"
     (dest / "unet").mkdir(parents=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sd_memfree.losses import masked_mean, min_snr_weights, per_sample_loss
+from sd_memfree.method.losses import masked_mean, min_snr_weights, per_sample_loss
 
 
 def test_per_sample_loss_means_over_non_batch_dims_in_float32():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sd_memfree import MemFree, MemFreeConfig
-from sd_memfree.state import load_process_state, save_process_state
+from sd_memfree.run.state import load_process_state, save_process_state
 
 N = 12  # samples
 

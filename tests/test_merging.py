@@ -1,11 +1,11 @@
-"""Hand-computed tests of the pure merge math in sd_memfree.merging."""
+"""Hand-computed tests of the pure merge math in sd_memfree.method.merging."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sd_memfree.merging import accumulate_, merge_weight, weighted_average
+from sd_memfree.method.merging import accumulate_, merge_weight, weighted_average
 
 
 def test_weighted_average_hand_computed():
@@ -96,7 +96,7 @@ def test_merge_weight_is_size_times_steps_and_rejects_negatives():
 def test_proxyset_merge_and_weighted_average_give_the_same_bits():
     """One implementation: ProxySet's running-sum merge is weighted_average of the proxies' weights
     with weights n_k * s_k, to the last bit (values chosen so a fused multiply-add would differ)."""
-    from sd_memfree.proxies import ProxySet
+    from sd_memfree.method.proxies import ProxySet
 
     starts = [torch.tensor([0.1, 1 / 3, 2.0 / 7]), torch.tensor([0.7, -1 / 9, 5.0 / 11])]
     param = torch.nn.Parameter(starts[0].clone())
@@ -117,7 +117,7 @@ def test_staged_add_rounds_as_product_then_add_and_leaves_no_temporary(monkeypat
     staging copy itself: the sums must be bit-identical to ``acc + (copy.float() * weight)``, the
     unfused rounding that makes one process taking turns and one process per proxy merge alike.
     The copies are fresh staging tensors (accumulate_ made them), so they may be overwritten."""
-    from sd_memfree import merging
+    from sd_memfree.method import merging
 
     monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: None)  # CPU stand-in
     g = torch.Generator().manual_seed(0)

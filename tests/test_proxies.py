@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sd_memfree.merging import weighted_average
-from sd_memfree.proxies import ProxySet
+from sd_memfree.method.merging import weighted_average
+from sd_memfree.method.proxies import ProxySet
 
 
 def _linear(weight: list[list[float]], bias: list[float]) -> nn.Linear:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from sd_memfree.proxies import ProxySet
+from sd_memfree.method.proxies import ProxySet
 
 SHARD_SIZES = [3, 1, 2, 2]
 STEPS_PER_TURN = 3

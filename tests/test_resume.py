@@ -1,4 +1,4 @@
-"""Trajectory settings and the data fingerprint a resume compares (sd_memfree/resume.py)."""
+"""Trajectory settings and the data fingerprint a resume compares (sd_memfree/run/resume.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from sd_memfree.resume import TRAJECTORY_FILE, check_budget_change, check_same_trajectory, data_fingerprint, write_trajectory
+from sd_memfree.run.resume import TRAJECTORY_FILE, check_budget_change, check_same_trajectory, data_fingerprint, write_trajectory
 
 
 def test_check_names_each_flag_saved_value_first_and_the_data(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_memfree.runlock import LOCK_NAME, OutputDirError, RunLock, RunLockHeld, check_output_dir
+from sd_memfree.run.runlock import LOCK_NAME, OutputDirError, RunLock, RunLockHeld, check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def hold_lock_in_subprocess(folder: Path) -> subprocess.Popen:
     """A live holder: another process that takes the lock and sleeps until killed."""
     code = textwrap.dedent(f"""
         import sys, time
-        from sd_memfree.runlock import RunLock
+        from sd_memfree.run.runlock import RunLock
         RunLock({str(folder)!r}).acquire()
         print("locked", flush=True)
         time.sleep(600)

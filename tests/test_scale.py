@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from sd_memfree import MemFree, MemFreeConfig
 from sd_memfree.collectives import ProcessLayout, check_spread, route
-from sd_memfree.losses import masked_mean
+from sd_memfree.method.losses import masked_mean
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "train_scripts" / "train_sd_ietagc.py")
@@ -315,7 +315,7 @@ def test_stall_watch_speaks_once_and_exits_after_its_seconds_without_a_beat(tmp_
     script = tmp_path / "hang.py"
     script.write_text(
         "import sys, time\n"
-        "from sd_memfree.stopping import StallWatch\n"
+        "from sd_memfree.run.stopping import StallWatch\n"
         "w = StallWatch(2.0, lambda: 'no step for 2 s', on_expire=lambda: print('released', flush=True), poll=0.1)\n"
         "for _ in range(5):\n    w.beat(); time.sleep(0.2)\n"
         "with w.paused():\n    time.sleep(3)\n"

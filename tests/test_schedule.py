@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sd_memfree.schedule import RoundSchedule
+from sd_memfree.method.schedule import RoundSchedule
 
 
 def proxies(s: RoundSchedule) -> str:

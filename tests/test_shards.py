@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sd_memfree.shards import ShardAssignment
+from sd_memfree.method.shards import ShardAssignment
 
 
 def _assignment(shards: list[list[int]]) -> ShardAssignment:

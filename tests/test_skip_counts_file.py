@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sd_memfree.scoring import risk
-from sd_memfree.shards import ShardAssignment
+from sd_memfree.method.shards import ShardAssignment
 from train_scripts import train_sd_ietagc as train
 
 

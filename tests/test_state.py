@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sd_memfree.state import load_process_state, read_process_state, save_process_state, state_files
+from sd_memfree.run.state import load_process_state, read_process_state, save_process_state, state_files
 
 
 class Holder:

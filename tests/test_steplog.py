@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_memfree.steplog import StepLossLog
+from sd_memfree.run.steplog import StepLossLog
 
 
 def test_one_mean_per_step_with_accumulation():

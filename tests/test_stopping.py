@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
-from sd_memfree.agc import SkipStats
-from sd_memfree.stopping import (NonFiniteWatch, RunInterrupted, StopSignals, all_finite, disk_full_message,
+from sd_memfree.method.agc import SkipStats
+from sd_memfree.run.stopping import (NonFiniteWatch, RunInterrupted, StopSignals, all_finite, disk_full_message,
                                  is_disk_full)
 
 NAN, INF = float("nan"), float("inf")

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_memfree.state import read_process_state
+from sd_memfree.run.state import read_process_state
 from train_scripts import train_sd_ietagc as train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_budget_of_two_and_a_half_rounds_merges_every_shard_equally(model20, tin
     """K=2, H=2 (4 steps a round), --max_train_steps=11: 2 whole rounds, then 11 - 8 = 3 steps left,
     3 // 2 = 1 step for each proxy and 1 step dropped (logged once). Every merge, the last included,
     gives both proxies the same steps: [2, 2], [2, 2], [1, 1] (not [2, 2], [2, 2], [2, 1])."""
-    from sd_memfree.proxies import ProxySet
+    from sd_memfree.method.proxies import ProxySet
 
     steps_at_merge = []
     original = ProxySet.merge

@@ -291,7 +291,7 @@ def test_lora_upcast_follows_accelerate_mixed_precision(tiny_model_dir, tiny_dat
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = tmp_path / "bf16"
     run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=1", steps=2))
-    from sd_memfree.state import read_process_state
+    from sd_memfree.run.state import read_process_state
 
     state = read_process_state(out / "checkpoint-1", 0)
     trainable = state["objects"]["trainable"]
@@ -507,7 +507,7 @@ def test_plain_step_is_upstreams_math(tiny_model_dir, tiny_data_dir, tmp_path, m
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
 
-    from sd_memfree import losses
+    from sd_memfree.method import losses
     from sd_memfree.memfree import MemFree
 
     inputs, targets, ours = [], [], []

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_memfree import checkpointing
-from sd_memfree.runlock import LOCK_NAME
-from sd_memfree.stopping import MAX_NONFINITE_STEPS
+from sd_memfree.run import checkpointing
+from sd_memfree.run.runlock import LOCK_NAME
+from sd_memfree.run.stopping import MAX_NONFINITE_STEPS
 from test_runlock import hold_lock_in_subprocess
 from train_scripts import train_sd_ietagc as train
 
@@ -177,7 +177,7 @@ def test_signal_finishes_the_step_checkpoints_and_resume_finishes(tiny_model_dir
 def test_disk_full_during_a_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
     """checkpointing_steps=1: checkpoints 1 and 2 are written, the third save hits ENOSPC after
     writing part of its file. One line, exit 1, checkpoints 1 and 2 complete, no temporary left."""
-    import sd_memfree.state as state
+    import sd_memfree.run.state as state
 
     real, calls = state.save_process_state, []
 
@@ -253,7 +253,7 @@ def nan_losses_at(monkeypatch, bad_steps: set[int], nan_gradients: bool):
     ``nan_gradients``: ``loss * nan`` (its gradient is NaN even where AGC masks the loss, since
     0 * nan = nan, as with a real NaN prediction) or ``loss + nan`` (a NaN value whose gradient is
     finite, so with AGC masking it the weights stay finite and only the loss check can see it)."""
-    import sd_memfree.losses as losses
+    import sd_memfree.method.losses as losses
 
     real, calls = losses.per_sample_loss, []
 
@@ -375,7 +375,7 @@ def test_signal_on_a_non_finite_step_writes_no_checkpoint(tiny_model_dir, tiny_d
     gradients made the weights NaN: the unscheduled checkpoint's weight check stops the run as
     diverged (exit 1). With AGC (NaN values, finite gradients) the weights are fine but the step
     was non-finite: no checkpoint-3, exit 143, the line names checkpoint-2."""
-    import sd_memfree.losses as losses
+    import sd_memfree.method.losses as losses
 
     real, calls = losses.per_sample_loss, []
 

@@ -175,7 +175,7 @@ def test_cli_builds_the_tiny_sdxl_model_and_runs_the_recipe(tmp_path, capsys):
 
 
 def test_resume_with_other_settings_or_a_held_lock_stops(sdxl20, tiny_data_dir, tmp_path, capsys):
-    from sd_memfree.runlock import RunLock
+    from sd_memfree.run.runlock import RunLock
 
     out = tmp_path / "run"
     run(args(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", steps=2))
@@ -202,7 +202,7 @@ def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(sdxl2
     import subprocess
     import sys
 
-    from sd_memfree.state import read_process_state
+    from sd_memfree.run.state import read_process_state
 
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
@@ -240,8 +240,8 @@ def test_signal_finishes_the_step_checkpoints_and_resume_finishes(sdxl20, tiny_d
 
     from test_train_safety import stop_with_signal
 
-    from sd_memfree import checkpointing
-    from sd_memfree.runlock import LOCK_NAME
+    from sd_memfree.run import checkpointing
+    from sd_memfree.run.runlock import LOCK_NAME
 
     out = tmp_path / "run"
     argv = args(sdxl20, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
@@ -286,7 +286,7 @@ def test_full_run_continues_from_a_diffusers_sdxl_checkpoint(sdxl20, tiny_data_d
     step 30 + 2 (its moments were loaded), no pickle ran, the folder is unchanged."""
     from test_checkpoint_contents import one_line_error, same, tree_digest, upstream_full_checkpoint
 
-    from sd_memfree.state import read_process_state
+    from sd_memfree.run.state import read_process_state
 
     out, marker, before = upstream_full_checkpoint(sdxl20, tmp_path)
 

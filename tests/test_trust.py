@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_memfree import checkpointing, safeio, state
-from sd_memfree.runguard import check_launched_processes, check_learning_rate, guarded_run
-from sd_memfree.stopping import RunStopped
+from sd_memfree import safeio
+from sd_memfree.run import checkpointing, state
+from sd_memfree.run.runguard import check_launched_processes, check_learning_rate, guarded_run
+from sd_memfree.run.stopping import RunStopped
 from test_checkpoint_contents import args, one_line_error, run
 from test_train_safety import assert_no_partial_files, cli_error, complete_steps, saved_tensors
 
@@ -241,7 +242,7 @@ def test_symlinked_checkpoint_is_never_pruned_replaced_or_listed(tmp_path):
         with checkpointing.atomic_checkpoint_dir(out, 1):
             pass
     assert (elsewhere / "keep.txt").read_text() == "theirs"
-    from sd_memfree.startpoint import plan_start
+    from sd_memfree.run.startpoint import plan_start
 
     fresh = tmp_path / "fresh"
     fresh.mkdir()

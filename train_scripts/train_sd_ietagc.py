@@ -206,7 +206,7 @@ def log_validation(pipeline_parts, args, accelerator, weight_dtype, step, is_fin
 
 
 def main(args) -> dict:
-    """Train under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled (``sd_memfree.runguard``);
+    """Train under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled (``sd_memfree.run.runguard``);
     returns a summary dict (steps, merges, skip statistics, output paths).
 
     Raises:
@@ -214,13 +214,13 @@ def main(args) -> dict:
             (after writing a checkpoint of the step in progress), non-finite losses, a full disk.
         OutputDirError, RunLockHeld: ``--output_dir`` is unusable or in use, before any model loads.
     """
-    from sd_memfree.runguard import guarded_run
+    from sd_memfree.run.runguard import guarded_run
 
     return guarded_run(args.output_dir, lambda stop: train(args, stop), collective_timeout=args.collective_timeout)
 
 
 def train(args, stop) -> dict:
-    """The training run itself (see :func:`main`); ``stop`` is the run's :class:`~sd_memfree.stopping.StopSignals`."""
+    """The training run itself (see :func:`main`); ``stop`` is the run's :class:`~sd_memfree.run.stopping.StopSignals`."""
     import datasets
     import diffusers
     import transformers
@@ -234,17 +234,18 @@ def train(args, stop) -> dict:
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sd_memfree import MemFree, checkpointing, hub
+    from sd_memfree import MemFree, hub
+    from sd_memfree.run import checkpointing
     from sd_memfree.data import (IndexedCaptionDataset, build_image_transforms, check_resolution, check_samples, collate,
                                  dropped_warning, load_image_caption_dataset, write_dropped_samples)
-    from sd_memfree.losses import min_snr_weights, per_sample_loss
+    from sd_memfree.method.losses import min_snr_weights, per_sample_loss
     from sd_memfree.collectives import Collectives, ProcessLayout, refuse_sharded_engines, timeout
-    from sd_memfree.resume import data_fingerprint, trajectory_settings, write_trajectory
+    from sd_memfree.run.resume import data_fingerprint, trajectory_settings, write_trajectory
     from sd_memfree.safeio import replace_file
-    from sd_memfree.startpoint import check_resumed_counters, continue_upstream, plan_start
-    from sd_memfree.steplog import StepLossLog
-    from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
-    from sd_memfree.stopping import RunStopped, StepStops, all_finite, divergence_advice
+    from sd_memfree.run.startpoint import check_resumed_counters, continue_upstream, plan_start
+    from sd_memfree.run.steplog import StepLossLog
+    from sd_memfree.run.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
+    from sd_memfree.run.stopping import RunStopped, StepStops, all_finite, divergence_advice
     from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
                                       trainable_parameters, upcast_trainable_)
 
@@ -621,7 +622,7 @@ def cli(argv=None) -> None:
     Exit codes: 0 done; 2 bad input (incl. an unusable or locked --output_dir); 1 the run stopped on
     its own (non-finite loss, disk full); 143 / 130 stopped by SIGTERM / Ctrl-C (128 + signal).
     """
-    from sd_memfree.runguard import run_cli
+    from sd_memfree.run.runguard import run_cli
 
     run_cli(main, parse_args(argv))
 

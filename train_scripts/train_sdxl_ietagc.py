@@ -289,10 +289,10 @@ SDXL_TRAJECTORY_FLAGS = ("pretrained_vae_model_name_or_path", "proportion_empty_
 
 
 def trajectory(args, mixed_precision: str, dataset, image_column: str, caption_column: str) -> dict:
-    """What a resume must match (sd_memfree/resume.py): the SD script's settings plus SDXL's."""
+    """What a resume must match (sd_memfree/run/resume.py): the SD script's settings plus SDXL's."""
     from types import SimpleNamespace
 
-    from sd_memfree.resume import data_fingerprint, trajectory_settings
+    from sd_memfree.run.resume import data_fingerprint, trajectory_settings
 
     settings = trajectory_settings(SimpleNamespace(**{"input_perturbation": 0, **vars(args)}), mixed_precision, len(dataset),
                                    data_fingerprint(dataset, image_column, caption_column))
@@ -302,20 +302,20 @@ def trajectory(args, mixed_precision: str, dataset, image_column: str, caption_c
 
 def main(args) -> dict:
     """Train under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled, as the SD script
-    (``sd_memfree.runguard``); returns a summary (steps, merges, skip statistics, output paths).
+    (``sd_memfree.run.runguard``); returns a summary (steps, merges, skip statistics, output paths).
 
     Raises:
         RunStopped: the run stopped early with a one-line reason and an exit code: SIGTERM / SIGINT
             (after writing a checkpoint of the step in progress), non-finite losses, a full disk.
         OutputDirError, RunLockHeld: ``--output_dir`` is unusable or in use, before any model loads.
     """
-    from sd_memfree.runguard import guarded_run
+    from sd_memfree.run.runguard import guarded_run
 
     return guarded_run(args.output_dir, lambda stop: train(args, stop), collective_timeout=args.collective_timeout)
 
 
 def train(args, stop) -> dict:
-    """The training run itself (see :func:`main`); ``stop`` is the run's :class:`~sd_memfree.stopping.StopSignals`."""
+    """The training run itself (see :func:`main`); ``stop`` is the run's :class:`~sd_memfree.run.stopping.StopSignals`."""
     import datasets
     import diffusers
     import transformers
@@ -329,16 +329,17 @@ def train(args, stop) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sd_memfree import MemFree, checkpointing, hub
+    from sd_memfree import MemFree, hub
+    from sd_memfree.run import checkpointing
     from sd_memfree.collectives import Collectives, ProcessLayout, refuse_sharded_engines, timeout
     from sd_memfree.data import check_resolution, check_samples, dropped_warning, load_image_caption_dataset, write_dropped_samples
-    from sd_memfree.losses import min_snr_weights, per_sample_loss
-    from sd_memfree.resume import write_trajectory
+    from sd_memfree.method.losses import min_snr_weights, per_sample_loss
+    from sd_memfree.run.resume import write_trajectory
     from sd_memfree.safeio import replace_file
-    from sd_memfree.startpoint import check_resumed_counters, continue_upstream, plan_start
-    from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
-    from sd_memfree.steplog import StepLossLog
-    from sd_memfree.stopping import RunStopped, StepStops, all_finite, divergence_advice
+    from sd_memfree.run.startpoint import check_resumed_counters, continue_upstream, plan_start
+    from sd_memfree.run.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
+    from sd_memfree.run.steplog import StepLossLog
+    from sd_memfree.run.stopping import RunStopped, StepStops, all_finite, divergence_advice
     from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
                                       upcast_trainable_)
     if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
@@ -638,7 +639,7 @@ def train(args, stop) -> dict:
 def cli(argv=None) -> None:
     """Command-line entry, as the SD script's: one-line errors instead of tracebacks; exit 2 bad
     input, 1 the run stopped on its own (diverged, disk full), 143 / 130 stopped by SIGTERM / Ctrl-C."""
-    from sd_memfree.runguard import run_cli
+    from sd_memfree.run.runguard import run_cli
 
     run_cli(main, parse_args(argv))
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .collectives import Collectives, ProcessLayout
+from ..collectives import Collectives, ProcessLayout
 from .merging import accumulate_, merge_weight
 
 OPTIMIZER_STATE_MODES = ("per_proxy", "shared")

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .safeio import read_json, replace_file
+from ..safeio import read_json, replace_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = ".complete"

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .safeio import UnsafeFile, check_regular_file, read_json
+from ..safeio import UnsafeFile, check_regular_file, read_json
 
 STATE_FORMAT = "sd_memfree-state-1"
 _TAGS = ("__tensor__", "__tuple__", "__items__", "__ndarray__", "__float__")
@@ -106,7 +106,7 @@ def _agree_any(flag: bool, world_size: int) -> bool:
     abandoned). A host tensor: ``Collectives`` sends it to the host group under NCCL."""
     import torch.distributed as dist
 
-    from .collectives import Collectives
+    from ..collectives import Collectives
 
     if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return flag

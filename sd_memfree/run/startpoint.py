@@ -25,7 +25,7 @@ from typing import Any
 
 from . import checkpointing
 from .resume import check_budget_change, check_same_trajectory, continue_from_upstream
-from .safeio import read_json
+from ..safeio import read_json
 
 logger = logging.getLogger("sd_memfree.train")
 

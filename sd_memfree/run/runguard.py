@@ -102,14 +102,14 @@ def take_run_lock(output_dir: str, collective_timeout: float | None = None):
     This is where the process group is initialised (``Accelerator()`` later reuses it), with
     ``collective_timeout`` seconds as the backend timeout.
 
-    Returns the held :class:`~sd_memfree.runlock.RunLock` on the main process, None on the others.
+    Returns the held :class:`~sd_memfree.run.runlock.RunLock` on the main process, None on the others.
     Raises the main process's ``OutputDirError`` / ``RunLockHeld`` on every process, so no process
     starts on a folder the main process could not lock.
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from .collectives import Collectives, timeout
+    from ..collectives import Collectives, timeout
     from .runlock import OutputDirError, RunLock, RunLockHeld
 
     # The process group only, built as Accelerator() builds it (which then reuses it); without the
@@ -156,7 +156,7 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict], collective_timeou
     connections end ours within seconds) or stopped answering (``collective_timeout`` seconds)
     stops this one with a line naming the last step and the newest checkpoint.
 
-    ``stop`` is the run's :class:`~sd_memfree.stopping.StopSignals`: a signal stops at once until
+    ``stop`` is the run's :class:`~sd_memfree.run.stopping.StopSignals`: a signal stops at once until
     the loop calls ``stop.defer()``; from then on the loop finishes the step and checkpoints.
 
     Returns:
@@ -238,7 +238,7 @@ def run_cli(main: Callable[[Any], dict], args: Any) -> None:
     Exit codes: 0 done; 2 bad input (incl. an unusable or locked --output_dir); 1 the run stopped on
     its own (non-finite loss, disk full); 143 / 130 stopped by SIGTERM / Ctrl-C (128 + signal).
     """
-    from .data import DataError
+    from ..data import DataError
     from .runlock import RunLockHeld
     from .stopping import EXIT_FAILED, SIGNAL_EXIT_CODES, RunStopped
 

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .safeio import check_regular_file, read_json, replace_file
+from ..safeio import check_regular_file, read_json, replace_file
 
 TRAJECTORY_FILE = "trajectory.json"
 
