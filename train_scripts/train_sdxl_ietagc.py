@@ -337,10 +337,7 @@ def train(args, stop) -> dict:
     from sd_memfree.stopping import RunStopped, StepStops, all_finite
     from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
                                       upcast_trainable_)
-    if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
-        from .train_sd_ietagc import check_model_folder
-    else:  # run as a file (accelerate launch train_scripts/...): its folder is sys.path[0]
-        from train_sd_ietagc import check_model_folder
+    from sd_memfree.recipe_setup import check_model_folder
 
     mf: MemFreeConfig = args.memfree
     output_dir = Path(args.output_dir)
