@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,32 @@ def nan_losses_at(monkeypatch, bad_steps: set[int], nan_gradients: bool):
         return out * float("nan") if nan_gradients else out + float("nan")
 
     monkeypatch.setattr(losses, "per_sample_loss", loss)
+
+
+# Two processes on the CPU (gloo), one thread each, the checkout importable.
+MP_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def torchrun_cmd(script: str | Path, argv: list[str]) -> list[str]:
+    """torchrun of ``script`` (a file name in train_scripts/, or an absolute path) on 2 processes."""
+    path = Path(script) if Path(script).is_absolute() else REPO / "train_scripts" / script
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path), *argv]
+
+
+def run_two_processes(script: str | Path, argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``torchrun_cmd(script, argv)`` with ``MP_ENV``; it must exit 0 (its stderr's tail if not)."""
+    proc = subprocess.run(torchrun_cmd(script, argv), env=MP_ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@contextmanager
+def one_thread():
+    """Run the block on one intra-op thread, as each process of ``run_two_processes`` runs
+    (``OMP_NUM_THREADS=1``): CPU reductions then sum in the same order, so runs compare bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -13,18 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import cli_error
 from sd_memfree.scoring import generate, run
 from sd_memfree.testing import standin
-from test_scoring_cli import _error_line  # the scorer's one-line error check
 
 SDXL = "StableDiffusionXLPipeline"
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory) -> Path:
-    from sd_memfree.testing.tiny import make_tiny_sdxl_model
-
-    return make_tiny_sdxl_model(tmp_path_factory.mktemp("score-sdxl") / "model", seed=0)
+def sdxl_dir(tiny_sdxl_dir) -> Path:
+    return tiny_sdxl_dir
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +177,8 @@ def test_unsupported_pipeline_or_no_model_index_is_one_line_before_any_work(tmp_
     index = json.loads((sdxl_dir / "model_index.json").read_text())
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
     common = ["--train_data_dir", str(tiny_data_dir), "--sscd_model", str(tmp_path / "unused.pt"), "--out", str(tmp_path / "o")]
-    err = _error_line(capsys, ["--model", str(other), *common])
+    err = cli_error(capsys, run.cli, ["--model", str(other), *common])
     assert "is a FluxPipeline pipeline" in err and "StableDiffusionPipeline or StableDiffusionXLPipeline" in err and "--generated_dir" in err
-    err = _error_line(capsys, ["--model", str(lora_dir), *common])
+    err = cli_error(capsys, run.cli, ["--model", str(lora_dir), *common])
     assert f"--model {lora_dir}" in err and "model_index.json" in err and "--lora_weights" in err
     assert not (tmp_path / "o").exists()
