@@ -263,3 +263,14 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def noise_magnitude_probe(pipe, prompts: list[str], latents: torch.Tensor, guidance: float, steps: int = 1) -> torch.Tensor | None:
+    """The scorer's ``NoiseMagnitudeProbe`` over ``steps`` first steps of a 3-step generation of
+    ``prompts`` from ``latents`` (cloned) at ``guidance``; its per-generation result."""
+    from sd_memfree.scoring import generate
+
+    with generate.NoiseMagnitudeProbe(pipe, steps) as probe:
+        probe.begin(len(prompts))
+        pipe(prompt=prompts, latents=latents.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="latent")
+        return probe.result()
