@@ -338,6 +338,18 @@ def build_image_transforms(resolution: int, center_crop: bool, random_flip: bool
     return geometric, to_tensor
 
 
+def caption_text(caption) -> str:
+    """A caption cell as one string (datasets may store several captions per image: take the first).
+
+    The one reading of a caption that training's skip counts file and the scorer share, so the
+    scorer's join of counts to images compares like with like."""
+    if isinstance(caption, str):
+        return caption
+    if isinstance(caption, (list, tuple)) and caption:
+        return str(caption[0])
+    return str(caption)
+
+
 class IndexedCaptionDataset(Dataset):
     """Yields ``{"pixel_values", "input_ids", "sample_id"}`` for keys ``(sample_id, aug_seed)``.
 

@@ -33,6 +33,29 @@ def tiny_data_dir(tmp_path_factory) -> Path:
                              duplicate_fraction=0.25, duplicate_times=3, seed=0)
 
 
+@pytest.fixture(scope="session")
+def model20(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a 20-timestep scheduler, so AGC's loss banks fill up in a few steps."""
+    from helpers import with_train_timesteps
+
+    return with_train_timesteps(tiny_model_dir, tmp_path_factory.mktemp("model20") / "m", 20)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    from sd_memfree.testing.tiny import make_tiny_sdxl_model
+
+    return make_tiny_sdxl_model(tmp_path_factory.mktemp("tiny-sdxl") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl20(tiny_sdxl_dir, tmp_path_factory) -> Path:
+    """The tiny SDXL model with a 20-timestep scheduler, so AGC's loss banks fill up in a few steps."""
+    from helpers import with_train_timesteps
+
+    return with_train_timesteps(tiny_sdxl_dir, tmp_path_factory.mktemp("sdxl20") / "m", 20)
+
+
 CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package `chromium`)")
 

@@ -8,67 +8,32 @@ resumed or overwritten; a resume with other trajectory settings or data stops wi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from helpers import Hostile, cli_error, fake_upstream_checkpoint, same, train_argv, tree_digest, upstream_full_checkpoint
 from train_scripts import train_sd_ietagc as train
-
-
-class Hostile:
-    """Unpickling this calls ``open(marker, "w")``: the file appears iff the pickle was loaded."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def args(model, data, out, *extra, steps=4):
-    return [
-        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
-        "--resolution=32", "--train_batch_size=2", f"--max_train_steps={steps}", "--learning_rate=1e-3",
-        "--lr_warmup_steps=0", "--seed=7", "--report_to=none", "--checkpointing_steps=1000000", *extra,
-    ]
 
 
 def run(argv):
     return train.main(train.parse_args(argv))
 
 
-def one_line_error(capsys, argv, cli=None) -> str:
-    """Run a recipe's ``cli`` (default: the SD script's) expecting exit 2 and a last stderr line
-    ``error: ...``, no traceback; returns that line."""
-    with pytest.raises(SystemExit) as e:
-        (cli or train.cli)(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
-    return err[-1]
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_lora_checkpoints_load_with_diffusers_and_4_steps_resume_to_8(tiny_model_dir, tiny_data_dir, tmp_path):
     """LoRA, K=1. A 4-step run with --checkpointing_steps=2 leaves checkpoint-2 and checkpoint-4
     (the last step); each loads with pipe.load_lora_weights; checkpoint-4's LoRA equals the final
-    output. Resuming 'latest' with --max_train_steps=8 equals an uninterrupted 8-step run, bit for bit."""
+    output. Resuming 'latest' with --max_train_steps=8 equals an uninterrupted 8-step run, bit for bit
+    (random flips on: the data order and augmentation resume too; the resumed run's own checkpoints
+    at 6 and 8 must not perturb it). The one LoRA resume of the suite."""
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "run"
-    run(args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", steps=4))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--random_flip", "--checkpointing_steps=2", steps=4))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     ckpt4 = out / "checkpoint-4"
     assert same(load_file(ckpt4 / "pytorch_lora_weights.safetensors"), load_file(out / "pytorch_lora_weights.safetensors"))
@@ -78,10 +43,11 @@ def test_lora_checkpoints_load_with_diffusers_and_4_steps_resume_to_8(tiny_model
         pipe.load_lora_weights(str(out / f"checkpoint-{step}"), adapter_name=f"s{step}")
     assert set(pipe.get_list_adapters()["unet"]) == {"s2", "s4"}
 
-    summary = run(args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=8))
+    summary = run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--random_flip", "--checkpointing_steps=2",
+                             "--resume_from_checkpoint=latest", steps=8))
     assert summary["steps_this_run"] == 4
     straight = tmp_path / "straight"
-    run(args(tiny_model_dir, tiny_data_dir, straight, "--use_lora", steps=8))
+    run(train_argv(tiny_model_dir, tiny_data_dir, straight, "--use_lora", "--random_flip", steps=8))
     assert same(load_file(out / "pytorch_lora_weights.safetensors"), load_file(straight / "pytorch_lora_weights.safetensors"))
 
 
@@ -95,11 +61,11 @@ def test_full_checkpoint_holds_unet_and_ema_loadable(tiny_model_dir, tiny_data_d
     from sd_memfree.run.state import read_process_state
 
     out = tmp_path / "ema"
-    run(args(tiny_model_dir, tiny_data_dir, out, "--use_ema", "--checkpointing_steps=1", steps=2))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_ema", "--checkpointing_steps=1", steps=2))
     objects = read_process_state(out / "checkpoint-1", 0)["objects"]
     assert objects["ema"]["omitted"] == ["shadow_params"] and objects["trainable"]["state"] == {}
     resumed = tmp_path / "resumed"
-    run(args(tiny_model_dir, tiny_data_dir, resumed, "--use_ema", f"--resume_from_checkpoint={out / 'checkpoint-1'}", steps=2))
+    run(train_argv(tiny_model_dir, tiny_data_dir, resumed, "--use_ema", f"--resume_from_checkpoint={out / 'checkpoint-1'}", steps=2))
     assert same(load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors"), load_file(out / "unet" / "diffusion_pytorch_model.safetensors"))
     ckpt = out / "checkpoint-2"
     final = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
@@ -118,10 +84,10 @@ def test_shard_checkpoint_holds_the_last_merge_not_the_live_proxy(tiny_model_dir
     from diffusers import UNet2DConditionModel
 
     method = ["--num_shards=2", "--merge_every=2"]
-    run(args(tiny_model_dir, tiny_data_dir, tmp_path / "four", *method, steps=4))
+    run(train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "four", *method, steps=4))
     # 8 steps: two whole rounds (a budget of 6 would shorten the second round to one step each,
     # so that step 5 would end proxy 0's turn).
-    run(args(tiny_model_dir, tiny_data_dir, tmp_path / "eight", *method, "--checkpointing_steps=5", steps=8))
+    run(train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "eight", *method, "--checkpointing_steps=5", steps=8))
     ckpt_unet = UNet2DConditionModel.from_pretrained(tmp_path / "eight" / "checkpoint-5", subfolder="unet").state_dict()
     merged4 = load_file(tmp_path / "four" / "unet" / "diffusion_pytorch_model.safetensors")
     assert same({k: ckpt_unet[k] for k in merged4}, merged4)
@@ -158,16 +124,16 @@ def test_shard_checkpoint_size_and_resume_from_every_position(tiny_model_dir, ti
     P = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").parameters())
     method = ["--num_shards=2", "--merge_every=2", f"--proxy_optimizer_state={mode}"]
     out = tmp_path / "run"
-    run(args(tiny_model_dir, tiny_data_dir, out, *method, "--checkpointing_steps=1", steps=4))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, *method, "--checkpointing_steps=1", steps=4))
     expected = {"per_proxy": {2: 12 * P, 3: 24 * P, 4: 16 * P}, "shared": {2: 12 * P, 3: 16 * P, 4: 8 * P}}[mode]
     for step, size in expected.items():
         assert size <= state_bytes(out / f"checkpoint-{step}") <= size + 64 * 1024, (step, state_bytes(out / f"checkpoint-{step}"), size)
     straight = tmp_path / "straight"
-    run(args(tiny_model_dir, tiny_data_dir, straight, *method, steps=8))
+    run(train_argv(tiny_model_dir, tiny_data_dir, straight, *method, steps=8))
     final = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
     for step in (2, 4):
         resumed = tmp_path / f"from{step}"
-        run(args(tiny_model_dir, tiny_data_dir, resumed, *method, f"--resume_from_checkpoint={out / f'checkpoint-{step}'}", steps=8))
+        run(train_argv(tiny_model_dir, tiny_data_dir, resumed, *method, f"--resume_from_checkpoint={out / f'checkpoint-{step}'}", steps=8))
         assert same(load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors"), final), step
 
 
@@ -183,51 +149,15 @@ def test_crafted_pickle_in_a_checkpoint_does_not_run(tiny_model_dir, tiny_data_d
     """A checkpoint whose state is replaced by a pickle that creates a file when loaded (what
     torch.load(weights_only=False) did on resume): the resume stops with one line, nothing runs."""
     out = tmp_path / "victim"
-    run(args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", steps=2))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", steps=2))
     ckpt = out / "checkpoint-2"
     for f in ckpt.glob("state_rank0.*"):
         f.unlink()
     marker = tmp_path / "pwned"
     torch.save({"world_size": 1, "objects": Hostile(marker)}, ckpt / "state_rank0.pt")
-    line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--resume_from_checkpoint=latest", steps=4))
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--resume_from_checkpoint=latest", steps=4))
     assert "state_rank0.pt" in line and "never loaded" in line
     assert not marker.exists()
-
-
-def fake_upstream_checkpoint(out: Path, step: int, marker: Path, weights: dict[str, Path], optimizer_state: dict | None = None) -> Path:
-    """checkpoint-<step> as diffusers' train_text_to_image(.py|_lora.py) writes it through
-    accelerate's save_state and its save hook. scheduler.bin and random_states_0.pkl (and
-    optimizer.bin unless ``optimizer_state`` is given) are pickles that create ``marker`` if loaded.
-    ``weights`` maps a name in the folder to a file or folder to copy there."""
-    ckpt = out / f"checkpoint-{step}"
-    ckpt.mkdir(parents=True)
-    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
-        torch.save({"x": Hostile(marker)}, ckpt / name)
-    if optimizer_state is not None:
-        torch.save(optimizer_state, ckpt / "optimizer.bin")
-    for name, source in weights.items():
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, ckpt / name)
-    return ckpt
-
-
-def upstream_full_checkpoint(model_dir: Path, tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
-    """``tmp_path/out/checkpoint-2`` as diffusers' full fine-tuning scripts write it: unet/ = the
-    base UNet + 0.01 (also saved as ``tmp_path/their_unet``), optimizer.bin = AdamW moments at
-    step 30 (plain tensors), the other pickles hostile (they would create ``tmp_path/pwned``).
-    Returns the output folder, the marker and the checkpoint's digest."""
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.01)
-    unet.save_pretrained(tmp_path / "their_unet")
-    opt = torch.optim.AdamW(unet.parameters())
-    for p in unet.parameters():
-        opt.state[p] = {"step": torch.tensor(30.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    out, marker = tmp_path / "out", tmp_path / "pwned"
-    fake_upstream_checkpoint(out, 2, marker, {"unet": tmp_path / "their_unet"}, optimizer_state=opt.state_dict())
-    return out, marker, tree_digest(out / "checkpoint-2")
 
 
 def test_full_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
@@ -239,12 +169,12 @@ def test_full_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_dat
     With --num_shards=2 it stops with one line."""
     out, marker, before = upstream_full_checkpoint(tiny_model_dir, tmp_path)
 
-    line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, out, steps=4))
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, steps=4))
     assert "checkpoint-2" in line and "accelerate save_state checkpoint" in line and "--resume_from_checkpoint=latest" in line
-    line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, out, "--num_shards=2", "--resume_from_checkpoint=latest", steps=4))
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, "--num_shards=2", "--resume_from_checkpoint=latest", steps=4))
     assert "checkpoint-2" in line and "without shards only" in line
 
-    summary = run(args(tiny_model_dir, tiny_data_dir, out, "--learning_rate=0", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=4))
+    summary = run(train_argv(tiny_model_dir, tiny_data_dir, out, "--learning_rate=0", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=4))
     assert summary["steps_this_run"] == 2 and summary["global_step"] == 4
     assert same(load_file(out / "unet" / "diffusion_pytorch_model.safetensors"), load_file(tmp_path / "their_unet" / "diffusion_pytorch_model.safetensors"))
     from sd_memfree.run.state import read_process_state
@@ -260,16 +190,16 @@ def test_lora_run_continues_from_an_upstream_checkpoint(tiny_model_dir, tiny_dat
     hostile optimizer.bin is refused by weights_only (moments start from zero), nothing ran.
     A later upstream checkpoint-6 in output_dir stops the run (we would write over it)."""
     trained = tmp_path / "trained"
-    run(args(tiny_model_dir, tiny_data_dir, trained, "--use_lora", steps=2))
+    run(train_argv(tiny_model_dir, tiny_data_dir, trained, "--use_lora", steps=2))
     theirs = trained / "pytorch_lora_weights.safetensors"
     out, marker = tmp_path / "out", tmp_path / "pwned"
     ckpt = fake_upstream_checkpoint(out, 2, marker, {"pytorch_lora_weights.safetensors": theirs})
-    argv = args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--learning_rate=0", f"--resume_from_checkpoint={ckpt}", steps=4)
+    argv = train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--learning_rate=0", f"--resume_from_checkpoint={ckpt}", steps=4)
     later = fake_upstream_checkpoint(out, 6, marker, {"pytorch_lora_weights.safetensors": theirs})
-    line = one_line_error(capsys, argv)
+    line = cli_error(capsys, train.cli, argv)
     assert "checkpoint-6" in line and "never overwrites" in line
     shutil.rmtree(later)
-    line = one_line_error(capsys, [a for a in argv if a != "--use_lora"])
+    line = cli_error(capsys, train.cli, [a for a in argv if a != "--use_lora"])
     assert "add --use_lora" in line
     summary = run(argv)
     assert summary["steps_this_run"] == 2
@@ -282,7 +212,7 @@ def shard_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
     """checkpoint-2 of a K=2 run with AGC, half-way through its one whole round (a 2-step budget
     would shorten that round to one step per proxy, and no longer budget could resume from it)."""
     out = tmp_path_factory.mktemp("traj") / "a"
-    run(args(tiny_model_dir, tiny_data_dir, out, "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--checkpointing_steps=2", steps=4))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--checkpointing_steps=2", steps=4))
     return out / "checkpoint-2"
 
 
@@ -296,11 +226,10 @@ def shard_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> Path:
 ])
 def test_resume_with_another_trajectory_setting_stops(tiny_model_dir, tiny_data_dir, tmp_path, capsys, shard_checkpoint, change, saved, new):
     """Each changed flag is named with the checkpoint's value first, then this run's."""
-    base = args(tiny_model_dir, tiny_data_dir, tmp_path / "b", "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02",
-                f"--resume_from_checkpoint={shard_checkpoint}", steps=8)
+    base = train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "b", "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", f"--resume_from_checkpoint={shard_checkpoint}", steps=8)
     flag = change.split("=")[0]
     argv = [a for a in base if a.split("=")[0] != flag] + [change]
-    line = one_line_error(capsys, argv)
+    line = cli_error(capsys, train.cli, argv)
     assert line.index(saved) < line.index(new), line
     assert not (tmp_path / "b").exists()
 
@@ -314,9 +243,9 @@ def test_resume_on_other_data_of_the_same_size_stops(tiny_model_dir, tiny_data_d
     rows[0]["text"] = rows[0]["text"] + " (edited)"
     (other / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     method = ["--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", f"--resume_from_checkpoint={shard_checkpoint}"]
-    line = one_line_error(capsys, args(tiny_model_dir, other, tmp_path / "b", *method, steps=8))
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, other, tmp_path / "b", *method, steps=8))
     assert f"other data ({len(rows)} samples, fingerprint" in line and "this run's" in line
-    summary = run(args(tiny_model_dir, tiny_data_dir, tmp_path / "c", *method, steps=8))
+    summary = run(train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "c", *method, steps=8))
     assert summary["steps_this_run"] == 6
 
 
@@ -326,8 +255,8 @@ def test_resume_into_another_budget_from_a_shortened_round_stops(tiny_model_dir,
     proxy 0's first of two: resuming there would mix the two schedules. One line names both budgets;
     the same budget resumes."""
     method = ["--num_shards=2", "--merge_every=2", "--checkpointing_steps=5"]
-    run(args(tiny_model_dir, tiny_data_dir, tmp_path / "a", *method, steps=6))
+    run(train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "a", *method, steps=6))
     ckpt = tmp_path / "a" / "checkpoint-5"
-    line = one_line_error(capsys, args(tiny_model_dir, tiny_data_dir, tmp_path / "b", *method, f"--resume_from_checkpoint={ckpt}", steps=8))
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "b", *method, f"--resume_from_checkpoint={ckpt}", steps=8))
     assert "--max_train_steps=6 but this run has --max_train_steps=8" in line and "step <= 4" in line, line
-    assert run(args(tiny_model_dir, tiny_data_dir, tmp_path / "c", *method, f"--resume_from_checkpoint={ckpt}", steps=6))["steps_this_run"] == 1
+    assert run(train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "c", *method, f"--resume_from_checkpoint={ckpt}", steps=6))["steps_this_run"] == 1

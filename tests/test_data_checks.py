@@ -6,31 +6,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from helpers import add_image, png_with_corrupt_data, rows, train_argv, write_rows
 from sd_memfree.data import DataError, check_samples, load_image_caption_dataset
 from train_scripts import train_sd_ietagc as train
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_with_corrupt_data(width: int = 32, height: int = 32) -> bytes:
-    """An RGB PNG whose IDAT holds a scrambled deflate stream (zlib header kept) under a correct
-    CRC: PIL's verify (header + CRCs) accepts it, decoding fails."""
-    rows = b"".join(b"\x00" + bytes((x * 7) % 256 for x in range(3 * width)) for _ in range(height))
-    data = bytearray(zlib.compress(rows))
-    for i in range(2, len(data) - 4):
-        data[i] ^= 0x5A
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", bytes(data)) + png_chunk(b"IEND", b"")
 
 
 def truncated_jpeg(size: int = 64) -> bytes:
@@ -55,19 +39,6 @@ def data_copy(tiny_data_dir, tmp_path):
     dst = tmp_path / "data"
     shutil.copytree(tiny_data_dir, dst)
     return dst
-
-
-def rows(folder):
-    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
-
-
-def write_rows(folder, new_rows):
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new_rows))
-
-
-def add_image(folder, name: str, blob: bytes, caption="a broken picture"):
-    (folder / name).write_bytes(blob)
-    write_rows(folder, rows(folder) + [{"file_name": name, "text": caption}])
 
 
 def test_truncated_jpeg_and_corrupt_png_fail_at_load_naming_both(data_copy):
@@ -136,12 +107,6 @@ def test_clean_data_passes_unchanged(tiny_data_dir):
     assert dropped == [] and len(kept) == len(ds) == 12
 
 
-def base_argv(model, data, out, *extra):
-    return [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}", "--resolution=32",
-            "--train_batch_size=2", "--max_train_steps=2", "--lr_warmup_steps=0", "--seed=7", "--report_to=none",
-            "--checkpointing_steps=1", *extra]
-
-
 def test_training_stops_before_models_load_on_null_caption(tiny_model_dir, data_copy, tmp_path, monkeypatch, capsys):
     """Today's failure: a null caption stopped the run after checkpoint-2. Now: one line, nothing written."""
     r = rows(data_copy)
@@ -150,7 +115,7 @@ def test_training_stops_before_models_load_on_null_caption(tiny_model_dir, data_
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
-        train.cli(base_argv(tiny_model_dir, data_copy, out))
+        train.cli(train_argv(tiny_model_dir, data_copy, out, steps=2, learning_rate=None, checkpointing_steps=1))
     assert exc.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"error: 1 of 12 training samples cannot be used: {data_copy / r[5]['file_name']} (sample 5): caption is None; "
@@ -161,7 +126,7 @@ def test_training_stops_before_models_load_on_null_caption(tiny_model_dir, data_
 def test_training_with_drop_bad_samples_trains_on_the_rest(tiny_model_dir, data_copy, tmp_path):
     add_image(data_copy, "scrambled.png", png_with_corrupt_data())
     out = tmp_path / "run"
-    summary = train.main(train.parse_args(base_argv(tiny_model_dir, data_copy, out, "--use_lora", "--drop_bad_samples")))
+    summary = train.main(train.parse_args(train_argv(tiny_model_dir, data_copy, out, "--use_lora", "--drop_bad_samples", steps=2, learning_rate=None, checkpointing_steps=1)))
     assert summary["num_samples"] == 12 and summary["global_step"] == 2
     dropped = json.loads((out / "dropped_samples.json").read_text())
     assert [d["where"] for d in dropped] == [f"{data_copy / 'scrambled.png'} (sample 12)"]

@@ -73,7 +73,11 @@ def test_accumulate_rejects_mismatches():
 
 
 def test_accumulate_empty_is_noop():
-    accumulate_([], [], 3.0)
+    """No tensors: nothing to add and nothing to check (0 sums, 0 tensors), but the count check holds."""
+    running = []
+    assert accumulate_(running, [], 3.0) is None and running == []
+    with pytest.raises(ValueError, match="0 sums but 1 tensors"):
+        accumulate_(running, [torch.zeros(1)], 3.0)
 
 
 @pytest.mark.gpu

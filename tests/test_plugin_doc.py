@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,18 +25,6 @@ def doc_example() -> dict:
     namespace = {"__name__": "plugin_doc_example"}
     exec(compile(code, "docs/plugin.md", "exec"), namespace)
     return namespace
-
-
-@pytest.fixture(scope="module")
-def model20(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with a 20-timestep scheduler, so AGC's loss banks fill up in a few steps."""
-    d = tmp_path_factory.mktemp("model20") / "m"
-    shutil.copytree(tiny_model_dir, d)
-    cfg_path = d / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["num_train_timesteps"] = 20
-    cfg_path.write_text(json.dumps(cfg))
-    return d
 
 
 METHOD = dict(num_shards=2, merge_every=2, agc_ratio=1.02, agc_ema=0.1, redistribute_fraction=0.5, loss_aware_augmentation=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from helpers import train_argv
 from sd_memfree.data import DataError, check_resolution
 from train_scripts import train_sd_ietagc as train
 
@@ -64,8 +65,9 @@ def test_check_accepts_exactly_what_trains(vae_levels, unet_levels, sizes):
 
 
 def test_sd_sizes_are_not_held_to_multiples_of_64():
-    for resolution in (200, 520, 768, 1000):
-        check_resolution(resolution, 8)
+    """SD's VAE downsamples by 8: every size from 8 on is accepted, multiple of 64 or not; 7 is not."""
+    sizes = (7, 8, 200, 520, 768, 1000)
+    assert {r: accepted(r, 8) for r in sizes} == {7: False, 8: True, 200: True, 520: True, 768: True, 1000: True}
 
 
 def test_generating_needs_multiples_of_8():
@@ -79,8 +81,6 @@ def test_generating_needs_multiples_of_8():
 
 @pytest.mark.parametrize("resolution", [30, 34])
 def test_tiny_model_trains_at_sizes_the_old_check_refused(tiny_model_dir, tiny_data_dir, tmp_path, resolution):
-    summary = train.main(train.parse_args([
-        f"--pretrained_model_name_or_path={tiny_model_dir}", f"--train_data_dir={tiny_data_dir}", f"--output_dir={tmp_path / 'o'}",
-        f"--resolution={resolution}", "--train_batch_size=2", "--max_train_steps=1", "--lr_warmup_steps=0", "--seed=7",
-        "--report_to=none", "--use_lora"]))
+    summary = train.main(train.parse_args(train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "o", "--use_lora", steps=1,
+                                                     resolution=resolution, learning_rate=None, checkpointing_steps=None)))
     assert summary["global_step"] == 1

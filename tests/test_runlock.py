@@ -6,31 +6,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
+from helpers import hold_lock_in_subprocess
 from sd_memfree.run.runlock import LOCK_NAME, OutputDirError, RunLock, RunLockHeld, check_output_dir
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def hold_lock_in_subprocess(folder: Path) -> subprocess.Popen:
-    """A live holder: another process that takes the lock and sleeps until killed."""
-    code = textwrap.dedent(f"""
-        import sys, time
-        from sd_memfree.run.runlock import RunLock
-        RunLock({str(folder)!r}).acquire()
-        print("locked", flush=True)
-        time.sleep(600)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
 
 
 def test_acquire_writes_holder_and_release_removes_it(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import cli_error
 from sd_memfree.scoring import generate, risk, run
 from sd_memfree.testing import standin
 
@@ -27,33 +28,22 @@ def no_generation(monkeypatch):
     monkeypatch.setattr(generate, "load_pipeline", refuse)
 
 
-def _error_line(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        run.cli(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    # datasets may draw a progress bar first; the error is one line of its own, the last one.
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err and sum(l.startswith("error:") for l in err.splitlines()) == 1, err
-    return last
-
-
 def test_generated_dir_missing_or_empty(tmp_path, tiny_data_dir, sscd_file, capsys):
     common = ["--train_data_dir", str(tiny_data_dir), "--sscd_model", str(sscd_file), "--no_clip_score", "--no_fid", "--out", str(tmp_path / "o")]
-    err = _error_line(capsys, ["--generated_dir", str(tmp_path / "nope"), *common])
+    err = cli_error(capsys, run.cli, ["--generated_dir", str(tmp_path / "nope"), *common])
     assert f"--generated_dir {tmp_path / 'nope'} is not a folder" in err
     (tmp_path / "empty").mkdir()
-    err = _error_line(capsys, ["--generated_dir", str(tmp_path / "empty"), *common])
+    err = cli_error(capsys, run.cli, ["--generated_dir", str(tmp_path / "empty"), *common])
     assert "metadata.jsonl not found" in err
     (tmp_path / "empty" / "metadata.jsonl").write_text("\n")
-    assert "lists no images" in _error_line(capsys, ["--generated_dir", str(tmp_path / "empty"), *common])
+    assert "lists no images" in cli_error(capsys, run.cli, ["--generated_dir", str(tmp_path / "empty"), *common])
     assert not (tmp_path / "o").exists()  # nothing written for a run that could not start
 
 
 def test_training_folder_without_images(tmp_path, tiny_model_dir, sscd_file, capsys, no_generation):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "metadata.jsonl").write_text("")
-    err = _error_line(capsys, ["--model", str(tiny_model_dir), "--train_data_dir", str(tmp_path / "data"), "--sscd_model", str(sscd_file),
+    err = cli_error(capsys, run.cli, ["--model", str(tiny_model_dir), "--train_data_dir", str(tmp_path / "data"), "--sscd_model", str(sscd_file),
                                "--no_clip_score", "--no_fid", "--out", str(tmp_path / "o")])
     assert "no images" in err and str(tmp_path / "data") in err
 
@@ -64,14 +54,14 @@ def test_missing_weights_and_explicit_path(tmp_path, tiny_model_dir, tiny_data_d
     monkeypatch.setenv("SD_MEMFREE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     common = ["--model", str(tiny_model_dir), "--train_data_dir", str(tiny_data_dir), "--no_clip_score", "--no_fid", "--out", str(tmp_path / "o")]
-    err = _error_line(capsys, [*common, "--sscd_model", "sscd_disc_large"])
+    err = cli_error(capsys, run.cli, [*common, "--sscd_model", "sscd_disc_large"])
     assert "sscd_disc_large.torchscript.pt" in err and str(tmp_path / "cache" / "sscd") in err
     missing = tmp_path / "some" / "path.pt"
-    err = _error_line(capsys, [*common, "--sscd_model", str(missing)])
+    err = cli_error(capsys, run.cli, [*common, "--sscd_model", str(missing)])
     assert f"--sscd_model {missing}: no such file" in err and "cache" not in err
-    err = _error_line(capsys, [*common, "--sscd_model", str(tmp_path / "x.pt"), "--fid_weights", str(tmp_path / "inc.pth")])
+    err = cli_error(capsys, run.cli, [*common, "--sscd_model", str(tmp_path / "x.pt"), "--fid_weights", str(tmp_path / "inc.pth")])
     assert "x.pt" in err
-    assert "--model" in _error_line(capsys, ["--model", str(tmp_path / "no-model"), "--train_data_dir", str(tiny_data_dir), "--out", str(tmp_path / "o")])
+    assert "--model" in cli_error(capsys, run.cli, ["--model", str(tmp_path / "no-model"), "--train_data_dir", str(tiny_data_dir), "--out", str(tmp_path / "o")])
 
 
 def test_sscd_file_returning_nan_stops_the_run(tmp_path, tiny_model_dir, tiny_data_dir, capsys, no_generation):
@@ -84,7 +74,7 @@ def test_sscd_file_returning_nan_stops_the_run(tmp_path, tiny_model_dir, tiny_da
 
     path = tmp_path / "nan.pt"
     torch.jit.script(NaNModel()).save(str(path))
-    err = _error_line(capsys, ["--model", str(tiny_model_dir), "--train_data_dir", str(tiny_data_dir), "--sscd_model", str(path),
+    err = cli_error(capsys, run.cli, ["--model", str(tiny_model_dir), "--train_data_dir", str(tiny_data_dir), "--sscd_model", str(path),
                                "--no_clip_score", "--no_fid", "--out", str(tmp_path / "o")])
     assert str(path) in err and "NaN" in err
 

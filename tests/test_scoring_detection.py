@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import noise_magnitude_probe
 from sd_memfree.scoring import generate, risk
 
 
@@ -17,21 +18,14 @@ def pipe(tiny_model_dir):
     return generate.load_pipeline(str(tiny_model_dir), None, torch.device("cpu"))
 
 
-def _probe(pipe, prompts, latents, guidance, steps=1):
-    with generate.NoiseMagnitudeProbe(pipe, steps) as probe:
-        probe.begin(len(prompts))
-        pipe(prompt=prompts, latents=latents.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="latent")
-        return probe.result()
-
-
 def test_probe_equals_hand_computed_first_step_with_and_without_guidance(pipe):
     """First step, same x_T: ||unet(x_T, t0, prompt) - unet(x_T, t0, "")|| per generation. With
     guidance (CFG batch [uncond; text], no extra call) and without (one extra call) it is the same
     number, and equals the two UNet calls made here by hand."""
     prompts = ["a red circle at the top left", "a blue square"]
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    with_cfg = _probe(pipe, prompts, latents, 7.5)
-    without = _probe(pipe, prompts, latents, 1.0)
+    with_cfg = noise_magnitude_probe(pipe, prompts, latents, 7.5)
+    without = noise_magnitude_probe(pipe, prompts, latents, 1.0)
     pipe.scheduler.set_timesteps(3)
     t0 = pipe.scheduler.timesteps[0]
     with torch.no_grad():

@@ -13,18 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import cli_error, noise_magnitude_probe
 from sd_memfree.scoring import generate, run
 from sd_memfree.testing import standin
-from test_scoring_cli import _error_line  # the scorer's one-line error check
 
 SDXL = "StableDiffusionXLPipeline"
 
 
 @pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory) -> Path:
-    from sd_memfree.testing.tiny import make_tiny_sdxl_model
-
-    return make_tiny_sdxl_model(tmp_path_factory.mktemp("score-sdxl") / "model", seed=0)
+def sdxl_dir(tiny_sdxl_dir) -> Path:
+    return tiny_sdxl_dir
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +64,6 @@ def scored(sdxl_dir, lora_dir, tiny_data_dir, tmp_path_factory):
     return runs
 
 
-def _probe(pipe, prompts, latents, guidance, steps=1):
-    with generate.NoiseMagnitudeProbe(pipe, steps) as probe:
-        probe.begin(len(prompts))
-        pipe(prompt=prompts, latents=latents.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="latent")
-        return probe.result()
-
-
 def test_sdxl_folder_loads_as_sdxl_at_its_own_size(sdxl_pipe, tiny_model_dir):
     """model_index.json picks the class; the default size is UNet sample size 16 x VAE scale 2 = 32
     (what SDXL's __call__ uses when not told; 128 x 8 = 1024 for SDXL base)."""
@@ -92,8 +83,8 @@ def test_sdxl_probe_equals_hand_computed_first_step_with_and_without_guidance(sd
     assert pipe.config.force_zeros_for_empty_prompt
     prompts = ["a red circle at the top left", "a blue square"]
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    with_cfg = _probe(pipe, prompts, latents, 7.5)
-    without = _probe(pipe, prompts, latents, 1.0)
+    with_cfg = noise_magnitude_probe(pipe, prompts, latents, 7.5)
+    without = noise_magnitude_probe(pipe, prompts, latents, 1.0)
     pipe.scheduler.set_timesteps(3)
     t0 = pipe.scheduler.timesteps[0]
     with torch.no_grad():
@@ -118,12 +109,12 @@ def test_sdxl_empty_prompt_scores_against_the_pipelines_own_unconditional(sdxl_p
     pipe = sdxl_pipe
     prompts = ["a red circle at the top left", ""]
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    zeros_uncond = _probe(pipe, prompts, latents, 1.0)
+    zeros_uncond = noise_magnitude_probe(pipe, prompts, latents, 1.0)
     assert torch.isfinite(zeros_uncond).all() and (zeros_uncond > 0.1).all()
     pipe.register_to_config(force_zeros_for_empty_prompt=False)
     try:
         for guidance in (7.5, 1.0):
-            got = _probe(pipe, prompts, latents, guidance)
+            got = noise_magnitude_probe(pipe, prompts, latents, guidance)
             assert float(got[0]) > 0.1 and float(got[1]) < 1e-4 * float(got[0]), (guidance, got)  # 0 up to round-off
     finally:
         pipe.register_to_config(force_zeros_for_empty_prompt=True)
@@ -179,8 +170,8 @@ def test_unsupported_pipeline_or_no_model_index_is_one_line_before_any_work(tmp_
     index = json.loads((sdxl_dir / "model_index.json").read_text())
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
     common = ["--train_data_dir", str(tiny_data_dir), "--sscd_model", str(tmp_path / "unused.pt"), "--out", str(tmp_path / "o")]
-    err = _error_line(capsys, ["--model", str(other), *common])
+    err = cli_error(capsys, run.cli, ["--model", str(other), *common])
     assert "is a FluxPipeline pipeline" in err and "StableDiffusionPipeline or StableDiffusionXLPipeline" in err and "--generated_dir" in err
-    err = _error_line(capsys, ["--model", str(lora_dir), *common])
+    err = cli_error(capsys, run.cli, ["--model", str(lora_dir), *common])
     assert f"--model {lora_dir}" in err and "model_index.json" in err and "--lora_weights" in err
     assert not (tmp_path / "o").exists()

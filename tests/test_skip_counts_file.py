@@ -4,11 +4,10 @@ the scorer can join to its training set; redistribution does not reset them."""
 from __future__ import annotations
 
 import json
-import shutil
 
-import pytest
 import torch
 
+from helpers import train_argv
 from sd_memfree.scoring import risk
 from sd_memfree.method.shards import ShardAssignment
 from train_scripts import train_sd_ietagc as train
@@ -30,29 +29,13 @@ def test_total_skip_counts_survive_redistribution_and_checkpoints():
     assert b.total_skip_counts.tolist() == [0, 1, 0, 0]
 
 
-@pytest.fixture(scope="module")
-def model20(tiny_model_dir, tmp_path_factory):
-    """The tiny model with a 20-timestep scheduler, so loss banks fill up in a few steps."""
-    d = tmp_path_factory.mktemp("model20") / "m"
-    shutil.copytree(tiny_model_dir, d)
-    cfg_path = d / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["num_train_timesteps"] = 20
-    cfg_path.write_text(json.dumps(cfg))
-    return d
-
-
 def test_training_writes_whole_run_skip_counts(model20, tiny_data_dir, tmp_path):
     """16 steps x batch 4 = 64 samples; the file's counts sum to the whole-run skip rate x 64 even
     though redistribution reset the per-round counts, and each row names its image and caption
     (so the scorer can check it joins the right images)."""
     out = tmp_path / "run"
-    summary = train.main(train.parse_args([
-        f"--pretrained_model_name_or_path={model20}", f"--train_data_dir={tiny_data_dir}", f"--output_dir={out}",
-        "--resolution=32", "--train_batch_size=4", "--max_train_steps=16", "--learning_rate=1e-3", "--lr_warmup_steps=0",
-        "--seed=3", "--report_to=none", "--checkpointing_steps=1000000", "--num_shards=2", "--merge_every=2",
-        "--agc_ratio=1.02", "--agc_ema=0.1", "--redistribute_fraction=0.5",
-    ]))
+    summary = train.main(train.parse_args(train_argv(model20, tiny_data_dir, out, "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02",
+                                                     "--agc_ema=0.1", "--redistribute_fraction=0.5", steps=16, train_batch_size=4, seed=3)))
     data = json.loads((out / risk.SKIP_COUNTS_FILE).read_text())
     rows = [json.loads(line) for line in (tiny_data_dir / "metadata.jsonl").read_text().splitlines()]
     assert data["num_samples"] == len(rows) == 12

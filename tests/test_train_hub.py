@@ -3,25 +3,25 @@ upload, the Hub repo created before any model loads. The Hub API is faked (tests
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from diffusers import UNet2DConditionModel
 
+from helpers import train_argv
 from hub_fakes import RecordingApi
 from sd_memfree import hub
 from train_scripts import train_sd_ietagc as train
+from train_scripts import train_sdxl_ietagc as train_sdxl
 
 TOKEN = "hf_FAKEtokenDoNotLeak0123456789abcdef"
 
 
 def argv(model, data, out, *extra, steps=4):
-    return [
-        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
-        "--resolution=32", "--train_batch_size=2", f"--max_train_steps={steps}", "--learning_rate=1e-3",
-        "--lr_warmup_steps=0", "--seed=7", "--checkpointing_steps=2", "--report_to=tensorboard",
-        "--push_to_hub", "--hub_model_id=tiny-private", f"--hub_token={TOKEN}", *extra,
-    ]
+    """A run that checkpoints, logs to TensorBoard and pushes with a token on the command line."""
+    return train_argv(model, data, out, "--push_to_hub", "--hub_model_id=tiny-private", f"--hub_token={TOKEN}", *extra,
+                      steps=steps, checkpointing_steps=2, report_to="tensorboard")
 
 
 def files_containing(root, needle: bytes) -> list[str]:
@@ -65,25 +65,31 @@ def test_token_written_nowhere_and_upload_is_the_allow_list(tiny_model_dir, tiny
     assert str(tmp_path) not in card and str(tiny_model_dir) not in card and str(tiny_data_dir) not in card
 
 
-def test_memfree_state_uploaded_only_on_request(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["sd", "sdxl"])
+def test_memfree_state_uploaded_only_on_request(tiny_model_dir, sdxl20, tiny_data_dir, tmp_path, monkeypatch, recipe):
+    """Both recipes take --hub_upload_memfree_state and upload the same allow-list with it."""
     api = RecordingApi()
     monkeypatch.setattr(hub, "HfApi", api)
-    train.main(train.parse_args(argv(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--use_lora", "--hub_upload_memfree_state",
-                                     "--report_to=none", steps=2)))
+    script, model = (train, tiny_model_dir) if recipe == "sd" else (train_sdxl, sdxl20)
+    script.main(script.parse_args(argv(model, tiny_data_dir, tmp_path / "run", "--use_lora", "--hub_upload_memfree_state",
+                                       "--report_to=none", steps=2)))
     assert api.uploads == [["README.md", "memfree_config.json", "memfree_state.json", "pytorch_lora_weights.safetensors"]]
+    assert json.loads((tmp_path / "run" / "train_args.json").read_text())["hub_upload_memfree_state"] is True
 
 
-def test_bad_repo_fails_before_any_model_loads(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
-    """The Hub refuses (bad token or id): one line, exit 2, before the UNet is loaded."""
+@pytest.mark.parametrize("recipe", ["sd", "sdxl"])
+def test_bad_repo_fails_before_any_model_loads(tiny_model_dir, sdxl20, tiny_data_dir, tmp_path, monkeypatch, capsys, recipe):
+    """The Hub refuses (bad token or id): one line, exit 2, before the UNet is loaded (both recipes)."""
     api = RecordingApi(fail=RuntimeError(f"401 Client Error: Unauthorized (token {TOKEN})\nInvalid credentials"))
     monkeypatch.setattr(hub, "HfApi", api)
+    script, model = (train, tiny_model_dir) if recipe == "sd" else (train_sdxl, sdxl20)
 
     def no_models(*args, **kwargs):
         raise AssertionError("a model was loaded before the Hub repo was checked")
 
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_models)
     with pytest.raises(SystemExit) as exc:
-        train.cli(argv(tiny_model_dir, tiny_data_dir, tmp_path / "run", "--report_to=none"))
+        script.cli(argv(model, tiny_data_dir, tmp_path / "run", "--report_to=none"))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert re.search(r"cannot create or reach the Hub repo 'tiny-private' .*hf auth login", err[-1]), err

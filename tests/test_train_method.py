@@ -9,41 +9,21 @@ with 20 training timesteps, ``--agc_ema=0.1`` and ``--agc_ratio=1.02``, which sk
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import one_thread, run_two_processes, train_argv
 from sd_memfree.run.state import read_process_state
 from train_scripts import train_sd_ietagc as train
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model20(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with a 20-timestep scheduler, so loss banks fill up in a few steps."""
-    d = tmp_path_factory.mktemp("model20") / "m"
-    shutil.copytree(tiny_model_dir, d)
-    cfg_path = d / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["num_train_timesteps"] = 20
-    cfg_path.write_text(json.dumps(cfg))
-    return d
-
 
 def method_args(model, data, out, *extra, steps=12):
-    return [
-        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
-        "--resolution=32", "--train_batch_size=4", f"--max_train_steps={steps}", "--learning_rate=1e-3",
-        "--lr_warmup_steps=0", "--seed=3", "--report_to=none", "--checkpointing_steps=1000000",
-        "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--agc_ema=0.1", *extra,
-    ]
+    """Two shards merged every 2 steps, AGC at the ratio that skips on the 20-timestep model; batch 4."""
+    return train_argv(model, data, out, "--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--agc_ema=0.1", *extra,
+                      steps=steps, train_batch_size=4, seed=3)
 
 
 ALL_FEATURES = ["--redistribute_fraction=0.5", "--loss_aware_augmentation"]
@@ -183,18 +163,11 @@ def test_two_processes_equal_one_process(model20, tiny_data_dir, tmp_path, redis
     proxies in between (RoundSchedule), which is what the two processes do concurrently.
     """
     extra = [*ALL_FEATURES, f"--redistribute_at={redistribute_at}", f"--merge_every={merge_every}", "--checkpointing_steps=8"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     mp = tmp_path / "mp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "train_scripts" / "train_sd_ietagc.py"), *method_args(model20, tiny_data_dir, mp, *extra, steps=steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes("train_sd_ietagc.py", method_args(model20, tiny_data_dir, mp, *extra, steps=steps))
     sp = tmp_path / "sp"
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         summary = train.main(train.parse_args(method_args(model20, tiny_data_dir, sp, *extra, steps=steps)))
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
     assert summary["num_merges"] == 3 and summary["moves"], summary
     assert_same(unet_weights(mp), unet_weights(sp))
     # Both processes agree on the shard assignment (and with the single-process run).
@@ -204,42 +177,27 @@ def test_two_processes_equal_one_process(model20, tiny_data_dir, tmp_path, redis
 
 
 @pytest.mark.multiprocess
-def test_two_process_data_parallel_plain_run_resumes_exactly(tiny_model_dir, tiny_data_dir, tmp_path):
-    """Without shards, 2 processes train one model data-parallel (DDP over gloo, each process its
-    own slice of every batch); 4 steps straight == 2 steps + resume from checkpoint-2 + 2 steps."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def test_data_parallel_run_resumes_exactly_and_keeps_loss_banks_and_strengths_in_sync(model20, tiny_data_dir, tmp_path):
+    """K=1, AGC and loss-aware augmentation, data-parallel over 2 processes (DDP over gloo, batch 4
+    each, one slice of every global batch of 8 each).
 
+    - Each process updates its loss bank and strengths from the whole global batch, so at
+      checkpoint-4 both processes hold the same bank and the same strengths (otherwise each bank
+      would have seen only its own half, and a sample's strength would be read by a process that
+      never wrote it).
+    - 4 steps straight == 2 steps + resume from checkpoint-2 (one state file per process) + 2 steps.
+    (One pair of launches checks both: the sync and the resume go through the same recipe code.)"""
     def launch(out, *extra):
-        argv = [f"--pretrained_model_name_or_path={tiny_model_dir}", f"--train_data_dir={tiny_data_dir}", f"--output_dir={out}",
-                "--resolution=32", "--train_batch_size=2", "--max_train_steps=4", "--seed=1", "--report_to=none",
-                "--lr_warmup_steps=0", "--learning_rate=1e-3", *extra]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_two_processes("train_sd_ietagc.py", method_args(model20, tiny_data_dir, out, "--num_shards=1", "--loss_aware_augmentation",
+                                                            *extra, steps=4))
 
-    launch(tmp_path / "straight", "--checkpointing_steps=2")
-    assert {p.name for p in (tmp_path / "straight" / "checkpoint-2").glob("state_rank*.json")} == {"state_rank0.json", "state_rank1.json"}
-    launch(tmp_path / "resumed", f"--resume_from_checkpoint={tmp_path / 'straight' / 'checkpoint-2'}")
-    assert_same(unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed"))
-
-
-@pytest.mark.multiprocess
-def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(model20, tiny_data_dir, tmp_path):
-    """K=1, AGC and loss-aware augmentation, data-parallel over 2 processes (batch 4 each): each
-    process updates its loss bank and strengths from the whole global batch of 8, so after 4
-    steps both processes hold the same bank and the same strengths (otherwise each bank would
-    have seen only its own half, and a sample's strength would be read by a process that never
-    wrote it)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    out = tmp_path / "dp"
-    argv = method_args(model20, tiny_data_dir, out, "--num_shards=1", "--loss_aware_augmentation", "--checkpointing_steps=4", steps=6)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    states = [read_process_state(out / "checkpoint-4", r)["objects"] for r in (0, 1)]
+    straight = tmp_path / "straight"
+    launch(straight, "--checkpointing_steps=2")
+    assert {p.name for p in (straight / "checkpoint-2").glob("state_rank*.json")} == {"state_rank0.json", "state_rank1.json"}
+    states = [read_process_state(straight / "checkpoint-4", r)["objects"] for r in (0, 1)]
     banks = [s["loss_bank_0"]["bank"] for s in states]
     strengths = [s["strengths"]["values"] for s in states]
     assert (banks[0] > 0).sum() > 0 and strengths[0].max() > 0
     assert torch.equal(banks[0], banks[1]) and torch.equal(strengths[0], strengths[1])
+    launch(tmp_path / "resumed", f"--resume_from_checkpoint={straight / 'checkpoint-2'}")
+    assert_same(unet_weights(straight), unet_weights(tmp_path / "resumed"))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import cli_error, run_two_processes, train_argv
 from train_scripts import train_sd_ietagc as train
 
 UPSTREAM_FLAGS = """
@@ -27,14 +28,6 @@ enable_xformers_memory_efficient_attention noise_offset validation_epochs tracke
 image_interpolation_mode
 validation_prompt num_validation_images rank
 """.split()  # first block: train_text_to_image.py; last line: only in train_text_to_image_lora.py
-
-
-def base_args(model, data, out, *extra, steps=4):
-    return [
-        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
-        "--resolution=32", "--train_batch_size=2", f"--max_train_steps={steps}", "--learning_rate=1e-3",
-        "--lr_warmup_steps=0", "--seed=7", "--report_to=none", "--checkpointing_steps=1000000", *extra,
-    ]
 
 
 def run(argv):
@@ -60,7 +53,7 @@ def test_full_finetune_outputs_a_loadable_pipeline(tiny_model_dir, tiny_data_dir
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "full"
-    summary = run(base_args(tiny_model_dir, tiny_data_dir, out))
+    summary = run(train_argv(tiny_model_dir, tiny_data_dir, out))
     assert summary["global_step"] == 4
     before = load_file(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
@@ -81,7 +74,7 @@ def test_lora_outputs_loadable_weights(tiny_model_dir, tiny_data_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "lora"
-    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=4"))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=4"))
     lora = load_file(out / "pytorch_lora_weights.safetensors")
     assert lora and all(k.startswith("unet.") for k in lora)
     assert not (out / "unet").exists(), "LoRA runs save adapters only"
@@ -96,36 +89,35 @@ def test_lora_outputs_loadable_weights(tiny_model_dir, tiny_data_dir, tmp_path):
     assert not torch.allclose(base_img, lora_img)
 
 
-def _final_tensors(out: Path, lora: bool) -> dict:
-    return load_file(out / ("pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"))
+def _final_unet(out: Path) -> dict:
+    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_equals_straight_run(tiny_model_dir, tiny_data_dir, tmp_path, lora):
-    """4 steps straight == 2 steps, stop, resume from checkpoint-2, 2 more steps (bit-identical on CPU)."""
-    extra = ["--use_lora"] if lora else []
+def test_resume_equals_straight_run(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Full fine-tuning: 4 steps straight == 2 steps, stop, resume from checkpoint-2, 2 more steps
+    (bit-identical on CPU). LoRA's resume: test_checkpoint_contents.py (4 steps resumed to 8)."""
     straight = tmp_path / "straight"
-    run(base_args(tiny_model_dir, tiny_data_dir, straight, *extra, "--random_flip", steps=4))
+    run(train_argv(tiny_model_dir, tiny_data_dir, straight, "--random_flip", steps=4))
     first = tmp_path / "first"
-    run(base_args(tiny_model_dir, tiny_data_dir, first, *extra, "--random_flip", "--checkpointing_steps=2", steps=4))
+    run(train_argv(tiny_model_dir, tiny_data_dir, first, "--random_flip", "--checkpointing_steps=2", steps=4))
     # ``first`` ran 4 steps with a checkpoint at 2; resume a fresh output dir from that checkpoint.
     resumed = tmp_path / "resumed"
-    run(base_args(tiny_model_dir, tiny_data_dir, resumed, *extra, "--random_flip", f"--resume_from_checkpoint={first / 'checkpoint-2'}", steps=4))
-    a, b = _final_tensors(straight, lora), _final_tensors(resumed, lora)
+    run(train_argv(tiny_model_dir, tiny_data_dir, resumed, "--random_flip", f"--resume_from_checkpoint={first / 'checkpoint-2'}", steps=4))
+    a, b = _final_unet(straight), _final_unet(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    c = _final_tensors(first, lora)
+    c = _final_unet(first)
     assert all(torch.equal(a[k], c[k]) for k in a), "writing a checkpoint must not perturb training"
 
 
 def test_checkpoints_total_limit_keeps_newest(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "ckpt"
-    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", "--checkpoints_total_limit=2", steps=4))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", "--checkpoints_total_limit=2", steps=4))
     # the last step (4) falls on --checkpointing_steps, so it is checkpointed too (as upstream)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert not list(out.glob(".tmp-checkpoint-*"))
     # resume "latest" continues from checkpoint-4 to step 6, still keeping the newest two
-    again = run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", "--checkpoints_total_limit=2",
+    again = run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", "--checkpoints_total_limit=2",
                           "--resume_from_checkpoint=latest", steps=6))
     assert again["global_step"] == 6 and again["steps_this_run"] == 2
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
@@ -155,7 +147,7 @@ def test_push_to_hub_uploads_model_not_checkpoints(tiny_model_dir, tiny_data_dir
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
     out = tmp_path / "pushed"
-    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", "--push_to_hub",
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", "--push_to_hub",
                   "--hub_model_id=me/tiny-private", "--hub_token=tok"))
     uploads = [c for c in calls if c[0] == "upload"]
     assert len(uploads) == 1 and uploads[0][1] == "me/tiny-private"
@@ -167,17 +159,9 @@ def test_push_to_hub_uploads_model_not_checkpoints(tiny_model_dir, tiny_data_dir
 
 # ---- bad inputs stop before training, with one line naming the fix -----------------------------
 
-def _one_line_error(capsys, argv, pattern):
-    with pytest.raises(SystemExit) as exc:
-        train.cli(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert re.search(pattern, err[-1]), err
-    return err[-1]
-
-
 def test_no_dataset_given(capsys):
-    _one_line_error(capsys, ["--pretrained_model_name_or_path=x"], r"--dataset_name .* or --train_data_dir")
+    line = cli_error(capsys, train.cli, ["--pretrained_model_name_or_path=x"], usage=True)
+    assert re.search(r"--dataset_name .* or --train_data_dir", line), line
 
 
 def test_missing_image_file(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
@@ -186,7 +170,8 @@ def test_missing_image_file(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)
     (data / "00001.png").unlink()
-    _one_line_error(capsys, base_args(tiny_model_dir, data, tmp_path / "o"), r"00001\.png.*missing.*add it or remove")
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, data, tmp_path / "o"))
+    assert re.search(r"00001\.png.*missing.*add it or remove", line), line
     assert not (tmp_path / "o").exists(), "nothing is written before validation passes"
 
 
@@ -196,37 +181,40 @@ def test_corrupt_image_file(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)
     (data / "00002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    _one_line_error(capsys, base_args(tiny_model_dir, data, tmp_path / "o"), r"cannot be used: .*00002\.png .*fix or remove them, or pass --drop_bad_samples")
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, data, tmp_path / "o"))
+    assert re.search(r"cannot be used: .*00002\.png .*fix or remove them, or pass --drop_bad_samples", line), line
 
 
 def test_missing_caption_column(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
-    _one_line_error(capsys, base_args(tiny_model_dir, tiny_data_dir, tmp_path / "o", "--caption_column=caption"),
-                    r"--caption_column 'caption' is not a column.*image, text")
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "o", "--caption_column=caption"))
+    assert re.search(r"--caption_column 'caption' is not a column.*image, text", line), line
 
 
 def test_empty_dataset(capsys, tiny_model_dir, tmp_path):
     data = tmp_path / "empty"
     data.mkdir()
     (data / "metadata.jsonl").write_text("")
-    _one_line_error(capsys, base_args(tiny_model_dir, data, tmp_path / "o"), r"(empty|no images|could not load)")
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, data, tmp_path / "o"))
+    assert re.search(r"(empty|no images|could not load)", line), line
 
 
 def test_model_folder_missing_or_incomplete(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
     import shutil
 
-    _one_line_error(capsys, base_args(tmp_path / "nope", tiny_data_dir, tmp_path / "o"), r"does not exist")
+    line = cli_error(capsys, train.cli, train_argv(tmp_path / "nope", tiny_data_dir, tmp_path / "o"))
+    assert re.search(r"does not exist", line), line
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model_dir, broken)
     shutil.rmtree(broken / "vae")
-    _one_line_error(capsys, base_args(broken, tiny_data_dir, tmp_path / "o"), r"lacks the subfolder\(s\) vae")
+    line = cli_error(capsys, train.cli, train_argv(broken, tiny_data_dir, tmp_path / "o"))
+    assert re.search(r"lacks the subfolder\(s\) vae", line), line
 
 
 def test_resolution_the_vae_cannot_take(capsys, tiny_model_dir, tiny_data_dir, tmp_path):
-    argv = base_args(tiny_model_dir, tiny_data_dir, tmp_path / "o")
-    argv = [a for a in argv if not a.startswith("--resolution")] + ["--resolution=1"]
-    _one_line_error(capsys, argv, r"--resolution=1 is too small for this model: its VAE downsamples by 2, so use at least 2\.")
-    _one_line_error(capsys, argv[:-1] + ["--resolution=30", "--validation_prompt=a ring"],
-                    r"--resolution=30 trains, but .* multiple of 8 \(e\.g\. 24 or 32\)")
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "o", resolution=1))
+    assert re.search(r"--resolution=1 is too small for this model: its VAE downsamples by 2, so use at least 2\.", line), line
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "o", "--validation_prompt=a ring", resolution=30))
+    assert re.search(r"--resolution=30 trains, but .* multiple of 8 \(e\.g\. 24 or 32\)", line), line
 
 
 def test_upstream_options_together_full(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -234,7 +222,7 @@ def test_upstream_options_together_full(tiny_model_dir, tiny_data_dir, tmp_path)
     checkpointing, cosine schedule, scale_lr, center crop, max_train_samples, --dataset_name
     (a local folder) and validation prompts, all in one short run."""
     out = tmp_path / "kitchen"
-    argv = [a for a in base_args(tiny_model_dir, tiny_data_dir, out, steps=3) if not a.startswith("--train_data_dir")]
+    argv = [a for a in train_argv(tiny_model_dir, tiny_data_dir, out, steps=3) if not a.startswith("--train_data_dir")]
     summary = run(argv + [f"--dataset_name={tiny_data_dir}", "--use_ema", "--gradient_accumulation_steps=2", "--snr_gamma=5.0",
                           "--noise_offset=0.05", "--input_perturbation=0.1", "--prediction_type=v_prediction",
                           "--gradient_checkpointing", "--lr_scheduler=cosine", "--scale_lr", "--center_crop", "--random_flip",
@@ -250,7 +238,7 @@ def test_upstream_options_together_full(tiny_model_dir, tiny_data_dir, tmp_path)
 
 def test_upstream_options_together_lora(tiny_model_dir, tiny_data_dir, tmp_path):
     out = tmp_path / "kitchen-lora"
-    summary = run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--validation_prompt=a blue square",
+    summary = run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--validation_prompt=a blue square",
                             "--num_validation_images=2", "--gradient_accumulation_steps=2", "--snr_gamma=5.0",
                             "--dataloader_num_workers=2", steps=2))
     assert summary["global_step"] == 2
@@ -277,7 +265,7 @@ def test_gradient_clipping_receives_the_lora_parameters(tiny_model_dir, tiny_dat
         return real(self, params, max_norm, norm_type)
 
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", spy)
-    run(base_args(tiny_model_dir, tiny_data_dir, tmp_path / "clip", "--use_lora", "--rank=2", steps=2))
+    run(train_argv(tiny_model_dir, tiny_data_dir, tmp_path / "clip", "--use_lora", "--rank=2", steps=2))
     assert len(seen) == 2
     n_lora = seen[0][0]
     assert n_lora > 0 and all(s == (n_lora, n_lora) for s in seen)
@@ -290,7 +278,7 @@ def test_lora_upcast_follows_accelerate_mixed_precision(tiny_model_dir, tiny_dat
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = tmp_path / "bf16"
-    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=1", steps=2))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=1", steps=2))
     from sd_memfree.run.state import read_process_state
 
     state = read_process_state(out / "checkpoint-1", 0)
@@ -302,10 +290,10 @@ def test_lora_upcast_follows_accelerate_mixed_precision(tiny_model_dir, tiny_dat
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     """A new run would prune the earlier run's checkpoints: it stops and says how to continue."""
     out = tmp_path / "existing"
-    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", steps=2))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", steps=2))
     before = sorted(p.name for p in out.glob("checkpoint-*"))
-    _one_line_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=2),
-                    r"already holds checkpoints .*checkpoint-2.*--resume_from_checkpoint=latest")
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=2))
+    assert re.search(r"already holds checkpoints .*checkpoint-2.*--resume_from_checkpoint=latest", line), line
     assert sorted(p.name for p in out.glob("checkpoint-*")) == before
 
 
@@ -348,7 +336,7 @@ def test_train_loss_logged_for_every_optimizer_step(tiny_model_dir, tiny_data_di
 
     monkeypatch.setattr(MemFree, "reduce", spy)
     out = tmp_path / "logged"
-    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--gradient_accumulation_steps=2",
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--gradient_accumulation_steps=2",
                   "--lr_scheduler=linear", "--lr_warmup_steps=4", "--report_to=tensorboard", steps=12))
     assert len(micro) == 24
     scalars = _scalars(out)
@@ -397,7 +385,7 @@ def test_lr_schedule_waits_when_loss_scaling_skips_the_step(tiny_model_dir, tiny
 
     monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
     out = tmp_path / "scaled"
-    run(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--lr_scheduler=constant_with_warmup",
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--lr_scheduler=constant_with_warmup",
                   "--lr_warmup_steps=4", "--report_to=tensorboard", steps=4))
     assert skipped == [True, False, False, False], "the overflow must skip step 1 only"
     assert [v for _, v in _scalars(out)["lr"]] == pytest.approx([0.0, 0.25e-3, 0.5e-3, 0.75e-3], rel=1e-6, abs=1e-12)  # TensorBoard keeps float32
@@ -428,12 +416,12 @@ def test_validation_uses_the_ema_weights_and_training_goes_on_from_its_own(tiny_
     monkeypatch.setattr(EMAModel, "step", ema_step)
     monkeypatch.setattr(train, "log_validation", validation)
     validated = tmp_path / "validated"
-    run(base_args(tiny_model_dir, tiny_data_dir, validated, "--use_ema", "--validation_epochs=1",
+    run(train_argv(tiny_model_dir, tiny_data_dir, validated, "--use_ema", "--validation_epochs=1",
                   "--validation_prompts", "a red circle", steps=8))
     assert seen == [(6, True, True)], "one validation after epoch 0, on the EMA weights, which differ from the training weights"
     plain = tmp_path / "plain"
-    run(base_args(tiny_model_dir, tiny_data_dir, plain, "--use_ema", steps=8))
-    a, b = _final_tensors(validated, False), _final_tensors(plain, False)
+    run(train_argv(tiny_model_dir, tiny_data_dir, plain, "--use_ema", steps=8))
+    a, b = _final_unet(validated), _final_unet(plain)
     assert all(torch.equal(a[k], b[k]) for k in a), "validation must hand the training weights back"
 
 
@@ -459,7 +447,7 @@ def test_saved_pipeline_keeps_the_base_safety_checker(tiny_model_dir, tiny_data_
     upstream's save); a base without one gives none (the tiny model has none)."""
     base = _base_with_safety_checker(tiny_model_dir, tmp_path / "base")
     out = tmp_path / "checked"
-    run(base_args(base, tiny_data_dir, out, steps=1))
+    run(train_argv(base, tiny_data_dir, out, steps=1))
     index = json.loads((out / "model_index.json").read_text())
     assert index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
     assert index["feature_extractor"][1] == "CLIPImageProcessor"
@@ -492,7 +480,7 @@ def test_final_lora_validation_honours_revision_and_variant(tiny_model_dir, tiny
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(spy))
     out = tmp_path / "lora-variant"
-    run(base_args(base, tiny_data_dir, out, "--use_lora", "--rank=2", "--variant=v1", "--revision=main",
+    run(train_argv(base, tiny_data_dir, out, "--use_lora", "--rank=2", "--variant=v1", "--revision=main",
                   "--validation_prompt=a red circle", "--num_validation_images=1", steps=1))
     assert len(calls) >= 2 and set(calls) == {("main", "v1")}
     assert (out / "pytorch_lora_weights.safetensors").exists()
@@ -530,7 +518,7 @@ def test_plain_step_is_upstreams_math(tiny_model_dir, tiny_data_dir, tmp_path, m
     monkeypatch.setattr(losses, "per_sample_loss", per_sample)
     monkeypatch.setattr(MemFree, "reduce", mean)
     out = tmp_path / "ours"
-    run(base_args(tiny_model_dir, tiny_data_dir, out, steps=3))
+    run(train_argv(tiny_model_dir, tiny_data_dir, out, steps=3))
     monkeypatch.undo()
     assert len(inputs) == len(targets) == 3
 
@@ -547,7 +535,7 @@ def test_plain_step_is_upstreams_math(tiny_model_dir, tiny_data_dir, tmp_path, m
         optimizer.step()
         optimizer.zero_grad()
     assert ours == pytest.approx(upstream, rel=1e-5)
-    saved = _final_tensors(out, False)
+    saved = _final_unet(out)
     replayed = unet.state_dict()
     assert saved.keys() == replayed.keys()
     for name, tensor in saved.items():
@@ -559,10 +547,6 @@ def test_train_loss_is_averaged_over_processes(tiny_model_dir, tiny_data_dir, tm
     """2 processes data-parallel (gloo), 3 steps: the tracker's train_loss at step s is the mean of
     the two processes' step-s losses (upstream: ``accelerator.gather(loss.repeat(bsz)).mean()``),
     gathered once per flush. Each process records its own losses through a spy on MemFree.reduce."""
-    import os
-    import subprocess
-    import sys
-
     repo = Path(train.__file__).resolve().parents[1]
     out = tmp_path / "dp"
     launcher = tmp_path / "spy_launch.py"
@@ -580,11 +564,7 @@ def test_train_loss_is_averaged_over_processes(tiny_model_dir, tiny_data_dir, tm
         "args = train.parse_args(sys.argv[1:])\n"
         "train.main(args)\n"
         "open(os.path.join(args.output_dir, 'losses_%s.json' % os.environ['RANK']), 'w').write(json.dumps(seen))\n")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
-           *base_args(tiny_model_dir, tiny_data_dir, out, "--report_to=tensorboard", steps=3)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(launcher, train_argv(tiny_model_dir, tiny_data_dir, out, "--report_to=tensorboard", steps=3))
     per_rank = [json.loads((out / f"losses_{r}.json").read_text()) for r in (0, 1)]
     assert all(len(v) == 3 for v in per_rank) and per_rank[0] != per_rank[1]
     logged = _scalars(out)["train_loss"]

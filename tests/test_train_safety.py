@@ -4,12 +4,10 @@ Ctrl-C, a diverging loss, a full disk, an unusable --output_dir. Tiny model, CPU
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,31 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import MP_ENV, cli_error, hold_lock_in_subprocess, nan_losses_at, stop_with_signal, torchrun_cmd, train_argv
 from sd_memfree.run import checkpointing
 from sd_memfree.run.runlock import LOCK_NAME
 from sd_memfree.run.stopping import MAX_NONFINITE_STEPS
-from test_runlock import hold_lock_in_subprocess
 from train_scripts import train_sd_ietagc as train
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def base_args(model, data, out, *extra, steps=4):
-    return [
-        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
-        "--resolution=32", "--train_batch_size=2", f"--max_train_steps={steps}", "--learning_rate=1e-3",
-        "--lr_warmup_steps=0", "--seed=7", "--report_to=none", "--checkpointing_steps=1000000", *extra,
-    ]
-
-
-def cli_error(capsys, argv, code):
-    """Run the command line; it must exit with ``code`` and end stderr with one line, returned."""
-    with pytest.raises(SystemExit) as exc:
-        train.cli(argv)
-    assert exc.value.code == code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def complete_steps(out: Path) -> list[int]:
@@ -72,7 +51,7 @@ def test_second_run_on_a_locked_folder_stops_before_models_load(tiny_model_dir, 
         monkeypatch.setattr(UNet2DConditionModel, "load_config", no_model_loads)
         monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_model_loads)
         extra = ["--resume_from_checkpoint=latest"] if resume else []
-        line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, *extra), 2)
+        line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, *extra))
         assert re.search(rf"--output_dir {re.escape(str(out))} is in use by another run: pid {holder.pid} on host ", line), line
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME] and (out / LOCK_NAME).read_text() == lock_before
     finally:
@@ -85,7 +64,7 @@ def test_stale_lock_is_taken_over_and_released_at_the_end(tiny_model_dir, tiny_d
     holder = hold_lock_in_subprocess(out)
     holder.kill()  # dies holding the lock
     holder.wait()
-    summary = train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=1)))
+    summary = train.main(train.parse_args(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", steps=1)))
     assert summary["global_step"] == 1
     assert f"took over the stale lock {out / LOCK_NAME} of pid {holder.pid}" in caplog.text
     assert not (out / LOCK_NAME).exists(), "the lock is released when the run ends"
@@ -93,13 +72,13 @@ def test_stale_lock_is_taken_over_and_released_at_the_end(tiny_model_dir, tiny_d
 
 def test_lock_released_and_new_folder_removed_when_the_run_fails(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "new"
-    argv = base_args(tiny_model_dir, tiny_data_dir, out, "--caption_column=no_such_column")
-    cli_error(capsys, argv, 2)
+    argv = train_argv(tiny_model_dir, tiny_data_dir, out, "--caption_column=no_such_column")
+    cli_error(capsys, train.cli, argv)
     assert not out.exists()
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "notes.txt").write_text("mine")
-    cli_error(capsys, [a.replace(str(out), str(existing)) for a in argv], 2)
+    cli_error(capsys, train.cli, [a.replace(str(out), str(existing)) for a in argv])
     assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
 
 
@@ -112,46 +91,20 @@ def test_output_dir_file_or_unwritable_one_line_before_models_load(tiny_model_di
     monkeypatch.setattr(UNet2DConditionModel, "load_config", no_model_loads)
     f = tmp_path / "a-file"
     f.write_text("x")
-    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, f), 2)
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, f))
     assert line == f"error: --output_dir {f} is a file, not a folder; pass a folder (new or one of an earlier run)."
-    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, f / "run"), 2)
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, f / "run"))
     assert f"--output_dir {f / 'run'} cannot be created: {f} is a file" in line
     probe = Path("/sys/sd-memfree-write-probe")
     try:
         probe.mkdir()
         probe.rmdir()
     except OSError:  # also refused to root: a folder nobody may write to
-        line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, probe / "run"), 2)
+        line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, probe / "run"))
         assert re.fullmatch(rf"error: --output_dir {probe / 'run'} is not writable \(.*\); pass a folder you can write to\.", line), line
 
 
 # ---- SIGTERM / Ctrl-C -----------------------------------------------------------------------------
-
-def stop_with_signal(script: str, argv: list[str], out: Path, signum: int, code: int) -> int:
-    """Run ``train_scripts/<script>`` in a subprocess, send ``signum`` once ``checkpoint-2`` is
-    complete, and check the stop: exit ``code``, no traceback, and a last stderr line naming the
-    step it stopped after, the checkpoint of that same step and how to resume. Returns the step."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_scripts" / script), *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoint-2" / checkpointing.COMPLETE_MARKER).exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, err[-3000:]
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    name = signal.Signals(signum).name
-    m = re.fullmatch(rf"stopped by {name} after step (\d+) \(saved {re.escape(str(out))}/checkpoint-(\d+)\); "
-                     r"to continue, run the same command with --resume_from_checkpoint latest\.", last)
-    assert m and m.group(1) == m.group(2), last
-    return int(m.group(1))
-
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_finishes_the_step_checkpoints_and_resume_finishes(tiny_model_dir, tiny_data_dir, tmp_path, signum, code):
@@ -159,13 +112,13 @@ def test_signal_finishes_the_step_checkpoints_and_resume_finishes(tiny_model_dir
     It exits 128 + signal with one line naming the checkpoint it wrote and how to resume, no
     traceback, no lock left; resuming from it runs to the end."""
     out = tmp_path / "run"
-    argv = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
+    argv = train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
     step = stop_with_signal("train_sd_ietagc.py", argv, out, signum, code)
     assert step >= 2 and step in complete_steps(out) and complete_steps(out)[-1] == step
     assert not (out / LOCK_NAME).exists()
     assert_no_partial_files(out)
     if signum == signal.SIGTERM:
-        argv = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2",
+        argv = train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2",
                          "--resume_from_checkpoint=latest", steps=step + 2)
         summary = train.main(train.parse_args(argv))
         assert summary["global_step"] == step + 2 and summary["steps_this_run"] == 2
@@ -185,14 +138,14 @@ def test_disk_full_during_a_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path, 
         calls.append(folder)
         if len(calls) < 3:
             return real(folder, *a, **k)
-        target = Path(folder) / "state_rank0.pt"
+        target = state.state_files(folder, 0)[1]  # the tensors, written first
         target.write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
     monkeypatch.setattr(state, "save_process_state", fill_the_disk)
     out = tmp_path / "full"
-    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", steps=5), 1)
-    assert line.startswith(f"error: no space left on device while writing {out}/.tmp-checkpoint-3/state_rank0.pt "
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=1", steps=5), 1)
+    assert line.startswith(f"error: no space left on device while writing {out}/.tmp-checkpoint-3/state_rank0.safetensors "
                            "(newest checkpoint: checkpoint-2); free space there, then rerun the same command with "
                            "--resume_from_checkpoint latest (it continues from checkpoint-2"), line
     assert complete_steps(out) == [1, 2]
@@ -211,7 +164,7 @@ def test_disk_full_during_the_final_save(tiny_model_dir, tiny_data_dir, tmp_path
 
     monkeypatch.setattr(trainable, "save_full_pipeline", fill_the_disk)
     out = tmp_path / "full"
-    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=3), 1)
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=3), 1)
     assert line.startswith(f"error: no space left on device while writing {out} (newest checkpoint: checkpoint-2);"), line
     assert complete_steps(out) == [2] and not (out / "unet").exists()
     assert_no_partial_files(out)
@@ -220,51 +173,30 @@ def test_disk_full_during_the_final_save(tiny_model_dir, tiny_data_dir, tmp_path
 # ---- diverging runs -------------------------------------------------------------------------------
 
 def saved_tensors(out: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in every safetensors file (model and checkpoint state) and pickled state file
-    (older checkpoint format) under ``out``."""
+    """Every tensor in every safetensors file under ``out``: models and checkpoint states."""
     found = {}
     for f in out.rglob("*.safetensors"):
         found.update({f"{f}:{k}": v for k, v in load_file(f).items()})
-    for f in out.rglob("state_rank*.pt"):
-        trainable = torch.load(f, weights_only=False)["objects"]["trainable"]
-        found.update({f"{f}:{k}": v for k, v in trainable.items()})
     return found
 
 
 @pytest.mark.parametrize("agc", [False, True])
 def test_diverging_run_stops_and_saves_nothing_non_finite(tiny_model_dir, tiny_data_dir, tmp_path, capsys, agc):
-    """--learning_rate 1e3 (the issue's case): the weights blow up within a few steps. The run stops
-    with exit 1 and one line, writes no final model, and every checkpoint it wrote is finite."""
+    """--learning_rate 1e3 (the issue's case): the weights blow up at step 2. The run stops with exit
+    1 and one line, writes no final model, and the checkpoint it wrote (step 1; step 2's is not
+    written) is finite, state included."""
     out = tmp_path / "nan"
-    argv = [a for a in base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=40)
-            if not a.startswith("--learning_rate")] + ["--learning_rate=1e3"] + (["--agc_ratio=1.25"] if agc else [])
-    line = cli_error(capsys, argv, 1)
+    argv = train_argv(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=1", *(["--agc_ratio=1.25"] if agc else []),
+                      steps=40, learning_rate="1e3")
+    line = cli_error(capsys, train.cli, argv, 1)
     assert re.fullmatch(r"error: the run diverged at step \d+: .*NaN/inf.*; nothing non-finite was saved \(newest checkpoint: .*\); "
                         r"resuming replays the same steps and would diverge again: start a new run in a new --output_dir with a "
                         r"lower --learning_rate \(now 1000\).*", line), line
     assert not (out / "unet").exists() and not (out / "memfree_state.json").exists(), "no final model"
-    assert all(torch.isfinite(t).all() for t in saved_tensors(out).values())
+    tensors = saved_tensors(out)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert complete_steps(out) == [1] and f"{out}/checkpoint-1/state_rank0.safetensors" in {k.split(":")[0] for k in tensors}
     assert_no_partial_files(out)
-
-
-def nan_losses_at(monkeypatch, bad_steps: set[int], nan_gradients: bool):
-    """Make the per-sample losses NaN at the given optimizer steps (1-based; one micro-batch a step).
-
-    ``nan_gradients``: ``loss * nan`` (its gradient is NaN even where AGC masks the loss, since
-    0 * nan = nan, as with a real NaN prediction) or ``loss + nan`` (a NaN value whose gradient is
-    finite, so with AGC masking it the weights stay finite and only the loss check can see it)."""
-    import sd_memfree.method.losses as losses
-
-    real, calls = losses.per_sample_loss, []
-
-    def loss(pred, target):
-        calls.append(1)
-        out = real(pred, target)
-        if len(calls) not in bad_steps:
-            return out
-        return out * float("nan") if nan_gradients else out + float("nan")
-
-    monkeypatch.setattr(losses, "per_sample_loss", loss)
 
 
 def test_agc_does_not_hide_non_finite_losses(tiny_model_dir, tiny_data_dir, tmp_path, capsys, monkeypatch):
@@ -276,8 +208,8 @@ def test_agc_does_not_hide_non_finite_losses(tiny_model_dir, tiny_data_dir, tmp_
     6 >= 5: stop."""
     nan_losses_at(monkeypatch, set(range(3, 100)), nan_gradients=False)
     out = tmp_path / "agc"
-    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--agc_ratio=1.25", "--use_lora",
-                                       "--checkpointing_steps=2", steps=30), 1)
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, "--agc_ratio=1.25", "--use_lora",
+                                                   "--checkpointing_steps=2", steps=30), 1)
     assert MAX_NONFINITE_STEPS == 5
     assert line.startswith("error: the run diverged at step 8: the loss was NaN/inf in 6 consecutive optimizer steps "
                            f"(limit 5); nothing non-finite was saved (newest checkpoint: {out}/checkpoint-2)"), line
@@ -290,7 +222,7 @@ def test_a_few_non_finite_steps_are_tolerated_with_agc(tiny_model_dir, tiny_data
     recovers and finishes, with a finite model."""
     nan_losses_at(monkeypatch, set(range(2, 2 + MAX_NONFINITE_STEPS - 1)), nan_gradients=False)
     out = tmp_path / "blip"
-    summary = train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, out, "--agc_ratio=1.25", "--use_lora",
+    summary = train.main(train.parse_args(train_argv(tiny_model_dir, tiny_data_dir, out, "--agc_ratio=1.25", "--use_lora",
                                                     steps=MAX_NONFINITE_STEPS + 3)))
     assert summary["global_step"] == MAX_NONFINITE_STEPS + 3
     assert all(torch.isfinite(t).all() for t in load_file(out / "pytorch_lora_weights.safetensors").values())
@@ -301,21 +233,13 @@ def test_final_save_refuses_non_finite_weights(tiny_model_dir, tiny_data_dir, tm
     consecutive-step limit, so the final save's own check must refuse the model."""
     nan_losses_at(monkeypatch, {3}, nan_gradients=True)
     out = tmp_path / "last"
-    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=3), 1)
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", steps=3), 1)
     assert line.startswith(f"error: the trained weights are NaN/inf after step 3: the final model was not saved (newest checkpoint: {out}/checkpoint-2)"), line
     assert not (out / "unet").exists() and complete_steps(out) == [2]
     assert_no_partial_files(out)
 
 
 # ---- several processes ----------------------------------------------------------------------------
-
-def torchrun(argv) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(REPO / "train_scripts" / "train_sd_ietagc.py"), *argv]
-
-
-MP_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
 
 @pytest.mark.multiprocess
 def test_two_processes_on_a_locked_folder_both_stop(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -324,7 +248,7 @@ def test_two_processes_on_a_locked_folder_both_stop(tiny_model_dir, tiny_data_di
     out = tmp_path / "busy"
     holder = hold_lock_in_subprocess(out)
     try:
-        proc = subprocess.run(torchrun(base_args(tiny_model_dir, tiny_data_dir, out)), env=MP_ENV, capture_output=True,
+        proc = subprocess.run(torchrun_cmd("train_sd_ietagc.py", train_argv(tiny_model_dir, tiny_data_dir, out)), env=MP_ENV, capture_output=True,
                               text=True, timeout=300)
     finally:
         holder.kill()
@@ -344,8 +268,8 @@ def test_two_processes_agree_on_the_sigterm_step_and_resume(tiny_model_dir, tiny
     workers agree at the next check, write one complete checkpoint holding both processes' state
     and both say so; a 2-process resume from it finishes."""
     out = tmp_path / "run"
-    argv = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
-    proc = subprocess.Popen(torchrun(argv), env=MP_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
+    proc = subprocess.Popen(torchrun_cmd("train_sd_ietagc.py", argv), env=MP_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         while not (out / "checkpoint-2" / checkpointing.COMPLETE_MARKER).exists():
@@ -362,9 +286,9 @@ def test_two_processes_agree_on_the_sigterm_step_and_resume(tiny_model_dir, tiny
     assert complete_steps(out)[-1] == step
     assert {p.name.split(".")[0] for p in (out / f"checkpoint-{step}").glob("state_rank*")} == {"state_rank0", "state_rank1"}
     assert not (out / LOCK_NAME).exists()
-    resume = base_args(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2",
+    resume = train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2",
                        "--resume_from_checkpoint=latest", steps=step + 2)
-    done = subprocess.run(torchrun(resume), env=MP_ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(torchrun_cmd("train_sd_ietagc.py", resume), env=MP_ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "pytorch_lora_weights.safetensors").exists()
 
@@ -390,7 +314,7 @@ def test_signal_on_a_non_finite_step_writes_no_checkpoint(tiny_model_dir, tiny_d
     monkeypatch.setattr(losses, "per_sample_loss", loss)
     out = tmp_path / "sig"
     extra = ["--agc_ratio=1.25"] if agc else []
-    line = cli_error(capsys, base_args(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", *extra, steps=20), 143 if agc else 1)
+    line = cli_error(capsys, train.cli, train_argv(tiny_model_dir, tiny_data_dir, out, "--checkpointing_steps=2", *extra, steps=20), 143 if agc else 1)
     if agc:
         assert line == (f"stopped by SIGTERM after step 3 (newest checkpoint: {out}/checkpoint-2); to continue, run the same command "
                         "with --resume_from_checkpoint latest.")

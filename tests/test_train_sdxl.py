@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import (add_image, cli_error, fake_upstream_checkpoint, nan_losses_at, one_thread, png_with_corrupt_data, run_two_processes,
+                     same, stop_with_signal, train_argv, tree_digest, upstream_full_checkpoint)
 from train_scripts import train_sdxl_ietagc as train
 
 UPSTREAM_FLAGS = """
@@ -30,23 +32,9 @@ METHOD = ["--num_shards=2", "--merge_every=2", "--agc_ratio=1.02", "--agc_ema=0.
           "--loss_aware_augmentation"]
 
 
-@pytest.fixture(scope="module")
-def sdxl20(tmp_path_factory) -> Path:
-    """The tiny SDXL model with a 20-timestep scheduler, so AGC's loss banks fill up in a few steps."""
-    from sd_memfree.testing.tiny import make_tiny_sdxl_model
-
-    d = make_tiny_sdxl_model(tmp_path_factory.mktemp("sdxl") / "m", seed=0)
-    cfg_path = d / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["num_train_timesteps"] = 20
-    cfg_path.write_text(json.dumps(cfg))
-    return d
-
-
-def args(model, data, out, *extra, steps=8):
-    return [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--output_dir={out}",
-            "--resolution=32", "--train_batch_size=2", f"--max_train_steps={steps}", "--learning_rate=1e-3",
-            "--lr_warmup_steps=0", "--seed=3", "--report_to=none", "--checkpointing_steps=1000000", "--random_flip", *extra]
+def sdxl_argv(model, data, out, *extra, steps=8):
+    """The tiny SDXL run: random flips on (SDXL's crop conditioning sees them), seed 3."""
+    return train_argv(model, data, out, "--random_flip", *extra, steps=steps, seed=3)
 
 
 def run(argv):
@@ -68,7 +56,7 @@ def test_full_with_the_method_loads_in_the_sdxl_pipeline(sdxl20, tiny_data_dir, 
     from diffusers import StableDiffusionXLPipeline
 
     out = tmp_path / "full"
-    summary = run(args(sdxl20, tiny_data_dir, out, *METHOD, "--timestep_bias_strategy=later", "--proportion_empty_prompts=0.5"))
+    summary = run(sdxl_argv(sdxl20, tiny_data_dir, out, *METHOD, "--timestep_bias_strategy=later", "--proportion_empty_prompts=0.5"))
     assert summary["num_merges"] == 2 and 0 < summary["agc/skip_rate"] < 1
     state = json.loads((out / "memfree_state.json").read_text())
     assert state["moves"] and sum(state["shard_sizes"]) == 12
@@ -83,7 +71,7 @@ def test_lora_with_shards_and_kohya_export_load(sdxl20, tiny_data_dir, tmp_path)
     from diffusers import StableDiffusionXLPipeline
 
     out = tmp_path / "lora"
-    run(args(sdxl20, tiny_data_dir, out, *METHOD, "--use_lora", "--save_kohya_lora"))
+    run(sdxl_argv(sdxl20, tiny_data_dir, out, *METHOD, "--use_lora", "--save_kohya_lora"))
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl20)
     pipe.load_lora_weights(str(out))
     kohya = load_file(out / "pytorch_lora_weights_kohya.safetensors")
@@ -98,11 +86,20 @@ def test_lora_with_shards_and_kohya_export_load(sdxl20, tiny_data_dir, tmp_path)
     assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_resume_equals_a_straight_run(sdxl20, tiny_data_dir, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(args(sdxl20, tiny_data_dir, straight, *METHOD, steps=8))
-    run(args(sdxl20, tiny_data_dir, resumed, *METHOD, "--checkpointing_steps=4", steps=4))
-    run(args(sdxl20, tiny_data_dir, resumed, *METHOD, "--checkpointing_steps=4", "--resume_from_checkpoint=latest", steps=8))
+@pytest.fixture(scope="module")
+def straight_method_run(sdxl20, tiny_data_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """One process, the method on, 8 steps, one thread: the straight run that a resumed run and two
+    processes must each equal (run once for both). Returns its output folder and summary."""
+    out = tmp_path_factory.mktemp("sdxl-straight") / "run"
+    with one_thread():
+        return out, run(sdxl_argv(sdxl20, tiny_data_dir, out, *METHOD, steps=8))
+
+
+def test_resume_equals_a_straight_run(sdxl20, tiny_data_dir, tmp_path, straight_method_run):
+    (straight, _), resumed = straight_method_run, tmp_path / "resumed"
+    with one_thread():
+        run(sdxl_argv(sdxl20, tiny_data_dir, resumed, *METHOD, "--checkpointing_steps=4", steps=4))
+        run(sdxl_argv(sdxl20, tiny_data_dir, resumed, *METHOD, "--checkpointing_steps=4", "--resume_from_checkpoint=latest", steps=8))
     a = load_file(straight / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
@@ -126,32 +123,18 @@ def test_bad_flags_stop_with_one_line(extra, message, capsys):
 
 def test_an_sd_model_is_refused_naming_the_missing_parts(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train.cli(args(tiny_model_dir, tiny_data_dir, tmp_path / "x"))
+        train.cli(sdxl_argv(tiny_model_dir, tiny_data_dir, tmp_path / "x"))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "text_encoder_2, tokenizer_2" in err
 
 
 @pytest.mark.multiprocess
-def test_two_processes_equal_one_process(sdxl20, tiny_data_dir, tmp_path):
+def test_two_processes_equal_one_process(sdxl20, tiny_data_dir, tmp_path, straight_method_run):
     """2 processes (gloo, one proxy each) == 1 process taking turns, bit for bit: each proxy owns
     its RNG and data streams wherever it runs (MemFree), and merges add unfused per-proxy terms."""
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    mp, sp = tmp_path / "mp", tmp_path / "sp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(repo / "train_scripts" / "train_sdxl_ietagc.py"), *args(sdxl20, tiny_data_dir, mp, *METHOD, steps=8)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.set_num_threads(1)
-    try:
-        summary = run(args(sdxl20, tiny_data_dir, sp, *METHOD, steps=8))
-    finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+    mp, (sp, summary) = tmp_path / "mp", straight_method_run
+    run_two_processes("train_sdxl_ietagc.py", sdxl_argv(sdxl20, tiny_data_dir, mp, *METHOD, steps=8))
     assert summary["num_merges"] == 2 and summary["moves"]
     a = load_file(mp / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(sp / "unet" / "diffusion_pytorch_model.safetensors")
@@ -178,44 +161,19 @@ def test_resume_with_other_settings_or_a_held_lock_stops(sdxl20, tiny_data_dir, 
     from sd_memfree.run.runlock import RunLock
 
     out = tmp_path / "run"
-    run(args(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", steps=2))
+    run(sdxl_argv(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", steps=2))
     with pytest.raises(SystemExit) as e:
-        train.cli(args(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", "--resume_from_checkpoint=latest",
-                       "--timestep_bias_strategy=later", steps=4))
+        train.cli(sdxl_argv(sdxl20, tiny_data_dir, out, "--checkpointing_steps=2", "--resume_from_checkpoint=latest", "--timestep_bias_strategy=later", steps=4))
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the data loading's progress bars
     assert e.value.code == 2 and err.startswith("error: ") and "--timestep_bias_strategy=none" in err
     lock = RunLock(out)
     lock.acquire()
     try:
         with pytest.raises(SystemExit) as e:
-            train.cli(args(sdxl20, tiny_data_dir, out, "--resume_from_checkpoint=latest", steps=4))
+            train.cli(sdxl_argv(sdxl20, tiny_data_dir, out, "--resume_from_checkpoint=latest", steps=4))
         assert e.value.code == 2 and "pid" in capsys.readouterr().err
     finally:
         lock.release()
-
-
-@pytest.mark.multiprocess
-def test_one_shard_on_two_processes_keeps_loss_banks_and_strengths_in_sync(sdxl20, tiny_data_dir, tmp_path):
-    """Data-parallel (K = 1) on 2 processes: MemFree gathers each micro-batch's losses, so both
-    processes' loss banks and augmentation strengths are the same and take the global batch."""
-    import os
-    import subprocess
-    import sys
-
-    from sd_memfree.run.state import read_process_state
-
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    out = tmp_path / "dp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(repo / "train_scripts" / "train_sdxl_ietagc.py"),
-           *args(sdxl20, tiny_data_dir, out, "--agc_ratio=1.02", "--agc_ema=0.1", "--loss_aware_augmentation", "--checkpointing_steps=4", steps=4)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    states = [read_process_state(out / "checkpoint-4", r)["objects"] for r in (0, 1)]
-    assert torch.equal(states[0]["loss_bank_0"]["bank"], states[1]["loss_bank_0"]["bank"])
-    assert (states[0]["loss_bank_0"]["bank"] > 0).sum() > 0
-    assert torch.equal(states[0]["strengths"]["values"], states[1]["strengths"]["values"])
 
 
 def test_a_diverging_run_stops_without_saving_non_finite_weights(sdxl20, tiny_data_dir, tmp_path, capsys):
@@ -223,54 +181,59 @@ def test_a_diverging_run_stops_without_saving_non_finite_weights(sdxl20, tiny_da
     line (exit 1) before the checkpoint at step 2, and nothing is written."""
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
-        train.cli(args(sdxl20, tiny_data_dir, out, "--learning_rate=1e30", "--checkpointing_steps=2", "--max_grad_norm=0", steps=4))
+        train.cli(sdxl_argv(sdxl20, tiny_data_dir, out, "--learning_rate=1e30", "--checkpointing_steps=2", "--max_grad_norm=0", steps=4))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 1 and err.startswith("error: the run diverged at step 2") and "NaN/inf" in err
     assert not list(out.glob("checkpoint-*")) and not (out / "unet").exists()
 
 
+def test_final_save_refuses_non_finite_weights_naming_the_newest_checkpoint(sdxl20, tiny_data_dir, tmp_path, capsys, monkeypatch):
+    """One NaN step on the last step (below the stop checks' limit) makes the LoRA weights NaN: the
+    final save refuses them with the SD script's line, naming the newest checkpoint to resume from."""
+    nan_losses_at(monkeypatch, {3}, nan_gradients=True)
+    out = tmp_path / "last"
+    line = cli_error(capsys, train.cli, sdxl_argv(sdxl20, tiny_data_dir, out, "--use_lora", "--checkpointing_steps=2", steps=3), 1)
+    assert line.startswith(f"error: the trained weights are NaN/inf after step 3: the final model was not saved (newest checkpoint: {out}/checkpoint-2)"), line
+    assert not (out / "pytorch_lora_weights.safetensors").exists() and (out / "checkpoint-2").is_dir()
+
+
 # ---- as the SD script: stop signals, --drop_bad_samples, diffusers' own checkpoints ----------------
 
-@pytest.mark.parametrize("signum,code", [(15, 143), (2, 130)], ids=["SIGTERM", "SIGINT"])
-def test_signal_finishes_the_step_checkpoints_and_resume_finishes(sdxl20, tiny_data_dir, tmp_path, signum, code):
-    """The real script in a subprocess with 100000 steps; the signal comes once checkpoint-2 exists.
-    It exits 128 + signal with one line naming the checkpoint it wrote (its last one) and how to
-    resume, no traceback, no lock left; resuming from it (SIGTERM case) runs to the end."""
+def test_sigterm_finishes_the_step_checkpoints_and_resume_finishes(sdxl20, tiny_data_dir, tmp_path):
+    """The real script in a subprocess with 100000 steps; SIGTERM comes once checkpoint-2 exists.
+    It exits 143 with one line naming the checkpoint it wrote (its last one) and how to resume, no
+    traceback, no lock left; resuming from it runs to the end. (Ctrl-C takes the same path in the
+    library's StopSignals, exit 130: tested once, through the SD script, in test_train_safety.py.)"""
     import signal
-
-    from test_train_safety import stop_with_signal
 
     from sd_memfree.run import checkpointing
     from sd_memfree.run.runlock import LOCK_NAME
 
     out = tmp_path / "run"
-    argv = args(sdxl20, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
-    step = stop_with_signal("train_sdxl_ietagc.py", argv, out, signum, code)
+    argv = sdxl_argv(sdxl20, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", steps=100000)
+    step = stop_with_signal("train_sdxl_ietagc.py", argv, out, signal.SIGTERM, 143)
     steps = [s for s, _ in checkpointing.list_checkpoints(out)]
     assert step >= 2 and steps[-1] == step
     assert not (out / LOCK_NAME).exists() and not (out / "pytorch_lora_weights.safetensors").exists()
-    if signum == signal.SIGTERM:
-        summary = run(args(sdxl20, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2",
-                           "--resume_from_checkpoint=latest", steps=step + 2))
-        assert summary["global_step"] == step + 2 and summary["steps_this_run"] == 2
-        assert (out / "pytorch_lora_weights.safetensors").exists()
+    summary = run(sdxl_argv(sdxl20, tiny_data_dir, out, "--use_lora", "--rank=2", "--checkpointing_steps=2", "--resume_from_checkpoint=latest",
+                            steps=step + 2))
+    assert summary["global_step"] == step + 2 and summary["steps_this_run"] == 2
+    assert (out / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_drop_bad_samples_trains_on_the_rest_and_lists_them(sdxl20, tiny_data_dir, tmp_path, capsys):
     """A 13th image that does not decode: without the flag one line names it (exit 2, nothing
     written); with --drop_bad_samples the run trains on the 12 others and lists it."""
-    from test_data_checks import add_image, png_with_corrupt_data
-
     data = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data)
     add_image(data, "scrambled.png", png_with_corrupt_data())
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        train.cli(args(sdxl20, data, out, "--use_lora", steps=2))
+        train.cli(sdxl_argv(sdxl20, data, out, "--use_lora", steps=2))
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and "scrambled.png (sample 12)" in last and "--drop_bad_samples" in last
     assert not out.exists()
-    summary = run(args(sdxl20, data, out, "--use_lora", "--drop_bad_samples", steps=2))
+    summary = run(sdxl_argv(sdxl20, data, out, "--use_lora", "--drop_bad_samples", steps=2))
     assert summary["global_step"] == 2
     assert json.loads((out / "memfree_state.json").read_text())["num_samples"] == 12
     dropped = json.loads((out / "dropped_samples.json").read_text())
@@ -284,21 +247,19 @@ def test_full_run_continues_from_a_diffusers_sdxl_checkpoint(sdxl20, tiny_data_d
     there stops with one line, so does --num_shards=2; 'latest' continues: with --learning_rate=0
     the final UNet equals the checkpoint's (its weights were loaded), our checkpoint-4 holds AdamW
     step 30 + 2 (its moments were loaded), no pickle ran, the folder is unchanged."""
-    from test_checkpoint_contents import one_line_error, same, tree_digest, upstream_full_checkpoint
-
     from sd_memfree.run.state import read_process_state
 
     out, marker, before = upstream_full_checkpoint(sdxl20, tmp_path)
 
     def one_line(argv):
-        return one_line_error(capsys, argv, cli=train.cli)
+        return cli_error(capsys, train.cli, argv)
 
-    line = one_line(args(sdxl20, tiny_data_dir, out, steps=4))
+    line = one_line(sdxl_argv(sdxl20, tiny_data_dir, out, steps=4))
     assert "checkpoint-2" in line and "never overwrites" in line and "--resume_from_checkpoint=latest" in line
-    line = one_line(args(sdxl20, tiny_data_dir, out, "--num_shards=2", "--resume_from_checkpoint=latest", steps=4))
+    line = one_line(sdxl_argv(sdxl20, tiny_data_dir, out, "--num_shards=2", "--resume_from_checkpoint=latest", steps=4))
     assert "checkpoint-2" in line and "without shards only" in line
 
-    summary = run(args(sdxl20, tiny_data_dir, out, "--learning_rate=0", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=4))
+    summary = run(sdxl_argv(sdxl20, tiny_data_dir, out, "--learning_rate=0", "--checkpointing_steps=2", "--resume_from_checkpoint=latest", steps=4))
     assert summary["steps_this_run"] == 2 and summary["global_step"] == 4
     assert same(load_file(out / "unet" / "diffusion_pytorch_model.safetensors"),
                 load_file(tmp_path / "their_unet" / "diffusion_pytorch_model.safetensors"))
@@ -313,10 +274,8 @@ def test_lora_run_continues_from_a_diffusers_sdxl_lora_checkpoint(sdxl20, tiny_d
     --learning_rate=0 the output equals them), the optimizer.bin is refused by weights_only (the
     moments start from zero), nothing ran, the folder is unchanged. A LoRA that also trained the
     text encoders (--train_text_encoder, which sd_memfree does not train) stops with one line."""
-    from test_checkpoint_contents import fake_upstream_checkpoint, same, tree_digest
-
     trained = tmp_path / "trained"
-    run(args(sdxl20, tiny_data_dir, trained, "--use_lora", steps=2))
+    run(sdxl_argv(sdxl20, tiny_data_dir, trained, "--use_lora", steps=2))
     theirs = trained / "pytorch_lora_weights.safetensors"
     out, marker = tmp_path / "out", tmp_path / "pwned"
     with_te = tmp_path / "with_te"  # as written with --train_text_encoder: text-encoder adapters beside the UNet's
@@ -325,12 +284,12 @@ def test_lora_run_continues_from_a_diffusers_sdxl_lora_checkpoint(sdxl20, tiny_d
               str(with_te / "pytorch_lora_weights.safetensors"))
     te_ckpt = fake_upstream_checkpoint(tmp_path / "te_out", 2, marker, {"pytorch_lora_weights.safetensors": with_te / "pytorch_lora_weights.safetensors"})
     with pytest.raises(SystemExit) as e:
-        train.cli(args(sdxl20, tiny_data_dir, tmp_path / "te_out", "--use_lora", f"--resume_from_checkpoint={te_ckpt}", steps=4))
+        train.cli(sdxl_argv(sdxl20, tiny_data_dir, tmp_path / "te_out", "--use_lora", f"--resume_from_checkpoint={te_ckpt}", steps=4))
     assert e.value.code == 2 and "--train_text_encoder" in capsys.readouterr().err.strip().splitlines()[-1]
 
     ckpt = fake_upstream_checkpoint(out, 2, marker, {"pytorch_lora_weights.safetensors": theirs})
     before = tree_digest(ckpt)
-    summary = run(args(sdxl20, tiny_data_dir, out, "--use_lora", "--learning_rate=0", f"--resume_from_checkpoint={ckpt}", steps=4))
+    summary = run(sdxl_argv(sdxl20, tiny_data_dir, out, "--use_lora", "--learning_rate=0", f"--resume_from_checkpoint={ckpt}", steps=4))
     assert summary["steps_this_run"] == 2 and summary["global_step"] == 4
     assert same(load_file(out / "pytorch_lora_weights.safetensors"), load_file(theirs))
     assert tree_digest(ckpt) == before and not marker.exists()

@@ -19,11 +19,8 @@ augmentation).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -31,6 +28,7 @@ import torch
 
 from sd_memfree import collectives
 from sd_memfree.config import MemFreeConfig
+from sd_memfree.run.recipe_args import add_recipe_arguments, check_recipe_args
 
 logger = logging.getLogger("sd_memfree.train")
 
@@ -117,27 +115,9 @@ def parse_args(argv=None):
     parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune", help="project_name for Accelerator.init_trackers.")
     parser.add_argument("--rank", type=int, default=4, help="The dimension of the LoRA update matrices (with --use_lora).")
     # --- ours -----------------------------------------------------------------------------
-    parser.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (as train_text_to_image_lora.py) instead of the full UNet.")
-    parser.add_argument("--hub_upload_memfree_state", action="store_true",
-                        help="With --push_to_hub, also upload memfree_state.json. It lists the samples AGC skipped most, i.e. the training "
-                             "images the model found easiest to memorise (a target list for extraction attacks): kept local by default.")
-    parser.add_argument("--drop_bad_samples", action="store_true",
-                        help="Drop samples whose image does not decode or whose caption is missing/empty (listed in the log and in "
-                             "output_dir/dropped_samples.json) instead of stopping at start-up.")
-    MemFreeConfig.add_arguments(parser)
-    collectives.add_arguments(parser)  # --collective_timeout
+    add_recipe_arguments(parser, lora_script="train_text_to_image_lora.py")
 
     args = parser.parse_args(argv)
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1 and env_local_rank != args.local_rank:
-        args.local_rank = env_local_rank
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        parser.error("--hub_token with --report_to=wandb would expose the token (W&B records the command line); "
-                     "log in with `hf auth login` (or `huggingface-cli login`) and drop --hub_token.")
-    if args.hub_upload_memfree_state and not args.push_to_hub:
-        parser.error("--hub_upload_memfree_state only applies with --push_to_hub; add --push_to_hub or drop the flag.")
-    if args.dataset_name is None and args.train_data_dir is None:
-        parser.error("no training data given: pass --dataset_name (Hub name or local folder) or --train_data_dir (imagefolder).")
     if args.dream_training:
         parser.error("--dream_training is not supported with sd_memfree: DREAM's extra forward pass bypasses the per-sample AGC mask; drop the flag.")
     if args.prediction_type not in (None, "epsilon", "v_prediction"):
@@ -148,31 +128,7 @@ def parse_args(argv=None):
         args.output_dir = "sd-model-finetuned-lora" if args.use_lora else "sd-model-finetuned"
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
-    try:
-        args.memfree = MemFreeConfig.from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.use_ema and args.use_lora:
-        parser.error("--use_ema applies to full fine-tuning only; drop it or --use_lora.")
-    if args.use_ema and args.memfree.sharding_enabled:
-        parser.error("--use_ema with --num_shards > 1 is not supported: merging already averages the proxies; drop --use_ema.")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    return args
-
-
-def check_model_folder(path: str, subfolders=("unet", "vae", "text_encoder", "tokenizer", "scheduler")) -> None:
-    """A local model folder must exist and hold every pipeline part (Hub ids are checked by the Hub)."""
-    p = Path(path).expanduser()
-    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
-    if not looks_local:
-        return
-    if not p.is_dir():
-        raise FileNotFoundError(f"--pretrained_model_name_or_path {path} does not exist; pass a diffusers model folder or a Hub id like stabilityai/stable-diffusion-2-1-base.")
-    missing = [s for s in subfolders if not (p / s).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"model folder {path} lacks the subfolder(s) {', '.join(missing)}; point to a full diffusers Stable Diffusion folder (save it with pipe.save_pretrained).")
+    return check_recipe_args(parser, args)
 
 
 def log_validation(pipeline_parts, args, accelerator, weight_dtype, step, is_final=False):
@@ -221,9 +177,6 @@ def main(args) -> dict:
 
 def train(args, stop) -> dict:
     """The training run itself (see :func:`main`); ``stop`` is the run's :class:`~sd_memfree.run.stopping.StopSignals`."""
-    import datasets
-    import diffusers
-    import transformers
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -234,20 +187,21 @@ def train(args, stop) -> dict:
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sd_memfree import MemFree, hub
-    from sd_memfree.run import checkpointing
-    from sd_memfree.data import (IndexedCaptionDataset, build_image_transforms, check_resolution, check_samples, collate,
-                                 dropped_warning, load_image_caption_dataset, write_dropped_samples)
+    from sd_memfree import MemFree
+    from sd_memfree.collectives import ProcessLayout, refuse_sharded_engines, timeout
+    from sd_memfree.run import outputs as run_outputs
+    from sd_memfree.data import IndexedCaptionDataset, build_image_transforms, check_resolution, collate
     from sd_memfree.method.losses import min_snr_weights, per_sample_loss
-    from sd_memfree.collectives import Collectives, ProcessLayout, refuse_sharded_engines, timeout
-    from sd_memfree.run.resume import data_fingerprint, trajectory_settings, write_trajectory
-    from sd_memfree.safeio import replace_file
+    from sd_memfree.run.recipe_args import public_args
+    from sd_memfree.run.recipe_setup import (check_model_folder, checkpointed_objects, configure_logging, create_optimizer,
+                                         load_training_data, prepare_output_dir)
+    from sd_memfree.run.resume import data_fingerprint, trajectory_settings
+    from sd_memfree.run.skipcounts import write_run_skip_counts
     from sd_memfree.run.startpoint import check_resumed_counters, continue_upstream, plan_start
+    from sd_memfree.run.state import load_process_state
     from sd_memfree.run.steplog import StepLossLog
-    from sd_memfree.run.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
-    from sd_memfree.run.stopping import RunStopped, StepStops, all_finite, divergence_advice
-    from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
-                                      trainable_parameters, upcast_trainable_)
+    from sd_memfree.run.stopping import StepStops
+    from sd_memfree.trainable import add_lora, save_full_pipeline, save_lora, trainable_parameters, upcast_trainable_
 
     mf: MemFreeConfig = args.memfree
     output_dir = Path(args.output_dir)
@@ -259,14 +213,7 @@ def train(args, stop) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
     )
     log = get_logger("sd_memfree.train")
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        for lib in (datasets, transformers, diffusers):
-            lib.utils.logging.set_verbosity_error()
+    configure_logging(accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     K = mf.num_shards
     refuse_sharded_engines(accelerator)
@@ -282,16 +229,8 @@ def train(args, stop) -> dict:
     vae_config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
     check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1),
                      generates_images=bool(args.validation_prompts or args.validation_prompt))
-    with Collectives().main_process_first():  # over the host group: the default one may be NCCL
-        dataset, image_column, caption_column = load_image_caption_dataset(
-            dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
-            cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
-            max_train_samples=args.max_train_samples, seed=args.seed, verify_images=False)
     # Every image decoded and every caption checked now, so no bad sample stops the run mid-way.
-    dataset, dropped = check_samples(dataset, image_column, caption_column, drop_bad=args.drop_bad_samples,
-                                     progress=accelerator.is_local_main_process)
-    if dropped:
-        log.warning(dropped_warning(dropped, output_dir))
+    dataset, image_column, caption_column, dropped = load_training_data(args, accelerator, log)
     num_samples = len(dataset)
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     if args.prediction_type is not None:
@@ -314,11 +253,7 @@ def train(args, stop) -> dict:
                        num_shards=K, merge_every=mf.merge_every, log=log)
     resume_dir, upstream = start.resume_dir, start.upstream
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_dropped_samples(output_dir, dropped)  # local only: it names training files
-        if args.push_to_hub:  # as upstream: a bad repo id or token fails now, not after training
-            args.hub_model_id = hub.create_repo(args.hub_model_id or output_dir.name, token=args.hub_token)
+    prepare_output_dir(args, accelerator, dropped)  # as upstream, a bad Hub repo id or token fails now, not after training
 
     # ---- Models -----------------------------------------------------------------------------------
     tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision)
@@ -352,19 +287,8 @@ def train(args, stop) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # ---- Optimizer, schedule --------------------------------------------------------------------
-    if args.scale_lr:
-        args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * world
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
     params = trainable_parameters(unet)
-    optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = create_optimizer(params, args, world)  # AdamW (8-bit with --use_8bit_adam), LR scaled with --scale_lr
     # Every proxy takes the same number of steps (MemFree's round schedule), so every shard weighs
     # the same in the final merge.
     schedule = memfree.schedule
@@ -390,14 +314,11 @@ def train(args, stop) -> dict:
     if ema_unet is not None:
         ema_unet.to("cpu" if args.offload_ema else accelerator.device)
 
-    # Every process's state for an exact resume; the method's objects under their checkpoint names,
-    # in the order of earlier versions (the state file numbers tensors in this order).
-    method_state = memfree.stateful_objects()  # [memfree] loading them finishes the method's own bookkeeping
-    stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                **{name: method_state.pop(name) for name in ("counters", "rng", "assignment", "proxies")}, "ema": ema_unet,
-                "strengths": method_state.pop("strengths"), "scaler": accelerator.scaler, **method_state}
-    if not args.use_lora:  # the checkpoint's unet/ and unet_ema/ hold these weights once; LoRA's are small
-        weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
+    # Every process's state for an exact resume (full fine-tuning's weights are read back from the
+    # checkpoint's model folders, not stored twice).
+    stateful = checkpointed_objects(accelerator.unwrap_model(unet), optimizer, lr_scheduler,
+                                    memfree.stateful_objects(),  # [memfree] loading them finishes the method's own bookkeeping
+                                    ema=ema_unet, scaler=accelerator.scaler, is_lora=args.use_lora, checkpoint=lambda: resume_dir)
 
     if upstream:
         continue_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, lr_scheduler, stateful["counters"], gas,
@@ -408,40 +329,24 @@ def train(args, stop) -> dict:
         log.info(f"Resumed from {resume_dir} at step {memfree.global_step}")
 
     # Secrets (--hub_token) never reach train_args.json, the tracker config or the card.
-    plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
-
-    def write_run_config(folder: Path) -> None:
-        """The resolved settings, beside the model and in every checkpoint (resume checks them)."""
-        mf.save_json(folder / "memfree_config.json")
-        replace_file(folder / "train_args.json", json.dumps(plain_args, indent=2))  # never through a link
-
+    plain_args = public_args(args)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config={k: v for k, v in plain_args.items() if v is not None})
-        write_run_config(output_dir)
+        run_outputs.write_run_config(output_dir, mf, plain_args)
 
     log.info(f"***** Running training: {num_samples} samples, {K} shard(s), {total_steps} optimizer steps (summed over proxies), "
              f"batch {args.train_batch_size} per process x {layout.group_size} process(es) per proxy x accumulation {gas} *****")
     progress = tqdm(range(total_steps), initial=memfree.global_step, desc="Steps", disable=not accelerator.is_local_main_process)
 
-    def run_state_files(folder: Path) -> None:
-        """A checkpoint: the model in the final output's form (the last merge's weights with shards;
-        ``unet_ema/`` too with EMA, as upstream), plus every process's state for an exact resume."""
-        save_process_state(folder, rank, world, stateful)
-        if accelerator.is_main_process:
-            write_run_config(folder)
-            write_trajectory(folder, trajectory)
-            # With shards the live parameters hold a proxy's weights: publish the last merge's.
-            save_checkpoint_model(accelerator.unwrap_model(unet), folder, args.use_lora, trainable=memfree.merged_weights())  # [memfree]
-            if ema_unet is not None:
-                ema_unet.save_pretrained(str(folder / "unet_ema"))
-
     def save_checkpoint() -> None:
+        """The model in the final output's form plus every process's state for an exact resume."""
         step = memfree.global_step
-        with checkpointing.atomic_checkpoint_dir(output_dir, step, is_main_process=accelerator.is_main_process,
-                                                 wait_for_everyone=memfree.collectives.barrier) as tmp:
-            run_state_files(tmp)
-        if accelerator.is_main_process:
-            checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=output_dir / f"{checkpointing.CHECKPOINT_PREFIX}{step}")
+        # With shards the live parameters hold a proxy's weights: publish the last merge's.
+        run_outputs.save_checkpoint(output_dir, step, accelerator, stateful, method_config=mf, public_args=plain_args, trajectory=trajectory,
+                                    unet=accelerator.unwrap_model(unet), is_lora=args.use_lora,
+                                    trainable=memfree.merged_weights(),  # [memfree]
+                                    barrier=memfree.collectives.barrier,
+                                    ema=ema_unet, total_limit=args.checkpoints_total_limit)
         log.info(f"Saved checkpoint-{step}")
 
     data_iter = iter(loader)
@@ -571,28 +476,19 @@ def train(args, stop) -> dict:
     summary.update({k: v for k, v in method_summary.items() if k.startswith("agc/")})
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
-        # Never publish a non-finite model, e.g. one that diverged in its last few steps, under the stop checks' limit.
-        if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
-            raise RunStopped(f"the trained weights are NaN/inf after step {memfree.global_step}: the final model was not "
-                             f"saved (newest checkpoint: {stops.newest_checkpoint()}); {divergence_advice(args.learning_rate)}")
-        staging = output_dir / ".tmp-final"  # written in full first, then renamed into place
-        shutil.rmtree(staging, ignore_errors=True)
-        if args.use_lora:
-            save_lora(final_unet, staging)
-        else:
-            if ema_unet is not None:
-                ema_unet.copy_to(final_unet.parameters())
-            save_full_pipeline(final_unet, args.pretrained_model_name_or_path, staging, revision=args.revision, variant=args.variant)
-        checkpointing.publish_entries(staging, output_dir)
-        state = {"num_samples": num_samples, "global_step": memfree.global_step,
-                 **{k: v for k, v in method_summary.items() if not k.startswith("agc/")}}  # shard split and moves, merges
-        replace_file(output_dir / "memfree_state.json", json.dumps(state, indent=2))
+        run_outputs.check_final_weights(ema_unet.shadow_params if ema_unet is not None else params, memfree.global_step,
+                                        stops.newest_checkpoint(), args.learning_rate)
+        with run_outputs.staged_final_output(output_dir) as staging:  # written in full first, then moved into place
+            if args.use_lora:
+                save_lora(final_unet, staging)
+            else:
+                if ema_unet is not None:
+                    ema_unet.copy_to(final_unet.parameters())
+                save_full_pipeline(final_unet, args.pretrained_model_name_or_path, staging, revision=args.revision, variant=args.variant)
+        # shard split and moves, merges
+        state = run_outputs.write_memfree_state(output_dir, num_samples, memfree.global_step, method_summary)
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
-            from sd_memfree.scoring.generate import caption_text
-            from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts
-
-            captions = [caption_text(c) for c in dataset[caption_column]]
-            write_skip_counts(output_dir / SKIP_COUNTS_FILE, report.skip_counts.cpu().tolist(), captions, sample_file_names(dataset, image_column))
+            write_run_skip_counts(output_dir, report.skip_counts.cpu().tolist(), dataset, image_column, caption_column)
         summary.update(state)
         images = []
         if args.validation_prompts or args.validation_prompt:
@@ -606,12 +502,7 @@ def train(args, stop) -> dict:
                 pipe.load_lora_weights(str(output_dir))
                 parts = {"unet": pipe.unet}
             images = log_validation(parts, args, accelerator, weight_dtype, memfree.global_step, is_final=True)
-        repo_id = args.hub_model_id or output_dir.name  # the full id create_repo returned, with --push_to_hub
-        hub.write_model_card(output_dir, repo_id=repo_id, base_model=args.pretrained_model_name_or_path, method_config=mf.to_dict(),
-                             training_args={k: getattr(args, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "resolution", "mixed_precision", "gradient_accumulation_steps", "seed")},
-                             is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir)
-        if args.push_to_hub:
-            summary["hub_repo"] = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, include_memfree_state=args.hub_upload_memfree_state)
+        summary.update(run_outputs.publish_model(output_dir, args, mf, images))  # the card; the Hub upload with --push_to_hub
     accelerator.end_training()
     return summary
 

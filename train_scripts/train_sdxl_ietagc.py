@@ -16,18 +16,16 @@ from upstream: docs/plugin.md, "The SDXL recipe".
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 
 from sd_memfree import collectives
 from sd_memfree.config import MemFreeConfig
+from sd_memfree.run.recipe_args import add_recipe_arguments, check_recipe_args
 
 logger = logging.getLogger("sd_memfree.train_sdxl")
 
@@ -115,26 +113,13 @@ def parse_args(argv=None):
     parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
                         help="The image interpolation method to use for resizing images.")
     # --- ours ---------------------------------------------------------------------------------
-    parser.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (as train_text_to_image_lora_sdxl.py) instead of the full UNet.")
+    add_recipe_arguments(parser, lora_script="train_text_to_image_lora_sdxl.py")
     parser.add_argument("--save_kohya_lora", action="store_true",
                         help="With --use_lora, also write pytorch_lora_weights_kohya.safetensors, the kohya format AUTOMATIC1111 and ComfyUI load.")
-    parser.add_argument("--drop_bad_samples", action="store_true",
-                        help="Drop samples whose image does not decode or whose caption is missing/empty (listed in the log and in "
-                             "output_dir/dropped_samples.json) instead of stopping at start-up.")
-    MemFreeConfig.add_arguments(parser)
-    collectives.add_arguments(parser)  # --collective_timeout
 
     args = parser.parse_args(argv)
-    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
-    if env_local_rank != -1 and env_local_rank != args.local_rank:
-        args.local_rank = env_local_rank
-    if args.dataset_name is None and args.train_data_dir is None:
-        parser.error("no training data given: pass --dataset_name (Hub name or local folder) or --train_data_dir (imagefolder).")
     if not 0 <= args.proportion_empty_prompts <= 1:
         parser.error(f"--proportion_empty_prompts={args.proportion_empty_prompts} must be in [0, 1].")
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        parser.error("--hub_token with --report_to=wandb would expose the token (W&B records the command line); "
-                     "log in with `hf auth login` and drop --hub_token.")
     for flag, why in (("train_text_encoder", "text-encoder LoRA is not sharded or merged by sd_memfree"),
                       ("debug_loss", "AGC reports per-sample skips instead (memfree_skip_counts.json)"),
                       ("enable_npu_flash_attention", "Ascend NPUs are not supported")):
@@ -148,18 +133,7 @@ def parse_args(argv=None):
         parser.error("--save_kohya_lora converts LoRA weights; add --use_lora or drop the flag.")
     if args.output_dir is None:  # each upstream script's own default
         args.output_dir = "sd-model-finetuned-lora" if args.use_lora else "sdxl-model-finetuned"
-    try:
-        args.memfree = MemFreeConfig.from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.use_ema and args.use_lora:
-        parser.error("--use_ema applies to full fine-tuning only; drop it or --use_lora.")
-    if args.use_ema and args.memfree.sharding_enabled:
-        parser.error("--use_ema with --num_shards > 1 is not supported: merging already averages the proxies; drop --use_ema.")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    return args
+    return check_recipe_args(parser, args)
 
 
 def timestep_weights(args, num_timesteps: int) -> torch.Tensor | None:
@@ -301,14 +275,9 @@ def trajectory(args, mixed_precision: str, dataset, image_column: str, caption_c
 
 
 def main(args) -> dict:
-    """Train under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled, as the SD script
-    (``sd_memfree.run.runguard``); returns a summary (steps, merges, skip statistics, output paths).
-
-    Raises:
-        RunStopped: the run stopped early with a one-line reason and an exit code: SIGTERM / SIGINT
-            (after writing a checkpoint of the step in progress), non-finite losses, a full disk.
-        OutputDirError, RunLockHeld: ``--output_dir`` is unusable or in use, before any model loads.
-    """
+    """Train under ``output_dir``'s run lock, with SIGTERM / Ctrl-C handled, as the SD script; returns
+    a summary (steps, merges, skip statistics, output paths). Raises what
+    ``sd_memfree.run.runguard.guarded_run`` raises (``RunStopped``, ``OutputDirError``, ``RunLockHeld``)."""
     from sd_memfree.run.runguard import guarded_run
 
     return guarded_run(args.output_dir, lambda stop: train(args, stop), collective_timeout=args.collective_timeout)
@@ -316,9 +285,6 @@ def main(args) -> dict:
 
 def train(args, stop) -> dict:
     """The training run itself (see :func:`main`); ``stop`` is the run's :class:`~sd_memfree.run.stopping.StopSignals`."""
-    import datasets
-    import diffusers
-    import transformers
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -329,23 +295,20 @@ def train(args, stop) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sd_memfree import MemFree, hub
-    from sd_memfree.run import checkpointing
-    from sd_memfree.collectives import Collectives, ProcessLayout, refuse_sharded_engines, timeout
-    from sd_memfree.data import check_resolution, check_samples, dropped_warning, load_image_caption_dataset, write_dropped_samples
+    from sd_memfree import MemFree
+    from sd_memfree.collectives import ProcessLayout, refuse_sharded_engines, timeout
+    from sd_memfree.run import outputs as run_outputs
+    from sd_memfree.data import check_resolution
     from sd_memfree.method.losses import min_snr_weights, per_sample_loss
-    from sd_memfree.run.resume import write_trajectory
-    from sd_memfree.safeio import replace_file
+    from sd_memfree.run.recipe_args import public_args
+    from sd_memfree.run.recipe_setup import (SDXL_SUBFOLDERS, check_model_folder, checkpointed_objects, configure_logging,
+                                         create_optimizer, load_training_data, prepare_output_dir)
+    from sd_memfree.run.skipcounts import write_run_skip_counts
     from sd_memfree.run.startpoint import check_resumed_counters, continue_upstream, plan_start
-    from sd_memfree.run.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
+    from sd_memfree.run.state import load_process_state
     from sd_memfree.run.steplog import StepLossLog
-    from sd_memfree.run.stopping import RunStopped, StepStops, all_finite, divergence_advice
-    from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
-                                      upcast_trainable_)
-    if __package__:  # imported: sd_memfree.recipes.* when installed, train_scripts.* in a checkout
-        from .train_sd_ietagc import check_model_folder
-    else:  # run as a file (accelerate launch train_scripts/...): its folder is sys.path[0]
-        from train_sd_ietagc import check_model_folder
+    from sd_memfree.run.stopping import StepStops
+    from sd_memfree.trainable import add_lora, lora_state_dict, save_kohya_lora, trainable_parameters, upcast_trainable_
 
     mf: MemFreeConfig = args.memfree
     output_dir = Path(args.output_dir)
@@ -353,9 +316,7 @@ def train(args, stop) -> dict:
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)))
     log = get_logger("sd_memfree.train_sdxl")
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    for lib in (datasets, transformers, diffusers):
-        (lib.utils.logging.set_verbosity_warning if accelerator.is_local_main_process else lib.utils.logging.set_verbosity_error)()
+    configure_logging(accelerator)
     refuse_sharded_engines(accelerator)
     # Before the data is decoded: W must divide K or be a multiple of it (one line naming the
     # process counts that work); D processes share each proxy's micro-batch.
@@ -365,21 +326,12 @@ def train(args, stop) -> dict:
     seed = args.seed if args.seed is not None else 0
 
     # ---- Validate what a user can get wrong, before any model loads ---------------------------
-    check_model_folder(args.pretrained_model_name_or_path,
-                       ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"))
+    check_model_folder(args.pretrained_model_name_or_path, SDXL_SUBFOLDERS)
     vae_path, vae_sub = (args.pretrained_vae_model_name_or_path, None) if args.pretrained_vae_model_name_or_path else (args.pretrained_model_name_or_path, "vae")
     vae_config = AutoencoderKL.load_config(vae_path, subfolder=vae_sub, revision=args.revision)
     check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1), generates_images=bool(args.validation_prompt))
-    with Collectives().main_process_first():  # over the host group: the default one may be NCCL
-        dataset, image_column, caption_column = load_image_caption_dataset(
-            dataset_name=args.dataset_name, train_data_dir=args.train_data_dir, dataset_config_name=args.dataset_config_name,
-            cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
-            max_train_samples=args.max_train_samples, seed=args.seed, verify_images=False)
     # Every image decoded and every caption checked now, so no bad sample stops the run mid-way.
-    dataset, dropped = check_samples(dataset, image_column, caption_column, drop_bad=args.drop_bad_samples,
-                                     progress=accelerator.is_local_main_process)
-    if dropped:
-        log.warning(dropped_warning(dropped, output_dir))
+    dataset, image_column, caption_column, dropped = load_training_data(args, accelerator, log)
     num_samples = len(dataset)
     steps_per_epoch = max(1, math.ceil(num_samples / (args.train_batch_size * layout.group_size * args.gradient_accumulation_steps)))
     if args.max_train_steps is None:
@@ -390,6 +342,7 @@ def train(args, stop) -> dict:
     start = plan_start(args.resume_from_checkpoint, output_dir, settings, max_train_steps=args.max_train_steps,
                        num_shards=mf.num_shards, merge_every=mf.merge_every, log=log)
     resume_dir = start.resume_dir
+    prepare_output_dir(args, accelerator, dropped)  # as upstream, a bad Hub repo id or token fails now, not after training
 
     # ---- Models ---------------------------------------------------------------------------------
     base = args.pretrained_model_name_or_path
@@ -430,19 +383,8 @@ def train(args, stop) -> dict:
     memfree = MemFree(mf, num_samples=num_samples, num_train_timesteps=noise_scheduler.config.num_train_timesteps,  # [memfree]
                       max_train_steps=args.max_train_steps, seed=seed, accelerator=accelerator,
                       storage_device=accelerator.device if args.use_lora else "cpu", collective_timeout=timeout(args.collective_timeout))
-    if args.scale_lr:
-        args.learning_rate = args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
     params = trainable_parameters(unet)
-    optimizer = optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = create_optimizer(params, args, accelerator.num_processes)  # AdamW (8-bit with --use_8bit_adam), LR scaled with --scale_lr
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
     train_dataset = SDXLCaptionDataset(dataset, image_column, caption_column, tokenizers, args, seed, augment=memfree.augment)  # [memfree]
@@ -454,10 +396,9 @@ def train(args, stop) -> dict:
     bias = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
     bias = bias.to(accelerator.device) if bias is not None else None
 
-    stateful = {"trainable": TrainableWeights(accelerator.unwrap_model(unet)), "optimizer": optimizer, "lr_scheduler": lr_scheduler,
-                "ema": ema_unet, "scaler": accelerator.scaler, **memfree.stateful_objects()}  # [memfree] loading finishes its bookkeeping
-    if not args.use_lora:  # the checkpoint's unet/ holds these weights once
-        weights_from_model_folders(stateful, accelerator.unwrap_model(unet), lambda: resume_dir)
+    stateful = checkpointed_objects(accelerator.unwrap_model(unet), optimizer, lr_scheduler,
+                                    memfree.stateful_objects(),  # [memfree] loading finishes its bookkeeping
+                                    ema=ema_unet, scaler=accelerator.scaler, is_lora=args.use_lora, checkpoint=lambda: resume_dir)
     if start.upstream:
         continue_upstream(resume_dir, accelerator.unwrap_model(unet), args.use_lora, optimizer, lr_scheduler, stateful["counters"],
                           args.gradient_accumulation_steps, ema=ema_unet, log=log)
@@ -465,30 +406,18 @@ def train(args, stop) -> dict:
         load_process_state(resume_dir, accelerator.process_index, accelerator.num_processes, stateful)
     if resume_dir is not None and not start.upstream:
         check_resumed_counters(resume_dir, memfree.global_step)  # its counters agree with its marker
-    plain_args = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None))) and k not in hub.SECRET_ARGS}
+    plain_args = public_args(args)  # no secrets (--hub_token)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_dropped_samples(output_dir, dropped)  # local only: it names training files
-        if args.push_to_hub:
-            args.hub_model_id = hub.create_repo(args.hub_model_id or output_dir.name, token=args.hub_token)
         accelerator.init_trackers("text2image-fine-tune", config={k: v for k, v in plain_args.items() if v is not None})
-        mf.save_json(output_dir / "memfree_config.json")
+        run_outputs.write_run_config(output_dir, mf, plain_args)
 
     def save_checkpoint() -> None:
-        step = memfree.global_step
-        with checkpointing.atomic_checkpoint_dir(output_dir, step, is_main_process=accelerator.is_main_process,
-                                                 wait_for_everyone=memfree.collectives.barrier) as tmp:
-            save_process_state(tmp, accelerator.process_index, accelerator.num_processes, stateful)
-            if accelerator.is_main_process:
-                mf.save_json(tmp / "memfree_config.json")
-                replace_file(tmp / "train_args.json", json.dumps(plain_args, indent=2))
-                write_trajectory(tmp, settings)
-                # The live tensors may hold a proxy's weights: publish the last merge's.
-                save_checkpoint_model(accelerator.unwrap_model(unet), tmp, args.use_lora, trainable=memfree.merged_weights())  # [memfree]
-                if ema_unet is not None:
-                    ema_unet.save_pretrained(str(tmp / "unet_ema"))
-        if accelerator.is_main_process:
-            checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=output_dir / f"{checkpointing.CHECKPOINT_PREFIX}{step}")
+        # The live tensors may hold a proxy's weights: publish the last merge's.
+        run_outputs.save_checkpoint(output_dir, memfree.global_step, accelerator, stateful, method_config=mf,
+                                    public_args=plain_args, trajectory=settings, unet=accelerator.unwrap_model(unet), is_lora=args.use_lora,
+                                    trainable=memfree.merged_weights(),  # [memfree]
+                                    barrier=memfree.collectives.barrier,
+                                    ema=ema_unet, total_limit=args.checkpoints_total_limit)
 
     def validation_pipeline(unet_module):
         return StableDiffusionXLPipeline.from_pretrained(base, vae=vae, unet=unet_module, revision=args.revision,
@@ -591,32 +520,23 @@ def train(args, stop) -> dict:
                "steps_this_run": memfree.global_step - start_step, **report.summary}
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
-        if not all_finite(ema_unet.shadow_params if ema_unet is not None else params):
-            raise RunStopped(f"the trained weights are NaN/inf after step {summary['global_step']}: the final model was not saved; "
-                             f"{divergence_advice(args.learning_rate)}")
-        staging = output_dir / ".tmp-final"
-        shutil.rmtree(staging, ignore_errors=True)
-        if args.use_lora:
-            StableDiffusionXLPipeline.save_lora_weights(save_directory=str(staging), unet_lora_layers=lora_state_dict(final_unet),
-                                                        safe_serialization=True)
-            if args.save_kohya_lora:
-                save_kohya_lora(final_unet, staging / "pytorch_lora_weights_kohya.safetensors")
-        else:
-            if ema_unet is not None:
-                ema_unet.copy_to(final_unet.parameters())
-            parts = {"vae": vae} if args.pretrained_vae_model_name_or_path else {}  # the base model's own VAE otherwise, as it is
-            pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=final_unet, revision=args.revision, variant=args.variant, **parts)
-            pipe.save_pretrained(str(staging), safe_serialization=True)
-        checkpointing.publish_entries(staging, output_dir)
-        state = {"num_samples": num_samples, "global_step": summary["global_step"],
-                 **{k: v for k, v in report.summary.items() if not k.startswith("agc/")}}  # shard split and moves, merges
-        replace_file(output_dir / "memfree_state.json", json.dumps(state, indent=2))
+        run_outputs.check_final_weights(ema_unet.shadow_params if ema_unet is not None else params, summary["global_step"],
+                                        stops.newest_checkpoint(), args.learning_rate)
+        with run_outputs.staged_final_output(output_dir) as staging:  # written in full first, then moved into place
+            if args.use_lora:
+                StableDiffusionXLPipeline.save_lora_weights(save_directory=str(staging), unet_lora_layers=lora_state_dict(final_unet),
+                                                            safe_serialization=True)
+                if args.save_kohya_lora:
+                    save_kohya_lora(final_unet, staging / "pytorch_lora_weights_kohya.safetensors")
+            else:
+                if ema_unet is not None:
+                    ema_unet.copy_to(final_unet.parameters())
+                parts = {"vae": vae} if args.pretrained_vae_model_name_or_path else {}  # the base model's own VAE otherwise, as it is
+                pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=final_unet, revision=args.revision, variant=args.variant, **parts)
+                pipe.save_pretrained(str(staging), safe_serialization=True)
+        run_outputs.write_memfree_state(output_dir, num_samples, summary["global_step"], report.summary)  # shard split and moves, merges
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
-            from sd_memfree.scoring.generate import caption_text
-            from sd_memfree.scoring.risk import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts
-
-            write_skip_counts(output_dir / SKIP_COUNTS_FILE, report.skip_counts.cpu().tolist(),
-                              [caption_text(c) for c in dataset[caption_column]], sample_file_names(dataset, image_column))
+            write_run_skip_counts(output_dir, report.skip_counts.cpu().tolist(), dataset, image_column, caption_column)
         images = []
         if args.validation_prompt:
             if args.use_lora:  # validate the LoRA just saved, loaded the way users load it
@@ -625,13 +545,7 @@ def train(args, stop) -> dict:
             else:
                 pipe = validation_pipeline(final_unet)
             images = log_validation(pipe, args, accelerator, args.num_train_epochs, is_final=True)
-        repo_id = args.hub_model_id or output_dir.name
-        hub.write_model_card(output_dir, repo_id=repo_id, base_model=base, method_config=mf.to_dict(),
-                             training_args={k: getattr(args, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "resolution",
-                                                                          "mixed_precision", "gradient_accumulation_steps", "seed")},
-                             is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir)
-        if args.push_to_hub:
-            summary["hub_repo"] = hub.push_to_hub(output_dir, repo_id, token=args.hub_token)
+        summary.update(run_outputs.publish_model(output_dir, args, mf, images))  # the card; the Hub upload with --push_to_hub
     accelerator.end_training()
     return summary
 

@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from sd_memfree.data import caption_text  # noqa: F401  (the caption reading training's skip counts use)
+
 logger = logging.getLogger(__name__)
 
 
@@ -124,15 +126,6 @@ class NoiseMagnitudeProbe:
 
     def result(self) -> torch.Tensor | None:
         return torch.stack(self._values).mean(0) if self._values else None
-
-
-def caption_text(caption) -> str:
-    """A caption cell as one string (datasets may store several captions per image: take the first)."""
-    if isinstance(caption, str):
-        return caption
-    if isinstance(caption, (list, tuple)) and caption:
-        return str(caption[0])
-    return str(caption)
 
 
 def sample_prompts(captions: Sequence, num_prompts: int, seed: int) -> list[tuple[int, str]]:

@@ -1,14 +1,10 @@
 """Training-time risk joined to what the model copies: AGC skip counts per training image.
 
-Training writes ``memfree_skip_counts.json`` in its ``output_dir`` (local only, never uploaded:
-it ranks the training images the model found easiest to memorise). The scorer joins it to the
-training set it compares against and reports, for the most copied training images, how often
-training flagged them, and the Spearman rank correlation between skip count and copy similarity.
-
-File format (version 1)::
-
-    {"version": 1, "num_samples": N, "samples": [{"sample_id": i, "skip_count": c,
-      "file_name": "00003.png" | null, "text": "caption"}, ...]}
+Training writes ``memfree_skip_counts.json`` in its ``output_dir`` (format and writer:
+``sd_memfree.run.skipcounts``; local only, never uploaded: it ranks the training images the model
+found easiest to memorise). The scorer joins it to the training set it compares against and
+reports, for the most copied training images, how often training flagged them, and the Spearman
+rank correlation between skip count and copy similarity.
 
 Invariants:
 - ``sample_id`` is the row of the training dataset (the training script's sample id); a join
@@ -26,33 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
-SKIP_COUNTS_FILE = "memfree_skip_counts.json"
+# The file's writer and name live on the training side (training must not import the scorer).
+from sd_memfree.run.skipcounts import SKIP_COUNTS_FILE, sample_file_names, write_skip_counts  # noqa: F401  (re-exported)
 
 
 class SkipCountsError(ValueError):
     """A skip-counts file that cannot be read or does not belong to the scored training set."""
-
-
-def sample_file_names(dataset, image_column: str) -> list[str | None]:
-    """Base file names of a ``datasets`` image column without decoding images (None if unknown)."""
-    try:
-        from datasets import Image as ImageFeature
-
-        paths = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
-        return [os.path.basename(p["path"]) if isinstance(p, dict) and p.get("path") else None for p in paths]
-    except Exception:  # an in-memory or non-image column: no names to record
-        return [None] * len(dataset)
-
-
-def write_skip_counts(path: str | os.PathLike, counts: Sequence[int], captions: Sequence[str], file_names: Sequence[str | None]) -> Path:
-    """Write the whole-run per-sample skip counts (atomically: temp file + rename)."""
-    if not len(counts) == len(captions) == len(file_names):
-        raise ValueError(f"{len(counts)} counts, {len(captions)} captions and {len(file_names)} file names: one each per sample.")
-    path = Path(path)
-    rows = [{"sample_id": i, "skip_count": int(c), "file_name": f, "text": t} for i, (c, t, f) in enumerate(zip(counts, captions, file_names))]
-    from ..safeio import replace_file
-
-    return replace_file(path, json.dumps({"version": 1, "num_samples": len(rows), "samples": rows}, indent=1))
 
 
 def read_skip_counts(path: str | os.PathLike, captions: Sequence[str], file_names: Sequence[str | None]) -> np.ndarray:

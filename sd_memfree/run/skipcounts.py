@@ -1,0 +1,55 @@
+"""The training run's per-sample AGC skip counts file, ``memfree_skip_counts.json`` in ``output_dir``.
+
+Training writes it (``write_run_skip_counts``) and the scorer reads it (``scoring.risk``), so the
+writer lives on the training side and the scorer imports the format from here, never the other way.
+
+File format (version 1)::
+
+    {"version": 1, "num_samples": N, "samples": [{"sample_id": i, "skip_count": c,
+      "file_name": "00003.png" | null, "text": "caption"}, ...]}
+
+Invariants:
+- Local only, never uploaded: it ranks the training images the model found easiest to memorise.
+- ``sample_id`` is the row of the training dataset; each row carries its caption (as
+  ``data.caption_text`` reads it) and file name, so a reader can check it joins the right images.
+- The file is replaced in one rename: a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+SKIP_COUNTS_FILE = "memfree_skip_counts.json"
+
+
+def sample_file_names(dataset, image_column: str) -> list[str | None]:
+    """Base file names of a ``datasets`` image column without decoding images (None if unknown)."""
+    try:
+        from datasets import Image as ImageFeature
+
+        paths = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
+        return [os.path.basename(p["path"]) if isinstance(p, dict) and p.get("path") else None for p in paths]
+    except Exception:  # an in-memory or non-image column: no names to record
+        return [None] * len(dataset)
+
+
+def write_skip_counts(path: str | os.PathLike, counts: Sequence[int], captions: Sequence[str], file_names: Sequence[str | None]) -> Path:
+    """Write the whole-run per-sample skip counts (atomically: temp file + rename)."""
+    if not len(counts) == len(captions) == len(file_names):
+        raise ValueError(f"{len(counts)} counts, {len(captions)} captions and {len(file_names)} file names: one each per sample.")
+    path = Path(path)
+    rows = [{"sample_id": i, "skip_count": int(c), "file_name": f, "text": t} for i, (c, t, f) in enumerate(zip(counts, captions, file_names))]
+    from ..safeio import replace_file
+
+    return replace_file(path, json.dumps({"version": 1, "num_samples": len(rows), "samples": rows}, indent=1))  # never through a link
+
+
+def write_run_skip_counts(output_dir: str | os.PathLike, counts: Sequence[int], dataset, image_column: str, caption_column: str) -> Path:
+    """Write ``output_dir/memfree_skip_counts.json`` for the training set ``dataset`` (one count per row)."""
+    from ..data import caption_text
+
+    return write_skip_counts(Path(output_dir) / SKIP_COUNTS_FILE, counts, [caption_text(c) for c in dataset[caption_column]],
+                             sample_file_names(dataset, image_column))
