@@ -274,3 +274,26 @@ def noise_magnitude_probe(pipe, prompts: list[str], latents: torch.Tensor, guida
         probe.begin(len(prompts))
         pipe(prompt=prompts, latents=latents.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="latent")
         return probe.result()
+
+
+def complete_steps(out: Path) -> list[int]:
+    """The steps of ``out``'s complete checkpoints, oldest first."""
+    from sd_memfree.run import checkpointing
+
+    return [step for step, _ in checkpointing.list_checkpoints(out)]
+
+
+def assert_no_partial_files(out: Path) -> None:
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-")) or p.name.endswith(".partial")]
+    assert leftovers == []
+
+
+def saved_tensors(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in every safetensors file under ``out``: models and checkpoint states."""
+    from safetensors.torch import load_file
+
+    found = {}
+    for f in out.rglob("*.safetensors"):
+        found.update({f"{f}:{k}": v for k, v in load_file(f).items()})
+    return found
+

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helpers import REPO
-from sd_memfree import hub, run_outputs
+from sd_memfree import hub
+from sd_memfree.run import outputs as run_outputs
 from sd_memfree.config import MemFreeConfig
 from sd_memfree.run.recipe_args import public_args
 from sd_memfree.run.recipe_setup import SD_SUBFOLDERS, check_model_folder
@@ -142,7 +143,8 @@ def test_final_weights_check_names_the_newest_checkpoint():
     with pytest.raises(RunStopped) as e:
         run_outputs.check_final_weights([torch.ones(2), torch.tensor([float("nan")])], 3, "out/checkpoint-2", 1e-4)
     assert str(e.value) == ("the trained weights are NaN/inf after step 3: the final model was not saved (newest checkpoint: "
-                            "out/checkpoint-2); lower --learning_rate (now 0.0001) and resume or start again.")
+                            "out/checkpoint-2); resuming replays the same steps and would diverge again: start a new run in a new "
+                            "--output_dir with a lower --learning_rate (now 0.0001), or check the data.")
     assert e.value.exit_code == 1
 
 

@@ -15,21 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import MP_ENV, cli_error, hold_lock_in_subprocess, nan_losses_at, stop_with_signal, torchrun_cmd, train_argv
+from helpers import (MP_ENV, assert_no_partial_files, cli_error, complete_steps, hold_lock_in_subprocess, nan_losses_at,
+                     saved_tensors, stop_with_signal, torchrun_cmd, train_argv)
 from sd_memfree.run import checkpointing
 from sd_memfree.run.runlock import LOCK_NAME
 from sd_memfree.run.stopping import MAX_NONFINITE_STEPS
 from train_scripts import train_sd_ietagc as train
 
-
-
-def complete_steps(out: Path) -> list[int]:
-    return [step for step, _ in checkpointing.list_checkpoints(out)]
-
-
-def assert_no_partial_files(out: Path) -> None:
-    leftovers = [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".old-")) or p.name.endswith(".partial")]
-    assert leftovers == []
 
 
 # ---- one run per output_dir ------------------------------------------------------------------------
@@ -171,14 +163,6 @@ def test_disk_full_during_the_final_save(tiny_model_dir, tiny_data_dir, tmp_path
 
 
 # ---- diverging runs -------------------------------------------------------------------------------
-
-def saved_tensors(out: Path) -> dict[str, torch.Tensor]:
-    """Every tensor in every safetensors file under ``out``: models and checkpoint states."""
-    found = {}
-    for f in out.rglob("*.safetensors"):
-        found.update({f"{f}:{k}": v for k, v in load_file(f).items()})
-    return found
-
 
 @pytest.mark.parametrize("agc", [False, True])
 def test_diverging_run_stops_and_saves_nothing_non_finite(tiny_model_dir, tiny_data_dir, tmp_path, capsys, agc):

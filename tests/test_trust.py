@@ -20,8 +20,23 @@ from sd_memfree import safeio
 from sd_memfree.run import checkpointing, state
 from sd_memfree.run.runguard import check_launched_processes, check_learning_rate, guarded_run
 from sd_memfree.run.stopping import RunStopped
-from test_checkpoint_contents import args, one_line_error, run
-from test_train_safety import assert_no_partial_files, cli_error, complete_steps, saved_tensors
+from helpers import assert_no_partial_files, complete_steps, run_recipe, saved_tensors
+from helpers import cli_error as recipe_cli_error
+from helpers import train_argv as args
+from train_scripts import train_sd_ietagc as train
+
+
+def run(argv):
+    return run_recipe(train, argv)
+
+
+def one_line_error(capsys, argv, cli=None) -> str:
+    """The SD script's (or ``cli``'s) one line for bad input, exit 2."""
+    return recipe_cli_error(capsys, cli or train.cli, argv, 2)
+
+
+def cli_error(capsys, argv, code) -> str:
+    return recipe_cli_error(capsys, train.cli, argv, code)
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..safeio import replace_file
+from .. import safeio
 
 MEMFREE_CONFIG_FILE = "memfree_config.json"
 TRAIN_ARGS_FILE = "train_args.json"
@@ -37,7 +37,7 @@ def write_run_config(folder: str | os.PathLike, method_config: Any, public_args:
     secrets), beside the model and in every checkpoint (a resume checks the budget against them)."""
     folder = Path(folder)
     method_config.save_json(folder / MEMFREE_CONFIG_FILE)
-    replace_file(folder / TRAIN_ARGS_FILE, json.dumps(dict(public_args), indent=2))  # never through a link
+    safeio.replace_file(folder / TRAIN_ARGS_FILE, json.dumps(dict(public_args), indent=2))  # never through a link
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, accelerator: Any, stateful: Mapping[str, Any], *,
@@ -120,7 +120,7 @@ def write_memfree_state(output_dir: str | os.PathLike, num_samples: int, global_
     output_dir = Path(output_dir)
     state = {"num_samples": num_samples, "global_step": global_step,
              **{k: v for k, v in method_summary.items() if not k.startswith("agc/")}}
-    replace_file(output_dir / MEMFREE_STATE_FILE, json.dumps(state, indent=2))  # never through a link
+    safeio.replace_file(output_dir / MEMFREE_STATE_FILE, json.dumps(state, indent=2))  # never through a link
     return state
 
 
