@@ -498,6 +498,7 @@ class Trainer:
         self.timer = EventTimer(memfree, device)
         self.loss_sum = torch.zeros((), device=device)
         self.loss_count = 0
+        self.micro_steps = 0  # which held host batch feeds the next micro-step
         self.skipped = 0  # fp16: GradScaler found inf/NaN gradients and skipped the update
         self.last_logs: dict = {}
         self.report = None
@@ -511,7 +512,8 @@ class Trainer:
 
         memfree, accelerator, device = self.memfree, self.accelerator, self.device
         keys = next(self.batches)  # [(sample_id, aug_seed)] from the live proxy's shard
-        j = memfree.counters.micro_step % len(self.host_pixels)
+        j = self.micro_steps % len(self.host_pixels)
+        self.micro_steps += 1
         with accelerator.accumulate(self.unet):
             pixel_values = self.host_pixels[j].to(device, dtype=self.weight_dtype, non_blocking=True)
             input_ids = self.host_ids[j].to(device, non_blocking=True)
