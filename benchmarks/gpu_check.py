@@ -1,40 +1,47 @@
 #!/usr/bin/env python
-"""GPU check: what only a GPU can tell about IET-AGC / IET-AGC+ training (issue 13).
+"""GPU check: what only a GPU can tell about IET-AGC / IET-AGC+ training (issues 13, 18).
 
 One command, no downloads, a hard time budget. On one CUDA device it measures, for an SD-1.5
 sized UNet (built from runwayml/stable-diffusion-v1-5's UNet config, random weights, ~860M
 parameters) at 512 px (64x64 latents), batch 4:
 
 - full fine-tuning and LoRA, plain vs IET-AGC (``--num_shards 4 --agc_ratio 1.25``) vs IET-AGC+
-  (``+ --redistribute_fraction 0.25 --loss_aware_augmentation``), in fp16 and bf16 mixed
-  precision (accelerate's: fp32 master weights + autocast for full fine-tuning, GradScaler for
-  fp16; frozen half-precision base + fp32 LoRA tensors for LoRA): steps/s and
-  ``torch.cuda.max_memory_allocated``, and their ratios to plain;
-- the turn-boundary costs of K=4 proxies (``ProxySet.end_turn`` / ``begin_turn`` with the
-  per-proxy AdamW states swapped to CPU memory, ``merge``), each against one optimizer step, and
-  the steps/s ratio amortised over a round at ``--merge_every`` 2000 (the default) and 500;
+  (``+ --redistribute_fraction 0.25 --loss_aware_augmentation``, mid-round redistribution), in
+  fp16 and bf16 mixed precision (accelerate's: fp32 master weights + autocast for full
+  fine-tuning, GradScaler for fp16; frozen half-precision base + fp32 LoRA tensors for LoRA):
+  the steady-state steps/s ratio of each method to plain, measured side by side, and
+  ``torch.cuda.max_memory_allocated`` over each configuration, and its ratio to plain;
+- the turn-boundary costs of K=4 proxies as the product pays them: every ``memfree.step()`` that
+  ends a turn (pause, turn end, merge, redistribution, the next proxy's optimizer-state swap),
+  with its ``ProxySet`` calls broken out, against one optimizer step, and the steps/s ratio
+  amortised over a round at ``--merge_every`` 2000 (the default) and 500;
 - xformers attention where it imports and works, else PyTorch SDPA (recorded);
 - the CUDA-only tests (``pytest -m gpu``), their summary line.
 
-What drives the training: not the training script itself (loading and saving a 4 GB pipeline
-per configuration does not fit the budget, and the script is changing) but a loop that calls the
-library exactly as ``train_scripts/train_sd_ietagc.py``'s step does (``step()`` below mirrors its
-loop body: accelerate's autocast/backward/clip/optimizer, ``per_sample_loss``, ``LossBank``,
-``SkipStats``, ``AugmentationStrengths``, ``ShardAssignment``, ``ProxySet``). The VAE and the
-CLIP text encoder are real-shape modules built from their SD-1.5 configs (random weights) and run
-every step, as in the script; the images are random tensors of the real shape (the CPU-side data
-pipeline, and IET-AGC+'s RandAugment in it, is timed separately per image).
+What drives the training: ``sd_memfree.MemFree`` itself, through the calls of docs/plugin.md
+(``prepare``, ``batch_sampler``, ``randn``/``randint``, ``reduce``, ``step``, ``logs``,
+``end_training``), in a loop whose body is ``train_scripts/train_sd_ietagc.py``'s (``Trainer``),
+so the figures are the product's: its round schedule decides the turns, merges and
+redistributions. Not the training script itself: loading and saving a 4 GB pipeline per
+configuration does not fit the budget. The VAE and the CLIP text encoder are real-shape modules
+built from their SD-1.5 configs (random weights) and run every step, as in the script; the sample
+ids come from ``MemFree``'s batch sampler, the pixels are random host tensors of the real shape
+(the CPU-side data pipeline, and IET-AGC+'s RandAugment in it, is timed separately per image).
 
-Timing: warm-up steps excluded; ``torch.cuda.synchronize`` around every timed region; turn
-changes and merges are timed one by one. Each configuration first runs alone (its steady-state
-window, its peak memory, its turn and merge costs); then, per precision and mode, plain and the
-method configurations are built side by side in this process and short steady-state windows of
-each alternate (``run_interleaved``): the steps/s ratio is the median over rounds of
-within-round ratios. Why: on the H200 machine the same configuration measured in two windows a
-minute apart differed by 10-20%, so a ratio of separate windows (``time_sequential``) is noise.
+Timing: ``torch.cuda.synchronize`` around every timed region. plain runs alone: warm-up steps,
+then a steady-state window (its step time and peak memory). A method runs alone for
+``MEASURED_ROUNDS`` rounds at ``--measured_merge_every`` steps per proxy, each turn-ending
+``memfree.step()`` timed on its own (``EventTimer``): the first round pays once-per-run costs
+(pinning host memory for stashes), the second is the steady round whose events every later
+round repeats. Then, per precision and mode, plain and the method configurations are built side
+by side in this process (each with its own ``MemFree`` at ``--merge_every`` 2000, so no turn ends
+in the windows) and short steady-state windows of each alternate (``run_interleaved``): the
+steps/s ratio is the median over rounds of within-round ratios. Why: on the H200 machine the
+same configuration measured in two windows a minute apart differed by 10-20%, so a ratio of
+separate windows is noise.
 
     python benchmarks/gpu_check.py --out $OUT/gpu_check.json --max_seconds 280
-    python benchmarks/gpu_check.py --dry_run --out /tmp/gpu_check.json   # tiny model, CPU, < 1 min
+    python benchmarks/gpu_check.py --dry_run --out /tmp/gpu_check.json   # tiny model, CPU, ~2 min
 
 The JSON (every figure) is rewritten after each configuration, so a run cut short keeps what it
 measured; the last line printed is the same JSON. A human-readable log goes to ``--log``
@@ -58,7 +65,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -77,10 +83,10 @@ CONFIG_FLAGS = {
 }
 PRECISIONS = ("bf16", "fp16")
 MODES = ("full", "lora")
-GOAL_TIME_RATIO = 0.97  # IET-AGC (K=4, full) steps/s over plain, issue 13
-GOAL_TIME_RATIO_PLUS = 0.95  # IET-AGC+ over plain (the CPU benchmark's floor, issue 4)
+GOAL_TIME_RATIO = 0.97  # IET-AGC and IET-AGC+ (K=4, full) steady-state steps/s over plain (issues 13, 18)
 GOAL_MEMORY_RATIO = 1.10  # IET-AGC (K=4, full) peak GPU memory over plain
 AMORTISE_MERGE_EVERY = (2000, 500)  # --merge_every values the round overhead is spread over
+MEASURED_ROUNDS = 3  # rounds a method configuration runs: the first pays once-per-run costs, the second is the steady round
 LOG_EVERY = 10  # as the training script: host reads for logging every 10 optimizer steps
 
 # runwayml/stable-diffusion-v1-5: unet/config.json, vae/config.json, text_encoder/config.json
@@ -183,7 +189,7 @@ def check_dependencies(proxyset_only: bool = False) -> list[str]:
         except Exception as e:  # noqa: BLE001 - a broken install is as missing as an absent one
             missing.append(f"{pip_name} ({type(e).__name__}: {e})")
     try:
-        importlib.import_module("sd_memfree.method.proxies")
+        importlib.import_module("sd_memfree.memfree")
     except Exception as e:  # noqa: BLE001
         missing.append(f"sd_memfree from {REPO} ({type(e).__name__}: {e})")
     return missing
@@ -351,248 +357,332 @@ def host_rss_bytes() -> int | None:
     return None
 
 
-# -- one configuration ------------------------------------------------------------------------------
+# -- driving MemFree ----------------------------------------------------------------------------------
 
 
-def build_config(ctx: dict, precision: str, mode: str, name: str, reset: bool = True) -> SimpleNamespace:
-    """Set one configuration up as the training script does; returns what is needed to train it.
+class EventTimer:
+    """Times what ``MemFree.step()`` does at turn boundaries, without changing what it does.
+
+    On a step whose schedule event ends a turn (``memfree.schedule.after_step``, a pure function
+    of the step count, read before the call), ``step`` is called between two
+    ``torch.cuda.synchronize``: that is the cost the product's loop pays there (turn end or pause,
+    merge, redistribution, the next proxy's optimizer-state swap). For the breakdown, the live
+    ``ProxySet``'s ``begin_turn`` / ``pause_turn`` / ``end_turn`` / ``merge`` are wrapped on the
+    instance: during a timed call each is timed between synchronisations too, then the real
+    method runs unchanged; a redistribution is what the call took beyond its ``ProxySet`` calls.
+    Steps without an event call ``memfree.step()`` untouched (it only counts).
+    """
+
+    PARTS = ("begin_turn", "pause_turn", "end_turn", "merge")
+
+    def __init__(self, memfree, device) -> None:
+        self.memfree, self.device = memfree, device
+        self.events: list[dict] = []
+        self._parts: list | None = None
+        if memfree.proxies is not None:
+            for name in self.PARTS:
+                setattr(memfree.proxies, name, self._wrap(name, getattr(memfree.proxies, name)))
+
+    def _wrap(self, name: str, method):
+        def timed_call(*args, **kwargs):
+            if self._parts is None:
+                return method(*args, **kwargs)
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = method(*args, **kwargs)
+            sync(self.device)
+            self._parts.append([name, round(time.perf_counter() - t0, 5)])
+            return out
+
+        return timed_call
+
+    def due(self) -> bool:
+        """The next ``memfree.step()`` ends a turn (so it swaps, merges or redistributes)."""
+        memfree = self.memfree
+        return memfree.proxies is not None and not memfree.done and memfree.schedule.after_step(memfree.local_step).turn_ends
+
+    def step(self, timed: bool):
+        """``memfree.step()``; when ``timed``, recorded as an event with its parts."""
+        memfree = self.memfree
+        if not timed:
+            return memfree.step()
+        pos = memfree.schedule.position(memfree.local_step)
+        sync(self.device)
+        self._parts = []
+        t0 = time.perf_counter()
+        try:
+            events = memfree.step()
+            sync(self.device)
+        finally:
+            parts, self._parts = self._parts, None
+        seconds = time.perf_counter() - t0
+        record = {"step": memfree.local_step, "round": pos.round, "proxy": pos.proxy, "s": round(seconds, 5), "parts": parts,
+                  "merged": events.merged, "redistributed": events.redistributed}
+        if events.redistributed:
+            record["redistribute_s"] = round(max(0.0, seconds - sum(p[1] for p in parts)), 5)
+        self.events.append(record)
+        return events
+
+
+def method_config(name: str, merge_every: int):
+    """``MemFreeConfig`` of a configuration, parsed from the training script's flags (so it is
+    validated exactly as the script validates it)."""
+    from sd_memfree.config import MemFreeConfig
+
+    parser = argparse.ArgumentParser()
+    MemFreeConfig.add_arguments(parser)
+    return MemFreeConfig.from_args(parser.parse_args(CONFIG_FLAGS[name] + [f"--merge_every={merge_every}"]))
+
+
+class Trainer:
+    """One configuration trained through ``sd_memfree.MemFree``, as train_sd_ietagc.py trains.
+
+    The setup and the loop body are the training script's (docs/plugin.md's calls): ``MemFree``
+    with the configuration's flags, the LR scheduler over ``memfree.lr_schedule_steps``,
+    ``memfree.prepare(unet, optimizer, lr_scheduler)``, per micro-batch the VAE sample, noise and
+    timesteps drawn through ``memfree.randn`` / ``randint``, ``memfree.reduce``, accelerate's
+    backward / clip / optimizer step, the LR scheduler stepped unless fp16 loss scaling skipped
+    the update, ``memfree.step()`` after it, ``memfree.logs()`` and the loss read every
+    ``LOG_EVERY`` steps, ``memfree.end_training()`` at the end. The batches: the sample ids come
+    from ``memfree.batch_sampler`` (the shard of the proxy that trains, renewed after a
+    redistribution), the pixels and token ids from host tensors held here (no image decoding in
+    the timing; IET-AGC+'s RandAugment is timed on its own, ``augment_cost``).
 
     ``reset=False`` keeps accelerate's process-wide state, so that several configurations of the
     same precision can live side by side in one process (``run_interleaved``): each has its own
-    ``Accelerator`` (own GradScaler), model, optimizer and, for the method, ``ProxySet``.
+    ``Accelerator`` (own GradScaler), model, optimizer and ``MemFree``.
     """
-    import torch
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
 
-    from sd_memfree.method.agc import LossBank, SkipStats
-    from sd_memfree.config import MemFreeConfig
-    from sd_memfree.method.losses import masked_mean, per_sample_loss
-    from sd_memfree.method.proxies import ProxySet
-    from sd_memfree.method.shards import ShardAssignment
-    from sd_memfree.run.state import ProxyGenerators
-    from sd_memfree.trainable import add_lora, trainable_parameters, upcast_trainable_
+    def __init__(self, ctx: dict, precision: str, mode: str, name: str, merge_every: int, max_train_steps: int,
+                 reset: bool = True) -> None:
+        import torch
+        from accelerate import Accelerator
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
 
-    a = ctx["args"]
-    device, seed = ctx["device"], a.seed
-    parser = argparse.ArgumentParser()
-    MemFreeConfig.add_arguments(parser)
-    mf = MemFreeConfig.from_args(parser.parse_args(CONFIG_FLAGS[name] + [f"--merge_every={AMORTISE_MERGE_EVERY[0]}"]))
-    K = mf.num_shards
-    use_lora = mode == "lora"
+        from sd_memfree import MemFree
+        from sd_memfree.trainable import add_lora, trainable_parameters, upcast_trainable_
 
-    if reset:
-        reset_accelerate()
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae, text_encoder = ctx["encoders"]
-    noise_scheduler = DDPMScheduler(**SCHEDULER)
+        a = ctx["args"]
+        self.a, self.device, self.name = a, ctx["device"], name
+        device = self.device
+        self.mf = method_config(name, merge_every)
+        use_lora = mode == "lora"
+        if reset:
+            reset_accelerate()
+        self.accelerator = accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        self.vae, self.text_encoder = ctx["encoders"]
+        self.noise_scheduler = DDPMScheduler(**SCHEDULER)
+        T = self.noise_scheduler.config.num_train_timesteps
+        # storage_device as the script: CPU memory for full fine-tuning, the device for LoRA.
+        self.memfree = memfree = MemFree(self.mf, num_samples=a.num_samples, num_train_timesteps=T, max_train_steps=max_train_steps,
+                                         seed=a.seed, accelerator=accelerator, storage_device=device if use_lora else "cpu")
+        unet = build_unet(ctx["unet_spec"], device, a.seed)
+        if use_lora:
+            unet.to(device, dtype=self.weight_dtype)  # frozen base in half precision, as upstream
+            add_lora(unet, a.rank)
+            if accelerator.mixed_precision in ("fp16", "bf16"):
+                upcast_trainable_(unet)
+        else:
+            unet.train()
+        self.attention = setup_attention(unet, a.attention)
+        self.params = trainable_parameters(unet)
+        optimizer = torch.optim.AdamW(self.params, lr=1e-4 if use_lora else 1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_training_steps=memfree.lr_schedule_steps)
+        self.unet, self.optimizer, self.lr_scheduler, _ = memfree.prepare(unet, optimizer, lr_scheduler)
+        self.unet.train()
+        self.sampler = memfree.batch_sampler(a.batch_size)
+        self.batches = iter(self.sampler)
+        self.host_pixels, self.host_ids = ctx["host_pixels"], ctx["host_input_ids"]
+        self.timer = EventTimer(memfree, device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_count = 0
+        self.micro_steps = 0  # which held host batch feeds the next micro-step
+        self.skipped = 0  # fp16: GradScaler found inf/NaN gradients and skipped the update
+        self.last_logs: dict = {}
+        self.report = None
 
-    # ---- model, as the training script sets it up ----
-    unet = build_unet(ctx["unet_spec"], device, seed)
-    if use_lora:
-        unet.to(device, dtype=weight_dtype)  # frozen base in half precision, as upstream
-        add_lora(unet, a.rank)
-        if accelerator.mixed_precision in ("fp16", "bf16"):
-            upcast_trainable_(unet)
-    else:
-        unet.train()
-    attention = setup_attention(unet, a.attention)
-    params = trainable_parameters(unet)
-    optimizer = torch.optim.AdamW(params, lr=1e-4 if use_lora else 1e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
+    def train_part(self) -> None:
+        """One iteration of the script's loop up to ``lr_scheduler.step()`` (gradient
+        accumulation 1): the batch, the draws, forward, ``memfree.reduce``, backward, clip, step."""
+        import torch
 
-    N = a.num_samples
-    assignment = ShardAssignment(N, K, seed)
-    strengths = None
-    if mf.loss_aware_augmentation:
-        from sd_memfree.method.augment import AugmentationStrengths, augmentation_strength
+        from sd_memfree.method.losses import per_sample_loss
 
-        strengths = AugmentationStrengths(N)
-    T = noise_scheduler.config.num_train_timesteps
-    banks = [LossBank(T, ratio=mf.agc_ratio, ema=mf.agc_ema, device=device) for _ in range(K)] if mf.agc_enabled else []
-    skip_stats = SkipStats(T, num_proxies=K, device=device) if mf.agc_enabled else None
-    run_skip_stats = SkipStats(T, num_proxies=K, device=device) if mf.agc_enabled else None
-    if mf.agc_enabled:
-        assignment.to(device)
-    proxies = None
-    if K > 1:
-        proxies = ProxySet(params, K, assignment.sizes(), optimizer=optimizer, lr_scheduler=lr_scheduler,
-                           optimizer_state=mf.proxy_optimizer_state, storage_device="cpu" if not use_lora else device)
-    if K == 1:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    else:
-        unet.to(device)
-        optimizer = accelerator.prepare(optimizer)
-    rng = ProxyGenerators([seed * 1000 + k for k in range(K)] if K > 1 else [seed * 1000], device=device)
-    members = [assignment.members(k) for k in range(K)]
-    cursor = [0] * K
-    host_pixels, host_ids = ctx["host_pixels"], ctx["host_input_ids"]
-    B = a.batch_size
-    state = {"micro": 0, "global": 0, "skipped": 0}
-    loss_sum = torch.zeros((), device=device)
-    loss_count = [0]
-
-    def next_batch(k: int) -> dict:
-        """What the script's DataLoader yields: host tensors (pixels fp32 in [-1, 1], ids, sample ids)."""
-        ids = [members[k][(cursor[k] + i) % len(members[k])] for i in range(B)]
-        cursor[k] += B
-        j = state["micro"] % len(host_pixels)
-        return {"pixel_values": host_pixels[j], "input_ids": host_ids[j], "sample_ids": torch.tensor(ids)}
-
-    def step(k: int) -> None:
-        """One optimizer step: the body of train_sd_ietagc.py's loop (gradient accumulation 1)."""
-        batch = next_batch(k)
-        g = rng[k if K > 1 else 0]
-        with accelerator.accumulate(unet):
-            pixel_values = batch["pixel_values"].to(device, dtype=weight_dtype, non_blocking=True)
-            input_ids = batch["input_ids"].to(device, non_blocking=True)
-            sample_ids = batch["sample_ids"].to(device, non_blocking=True)
+        memfree, accelerator, device = self.memfree, self.accelerator, self.device
+        keys = next(self.batches)  # [(sample_id, aug_seed)] from the live proxy's shard
+        j = self.micro_steps % len(self.host_pixels)
+        self.micro_steps += 1
+        with accelerator.accumulate(self.unet):
+            pixel_values = self.host_pixels[j].to(device, dtype=self.weight_dtype, non_blocking=True)
+            input_ids = self.host_ids[j].to(device, non_blocking=True)
+            sample_ids = torch.tensor([k[0] for k in keys]).to(device, non_blocking=True)
             with torch.no_grad():
-                latents = vae.encode(pixel_values).latent_dist.sample(generator=g) * vae.config.scaling_factor
-                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
-            bsz = latents.shape[0]
-            timesteps = torch.randint(0, T, (bsz,), generator=g, device=latents.device).long()
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = noise
+                posterior = self.vae.encode(pixel_values).latent_dist
+                latents = (posterior.mean + posterior.std * memfree.randn(posterior.mean.shape, dtype=posterior.mean.dtype)) \
+                    * self.vae.config.scaling_factor
+                encoder_hidden_states = self.text_encoder(input_ids, return_dict=False)[0]
+            noise = memfree.randn(latents.shape, dtype=latents.dtype)
+            timesteps = memfree.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+            noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
             with accelerator.autocast():
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-            losses = per_sample_loss(model_pred, target)
-            keep = None
-            if banks:  # [memfree] AGC
-                detached = losses.detach()
-                keep = banks[k].keep_mask(detached, timesteps)
-                if strengths is not None:
-                    strengths.update(sample_ids, augmentation_strength(detached, timesteps, banks[k].bank, mf.agc_ratio, mf.augment_alpha), keep)
-                banks[k].update(detached, timesteps)
-                skip_stats.update(keep, timesteps, k)
-                run_skip_stats.update(keep, timesteps, k)
-                assignment.record_skips(sample_ids, keep)
-            loss = masked_mean(losses, keep, None)
-            loss_sum.add_(loss.detach())
-            loss_count[0] += 1
+                model_pred = self.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            loss = memfree.reduce(per_sample_loss(model_pred, noise), timesteps, sample_ids)
+            self.loss_sum.add_(loss.detach())
+            self.loss_count += 1
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        state["skipped"] += bool(optimizer.step_was_skipped)
-        state["micro"] += 1
-        lr_scheduler.step()
-        state["global"] += 1
-        if strengths is not None:
-            strengths.flush()
-        if state["global"] % LOG_EVERY == 0:  # the script's logging reads (host syncs)
-            logs = {"train_loss": (loss_sum / max(1, loss_count[0])).item()}
-            loss_sum.zero_()
-            loss_count[0] = 0
-            if skip_stats is not None:
-                logs.update(skip_stats.summary())
-            if strengths is not None:
-                logs["augment/mean_strength"] = strengths.mean()
-            state["last_logs"] = logs
+                accelerator.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if accelerator.optimizer_step_was_skipped:  # the LR waits, as upstream's prepared scheduler
+            self.skipped += 1
+        else:
+            self.lr_scheduler.step()
 
-    def timed(fn, *args_) -> float:
-        sync(device)
+    def after_step(self, timed: bool = False):
+        """The rest of the iteration: ``memfree.step()`` (an ``EventTimer`` event when ``timed``),
+        a new sampler iterator after a redistribution, the logging reads every ``LOG_EVERY``
+        steps. Returns ``memfree.step()``'s ``StepEvents``."""
+        memfree = self.memfree
+        events = self.timer.step(timed)
+        if events.reload_data:  # a redistribution: the sampler's next iterator draws from the new shards
+            self.batches = iter(self.sampler)
+        if memfree.local_step % LOG_EVERY == 0:  # the script's logging reads (host syncs)
+            logs = {"train_loss": (self.loss_sum / max(1, self.loss_count)).item()}
+            self.loss_sum.zero_()
+            self.loss_count = 0
+            for values in memfree.logs().values():
+                logs.update(values)
+            self.last_logs = logs
+        return events
+
+    def run_steps(self, n: int) -> None:
+        """``n`` loop iterations (fewer if the budget ends first)."""
+        for _ in range(n):
+            if self.memfree.done:
+                break
+            self.train_part()
+            self.after_step()
+
+    def turn_ends(self, start: int, stop: int) -> int:
+        """How many of the local steps ``start..stop-1`` ended a turn (read from the schedule
+        afterwards, so the timed loop does no extra work)."""
+        if self.memfree.proxies is None:
+            return 0
+        return sum(self.memfree.schedule.after_step(s).turn_ends for s in range(start, stop))
+
+    def timed(self, fn, *args_) -> float:
+        sync(self.device)
         t0 = time.perf_counter()
         fn(*args_)
-        sync(device)
+        sync(self.device)
         return time.perf_counter() - t0
 
-    def run_steps(k: int, n: int) -> None:
-        for _ in range(n):
-            step(k)
+    def run_rounds(self) -> list[dict]:
+        """The whole budget, ``while not memfree.done``, then ``memfree.end_training()``: each
+        turn-ending ``memfree.step()`` timed on its own (``EventTimer``), the steps between two
+        of them timed as one segment, synchronised at both ends (a segment ends with the training
+        part of the step whose ``memfree.step()`` is the event). Returns the segments."""
+        memfree, segments = self.memfree, []
+        while not memfree.done:
+            pos = memfree.schedule.position(memfree.local_step)
+            sync(self.device)
+            t0, n = time.perf_counter(), 0
+            while True:
+                due = self.timer.due()
+                self.train_part()
+                n += 1
+                if due or memfree.local_step + 1 >= memfree.local_steps:
+                    sync(self.device)
+                    segments.append({"round": pos.round, "proxy": pos.proxy, "steps": n, "s": round(time.perf_counter() - t0, 5)})
+                    self.after_step(timed=due)
+                    break
+                self.after_step()
+        self.report = memfree.end_training()
+        return segments
 
-    return SimpleNamespace(a=a, device=device, name=name, mf=mf, K=K, accelerator=accelerator, attention=attention,
-                           params=params, proxies=proxies, assignment=assignment, members=members, state=state,
-                           run_skip_stats=run_skip_stats, timed=timed, run_steps=run_steps)
+
+def summarise_rounds(events: list[dict], segments: list[dict], K: int, H: int) -> dict:
+    """The turn-boundary figures of a run of ``MEASURED_ROUNDS`` rounds (``EventTimer`` events).
+
+    Round 1 pays the once-per-run costs (the first stash of each proxy's optimizer state and of
+    each pause slot pins host memory); round 2 is the steady round: its events are what every
+    later round costs, whatever ``--merge_every`` is (the events are the same, only the steps
+    between them change), so ``round_overhead_s`` is the sum of round 2's ``memfree.step()``
+    times, the next round's first swap included.
+    """
+
+    def parts(evs: list[dict], name: str) -> list[float]:
+        return [p[1] for e in evs for p in e["parts"] if p[0] == name]
+
+    first = [e for e in events if e["round"] == 0]
+    steady = [e for e in events if e["round"] == 1]
+    changes = [e["s"] for e in steady if not e["merged"] and not e["redistributed"]]
+    redistributions = [e["redistribute_s"] for e in steady if e["redistributed"]]
+    between = [s["s"] / s["steps"] for s in segments if s["round"] == 1]
+    return {
+        "num_proxies": K, "measured_merge_every": H, "rounds": MEASURED_ROUNDS, "events": events, "segments": segments,
+        "end_turn_s": parts(events, "end_turn"), "pause_turn_s": parts(events, "pause_turn"),
+        "begin_turn_first_s": parts(first, "begin_turn"),
+        "begin_turn_s": round(statistics.median(parts(steady, "begin_turn")), 5),
+        "turn_change_s": round(statistics.median(changes), 5),
+        "first_merge_s": parts(first, "merge")[0], "merge_s": parts(steady, "merge")[0],
+        "redistribute_s": round(statistics.median(redistributions), 5) if redistributions else None,
+        "first_round_overhead_s": round(sum(e["s"] for e in first), 4),
+        "round_overhead_s": round(sum(e["s"] for e in steady), 4),
+        "step_s_between_events": round(statistics.median(between), 5) if between else None,
+    }
 
 
 def run_config(ctx: dict, precision: str, mode: str, name: str) -> dict:
-    """Train one configuration alone and time it; see the module docstring for the schedule."""
+    """Train one configuration alone through ``MemFree`` and time it; see the module docstring.
+
+    plain: ``--warmup`` then ``--steps`` steady-state steps (the whole budget), peak memory.
+    A method (K = 4): ``MEASURED_ROUNDS`` rounds at ``--measured_merge_every`` steps per proxy,
+    every turn-ending ``memfree.step()`` timed (``EventTimer``), peak memory over all of it.
+    Both end with ``memfree.end_training()``.
+    """
     import torch
 
-    t = build_config(ctx, precision, mode, name)
-    a, device, mf, K, accelerator, attention = t.a, t.device, t.mf, t.K, t.accelerator, t.attention
-    params, proxies, assignment, members, state = t.params, t.proxies, t.assignment, t.members, t.state
-    run_skip_stats, timed, run_steps = t.run_skip_stats, t.timed, t.run_steps
+    a, device = ctx["args"], ctx["device"]
+    K = method_config(name, 1).num_shards
+    H = a.measured_merge_every
+    if K == 1:
+        t = Trainer(ctx, precision, mode, name, merge_every=AMORTISE_MERGE_EVERY[0], max_train_steps=a.warmup + a.steps)
+    else:
+        t = Trainer(ctx, precision, mode, name, merge_every=H, max_train_steps=MEASURED_ROUNDS * K * H)
     free_device_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    res: dict = {"flags": CONFIG_FLAGS[name], "attention": attention, "precision": accelerator.mixed_precision,
-                 "grad_scaler": accelerator.scaler is not None, "trainable_params": sum(p.numel() for p in params),
-                 "resident_bytes_before": resident}
+    res: dict = {"flags": CONFIG_FLAGS[name], "attention": t.attention, "precision": t.accelerator.mixed_precision,
+                 "grad_scaler": t.accelerator.scaler is not None, "trainable_params": sum(p.numel() for p in t.params),
+                 "resident_bytes_before": resident, "local_steps": t.memfree.local_steps}
     t_cfg = time.perf_counter()
-
-    # 1. warm-up, then the steady-state window (the live proxy only, no turn change)
-    warm = timed(run_steps, 0, a.warmup)
-    window = timed(run_steps, 0, a.steps)
-    res.update(warmup_s=round(warm, 4), window_s=round(window, 4), steps=a.steps, step_s=window / a.steps,
-               steps_per_s=a.steps / window)
-    if device.type == "cuda":
-        res["peak_bytes_steady"] = torch.cuda.max_memory_allocated(device)
-
-    # 2. K > 1: a full round of turns and a merge, then the first turn of the next round, each timed
-    if proxies is not None:
-        m = a.turn_steps
-        end_turn, begin_turn, after_swap, redistribute = [], [], [], None
-        turn_steps = a.warmup + a.steps
-        for k in range(1, K):
-            end_turn.append(timed(proxies.end_turn, turn_steps))
-            begin_turn.append(timed(proxies.begin_turn, k))
-            if mf.redistribution_enabled and k == K // 2:  # [memfree] mid-round, as --redistribute_at mid_round
-
-                def _redistribute() -> None:
-                    counts = assignment.skip_counts.clone()
-                    assignment.redistribute(mf.redistribute_fraction, state["global"], counts=counts)
-                    proxies.shard_sizes = assignment.sizes()
-                    members[:] = [assignment.members(j) for j in range(K)]
-
-                redistribute = timed(_redistribute)
-            after_swap.append(timed(run_steps, k, m))
-            turn_steps = m
-        end_turn.append(timed(proxies.end_turn, turn_steps))
-        merge = timed(proxies.merge)
-        # Round 2: the first swap still allocates host (pinned) memory for proxy K-1's state; from
-        # the second on, a stash reuses what the previous restore freed: that is the steady cost.
-        begin_turn.append(timed(proxies.begin_turn, 0))
-        after_swap.append(timed(run_steps, 0, m))
-        end_turn.append(timed(proxies.end_turn, m))
-        swap_full = timed(proxies.begin_turn, 1)  # stashes proxy 0's state, restores proxy 1's
-        after_swap.append(timed(run_steps, 1, m))
-        step_s = res["step_s"]
-        # The median turn end: the first one also allocates the pinned staging memory it reuses later.
-        end_s = statistics.median(end_turn)
-        # A round: K turn ends, K full swaps, one merge (+ one redistribution for IET-AGC+).
-        round_overhead = K * (end_s + swap_full) + merge + (redistribute or 0.0)
-        res.update(
-            end_turn_s=[round(x, 4) for x in end_turn], begin_turn_first_s=[round(x, 4) for x in begin_turn],
-            begin_turn_full_swap_s=round(swap_full, 4), merge_s=round(merge, 4),
-            redistribute_s=None if redistribute is None else round(redistribute, 4),
-            steps_after_swap_s=[round(x / m, 4) for x in after_swap], turn_steps=m,
-            round_overhead_s=round(round_overhead, 4),
-            # Once per run: the first stash of each proxy allocates its pinned host memory.
-            first_swaps_extra_s=round(sum(begin_turn) - len(begin_turn) * swap_full, 3),
-            merge_over_step=round(merge / step_s, 3), turn_change_over_step=round((end_s + swap_full) / step_s, 3),
-            round_overhead_over_step=round(round_overhead / step_s, 3),
-        )
-        for H in AMORTISE_MERGE_EVERY:
-            res[f"step_s_amortised_merge_every_{H}"] = step_s + round_overhead / (K * H)
-        res["num_merges"] = proxies.num_merges
-        res["num_proxies"] = K
-    if "last_logs" in state:
-        res["last_logs"] = {k: round(v, 5) for k, v in state["last_logs"].items() if not k.startswith("agc/skip_rate_t")}
-    if run_skip_stats is not None:
-        res["skip_rate"] = run_skip_stats.summary().get("agc/skip_rate")
+    if K == 1:
+        warm = t.timed(t.run_steps, a.warmup)
+        window = t.timed(t.run_steps, a.steps)
+        res.update(warmup_s=round(warm, 4), window_s=round(window, 4), steps=a.steps, step_s=window / a.steps,
+                   steps_per_s=a.steps / window)
+        t.report = t.memfree.end_training()
+    else:
+        res.update(summarise_rounds(t.timer.events, t.run_rounds(), K, H))
+        res["steps"] = t.memfree.local_step
+    summary = t.report.summary
+    res["num_merges"] = summary["num_merges"]
+    if "agc/skip_rate" in summary:
+        res["skip_rate"] = summary["agc/skip_rate"]
+    if t.last_logs:
+        res["last_logs"] = {k: round(v, 5) for k, v in t.last_logs.items()
+                            if isinstance(v, (int, float)) and not k.startswith("agc/skip_rate_t")}
     if device.type == "cuda":
         res["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         res["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     res["host_rss_bytes"] = host_rss_bytes()
     res["config_s"] = round(time.perf_counter() - t_cfg, 2)
-    res["skipped_optimizer_steps"] = state["skipped"]  # fp16: GradScaler found inf/NaN gradients
+    res["skipped_optimizer_steps"] = t.skipped  # fp16: GradScaler found inf/NaN gradients
     return res
 
 
@@ -603,26 +693,41 @@ def run_interleaved(ctx: dict, precision: str, mode: str, names: list[str]) -> d
     by 10-20% in steady-state step time (fp16 full plain 167 vs 199 ms/step, bf16 LoRA plain 226 vs
     200 ms/step, docs/benchmarks.md), more than any method effect, so a ratio of two windows taken
     one after the other is noise. Here every configuration in ``names`` (``plain`` first) is built
-    in this process, all of them warmed up, then short timed windows of ``--interleave_steps`` steps
-    of each alternate: plain, methods..., then the reverse order, and so on for
+    in this process as a ``Trainer`` (its own ``MemFree`` at the default ``--merge_every`` 2000),
+    all of them warmed up, then short timed windows of ``--interleave_steps`` loop iterations of
+    each alternate: plain, methods..., then the reverse order, and so on for
     ``--interleave_windows`` rounds (ABBA..., so a linear drift of the machine cancels). A ratio
     is formed within each round, where plain and method ran seconds apart; the median over rounds
-    is the figure, min and max its spread. Only the live proxy trains (no turn change): turn and
-    merge costs are measured per configuration by ``run_config`` and amortised analytically.
-    Memory: every configuration is resident at once (about 3 x 15 GB for full fine-tuning at
-    SD-1.5 scale), so peak memory is measured by ``run_config``, not here.
+    is the figure, min and max its spread. The windows hold no turn change (the first turn of
+    2000 steps; ``turn_ends_in_windows`` says so): turn and merge costs are measured per
+    configuration by ``run_config`` and amortised analytically. Memory: every configuration is
+    resident at once (about 3 x 15 GB for full fine-tuning at SD-1.5 scale), so peak memory is
+    measured by ``run_config``, not here.
     """
     a = ctx["args"]
-    trainers = {name: build_config(ctx, precision, mode, name, reset=i == 0) for i, name in enumerate(names)}
+    H = AMORTISE_MERGE_EVERY[0]
+    needed = a.warmup + a.interleave_windows * a.interleave_steps
+    trainers = {}
+    for i, name in enumerate(names):
+        K = method_config(name, 1).num_shards
+        trainers[name] = Trainer(ctx, precision, mode, name, merge_every=H, max_train_steps=K * H * max(1, -(-needed // H)),
+                                 reset=i == 0)
     for t in trainers.values():
-        t.run_steps(0, a.warmup)
+        t.run_steps(a.warmup)
     n = a.interleave_steps
     step_s: dict[str, list[float]] = {name: [] for name in names}
     for w in range(a.interleave_windows):
         for name in (names if w % 2 == 0 else names[::-1]):
             t = trainers[name]
-            step_s[name].append(t.timed(t.run_steps, 0, n) / n)
+            before = t.memfree.local_step
+            sync(t.device)
+            t0 = time.perf_counter()
+            t.run_steps(n)
+            sync(t.device)
+            step_s[name].append((time.perf_counter() - t0) / max(1, t.memfree.local_step - before))
+    turn_ends = sum(t.turn_ends(0, t.memfree.local_step) for t in trainers.values())
     res: dict = {"configs": names, "windows": a.interleave_windows, "steps_per_window": n, "warmup_steps": a.warmup,
+                 "merge_every": H, "turn_ends_in_windows": turn_ends,
                  "order": "each round runs every configuration once; odd rounds in reverse order",
                  "attention": {name: t.attention for name, t in trainers.items()},
                  "step_s": {name: [round(x, 5) for x in v] for name, v in step_s.items()},
@@ -637,23 +742,15 @@ def run_interleaved(ctx: dict, precision: str, mode: str, names: list[str]) -> d
 # -- figures ----------------------------------------------------------------------------------------
 
 
-def round_overhead_s(run: dict) -> float:
-    """Seconds a K-proxy round adds: K turn ends (median) and K optimizer-state swaps, one merge,
-    one redistribution (IET-AGC+)."""
-    K = run.get("num_proxies", 4)
-    return K * (statistics.median(run["end_turn_s"]) + run["begin_turn_full_swap_s"]) + run["merge_s"] + (run.get("redistribute_s") or 0.0)
-
-
 def ratios_and_goals(runs: dict, interleaved: dict | None = None) -> tuple[dict, list]:
     """Ratios of each method configuration to plain (same precision and mode), and the goals.
 
     ``time`` is the steady-state steps/s ratio from the interleaved windows (``run_interleaved``,
-    key ``precision/mode``): median over rounds, with ``time_min``/``time_max``. ``time_sequential``
-    is the ratio of the two configurations' own windows, measured one after the other: reported,
-    never a goal (run-to-run spread of 10-20% on the H200 machine). The turn boundaries are
-    amortised over a round of ``--merge_every`` H steps per proxy, from the measured costs:
-    ``turns_only_merge_every_H = plain step / (plain step + round overhead / (K * H))`` (the ratio
-    if the steady state cost nothing), and with an interleaved ratio r,
+    key ``precision/mode``): median over rounds, with ``time_min``/``time_max``. The turn
+    boundaries are amortised over a round of ``--merge_every`` H steps per proxy, from the
+    measured steady round (``round_overhead_s``: the sum of its turn-ending ``memfree.step()``
+    calls): ``turns_only_merge_every_H = plain step / (plain step + round overhead / (K * H))``
+    (the ratio if the steady state cost nothing), and with an interleaved ratio r,
     ``time_amortised_merge_every_H = plain step / (plain step / r + round overhead / (K * H))``.
     The plain step is the interleaved median where there is one, else plain's own window.
     """
@@ -667,25 +764,24 @@ def ratios_and_goals(runs: dict, interleaved: dict | None = None) -> tuple[dict,
         side = interleaved.get(f"{precision}/{mode}") or {}
         side_ratio = side.get("ratio", {}).get(name)
         plain_step = side.get("plain_step_s_median") or plain["step_s"]
-        r = {"time_sequential": run["steps_per_s"] / plain["steps_per_s"]}
+        r = {}
         if side_ratio:
             r.update(time=side_ratio["median"], time_min=side_ratio["min"], time_max=side_ratio["max"])
         if run.get("peak_bytes") and plain.get("peak_bytes"):
             r["memory"] = run["peak_bytes"] / plain["peak_bytes"]
-        if "merge_s" in run:
-            overhead = round_overhead_s(run)
-            K = run.get("num_proxies", 4)
+        if "round_overhead_s" in run:
+            overhead, K = run["round_overhead_s"], run["num_proxies"]
             for H in AMORTISE_MERGE_EVERY:
                 per_step = overhead / (K * H)
                 r[f"turns_only_merge_every_{H}"] = plain_step / (plain_step + per_step)
                 if side_ratio:
                     r[f"time_amortised_merge_every_{H}"] = plain_step / (plain_step / side_ratio["median"] + per_step)
             r["merge_over_plain_step"] = run["merge_s"] / plain_step
-            r["turn_change_over_plain_step"] = (statistics.median(run["end_turn_s"]) + run["begin_turn_full_swap_s"]) / plain_step
+            r["turn_change_over_plain_step"] = run["turn_change_s"] / plain_step
+            r["round_overhead_over_plain_step"] = overhead / plain_step
         ratios[key] = {k: round(v, 4) for k, v in r.items()}
         if mode != "full":
             continue
-        floor = GOAL_TIME_RATIO if name == "iet_agc" else GOAL_TIME_RATIO_PLUS
         H = AMORTISE_MERGE_EVERY[0]
 
         def goal(what: str, field: str, target: str, ok, missing: str) -> None:
@@ -694,9 +790,10 @@ def ratios_and_goals(runs: dict, interleaved: dict | None = None) -> tuple[dict,
                           "pass": None if v is None else ok(v), **({"note": missing} if v is None else {})})
 
         no_side = "not measured: no interleaved windows (budget, or --interleave_windows 0)"
+        floor = GOAL_TIME_RATIO
         goal("steps/s ratio, steady state, interleaved with plain (median)", "time", f">= {floor}",
              lambda v: v >= floor, no_side)
-        if "merge_s" in run:
+        if "round_overhead_s" in run:
             goal(f"steps/s ratio from turn changes and merges alone, --merge_every {H}", f"turns_only_merge_every_{H}",
                  f">= {floor}", lambda v: v >= floor, "")
             goal(f"steps/s ratio incl. turn changes and merges, --merge_every {H}", f"time_amortised_merge_every_{H}",
@@ -707,54 +804,47 @@ def ratios_and_goals(runs: dict, interleaved: dict | None = None) -> tuple[dict,
 
 
 def proxyset_probe(device, numel: int = 860_000_000, num_tensors: int = 100) -> dict:
-    """``ProxySet`` alone at SD-1.5 scale: needs torch and sd_memfree only (no diffusers).
+    """``MemFree``'s turn boundaries alone at SD-1.5 scale: needs torch and sd_memfree only (no diffusers).
 
-    ``num_tensors`` fp32 parameters holding ``numel`` values, AdamW with random gradients, K = 4
-    proxies with storage in CPU memory: a round of turns, a merge, two turns of the next round,
-    each call timed between synchronisations; then host-device copy rates of one parameter.
+    ``num_tensors`` fp32 parameters holding ``numel`` values, AdamW with random gradients, a
+    ``MemFree`` of K = 4 proxies (``--merge_every 1``, storage in CPU memory) set up with
+    ``attach``; ``MEASURED_ROUNDS`` rounds, each turn-ending ``memfree.step()`` timed with its
+    ``ProxySet`` calls (``EventTimer``); then host-device copy rates of one parameter.
     """
     import torch
 
-    from sd_memfree.method.proxies import ProxySet
-
-    def timed(fn, *a) -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        fn(*a)
-        sync(device)
-        return round(time.perf_counter() - t0, 4)
+    from sd_memfree import MemFree, MemFreeConfig
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(numel // num_tensors, device=device) * 0.01) for _ in range(num_tensors)]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
-    def step() -> None:
+    def optimizer_step() -> None:
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    proxies = ProxySet(params, 4, [1, 1, 1, 1], optimizer=optimizer, storage_device="cpu")
+    optimizer_step()  # the optimizer state exists, as after plain training's first step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step()
+    optimizer_step()
     plain_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    end, first = [], []
-    for k in (1, 2, 3):
-        end.append(timed(proxies.end_turn, 1))
-        first.append(timed(proxies.begin_turn, k))
-        step()
-    end.append(timed(proxies.end_turn, 1))
-    merge = timed(proxies.merge)
-    first.append(timed(proxies.begin_turn, 0))
-    step()
-    end.append(timed(proxies.end_turn, 1))
-    swap = timed(proxies.begin_turn, 1)
-    step()
-    res = {"numel": numel, "num_tensors": num_tensors, "end_turn_s": end, "begin_turn_first_s": first,
-           "begin_turn_full_swap_s": swap, "merge_s": merge,
-           "round_overhead_s": round(4 * (statistics.median(end) + swap) + merge, 3)}
+    K = 4
+    memfree = MemFree(MemFreeConfig(num_shards=K, merge_every=1), num_samples=K, num_train_timesteps=1000,
+                      max_train_steps=MEASURED_ROUNDS * K, device=device, storage_device="cpu")
+    memfree.attach(params, optimizer)
+    timer = EventTimer(memfree, device)
+    loss = torch.zeros(1, device=device)
+    ids = torch.zeros(1, dtype=torch.long, device=device)
+    while not memfree.done:
+        memfree.reduce(loss, ids, ids)  # counts the micro-step, as the loop's reduce
+        optimizer_step()
+        timer.step(timed=timer.due())
+    memfree.end_training()
+    rounds = summarise_rounds(timer.events, [], K, 1)
+    res = {"numel": numel, "num_tensors": num_tensors,
+           **{k: v for k, v in rounds.items() if k not in ("events", "segments", "step_s_between_events")}}
     if device.type == "cuda":
         res["peak_ratio_after_turns"] = round(torch.cuda.max_memory_allocated(device) / plain_peak, 4)
         gpu = params[0].detach()
@@ -762,6 +852,14 @@ def proxyset_probe(device, numel: int = 860_000_000, num_tensors: int = 100) -> 
         pinned = gpu.to("cpu", non_blocking=True)
         sync(device)
         pageable = torch.empty(gpu.shape)
+
+        def timed(fn) -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            return round(time.perf_counter() - t0, 4)
+
         res["copy_gb_per_s"] = {
             "device_to_pinned": round(gb / timed(lambda: gpu.to("cpu", non_blocking=True)), 1),
             "pinned_to_device": round(gb / timed(lambda: gpu.copy_(pinned, non_blocking=True)), 1),
@@ -813,7 +911,10 @@ def parse_args(argv=None):
                         "(default 6; 2 with --dry_run; 0: none).")
     p.add_argument("--interleave_steps", type=int, default=None,
                    help="Optimizer steps per interleaved window (default 10, one logging read each; 1 with --dry_run).")
-    p.add_argument("--turn_steps", type=int, default=None, help="Steps each other proxy takes in the measured round, so its optimizer state exists (default 2; 1 with --dry_run).")
+    p.add_argument("--measured_merge_every", type=int, default=2,
+                   help="--merge_every of the method configurations' measured rounds (steps per proxy per round; "
+                        "with IET-AGC+'s mid-round redistribution each is split into two turns). The events of a round do "
+                        "not depend on it; the steady-state windows use the default 2000.")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank (the script's --rank default).")
     p.add_argument("--num_samples", type=int, default=10000, help="Training-set size for shards, skip counts and strengths (LAION-10k: 10000).")
     p.add_argument("--attention", default="auto", choices=("auto", "xformers", "sdpa"), help="auto: xformers where it imports and works, else SDPA.")
@@ -821,13 +922,14 @@ def parse_args(argv=None):
     p.add_argument("--no_tests", action="store_true", help="Skip the pytest -m gpu run.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--proxyset_only", action="store_true",
-                   help="Only the CUDA tests and ProxySet at SD-1.5 scale (860M fp32 values): needs torch, not diffusers.")
+                   help="Only the CUDA tests and MemFree's turn boundaries over bare tensors at SD-1.5 scale (860M fp32 values): "
+                        "needs torch, not diffusers.")
     p.add_argument("--print_wheel_requirements", action="store_true",
                    help="Print name==version of the dependencies to pip download for an offline GPU machine, and exit.")
     args = p.parse_args(argv)
     small = args.dry_run
     for name, full, tiny in (("batch_size", 4, 2), ("resolution", 512, 32), ("steps", 20, 2), ("warmup", 4, 1),
-                             ("turn_steps", 2, 1), ("interleave_windows", 6, 2), ("interleave_steps", LOG_EVERY, 1)):
+                             ("interleave_windows", 6, 2), ("interleave_steps", LOG_EVERY, 1)):
         if getattr(args, name) is None:
             setattr(args, name, tiny if small else full)
     for name, allowed in (("precisions", PRECISIONS), ("modes", MODES), ("configs", tuple(CONFIG_FLAGS))):
@@ -836,8 +938,8 @@ def parse_args(argv=None):
         if bad or not values:
             p.error(f"--{name}={getattr(args, name)}: use a comma-separated subset of {','.join(allowed)}")
         setattr(args, name, values)
-    if args.steps < 1 or args.warmup < 0 or args.turn_steps < 1 or args.batch_size < 1 or args.interleave_steps < 1:
-        p.error("--steps, --turn_steps, --interleave_steps and --batch_size must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.measured_merge_every < 1 or args.batch_size < 1 or args.interleave_steps < 1:
+        p.error("--steps, --measured_merge_every, --interleave_steps and --batch_size must be >= 1 and --warmup >= 0")
     if args.interleave_windows < 0:
         p.error("--interleave_windows must be >= 0 (0: no side-by-side windows)")
     return args
@@ -934,9 +1036,9 @@ def _run(args, report: Report, device) -> int:
         report.save()
 
     if args.proxyset_only or args.dry_run:  # a full run measures the same inside each configuration
-        report.log("ProxySet alone (K=4, CPU storage) ...")
+        report.log("MemFree turns alone (K=4, bare tensors, CPU storage) ...")
         data["proxyset_probe"] = proxyset_probe(device, numel=100_000 if args.dry_run else 860_000_000)
-        report.log(f"ProxySet alone: {json.dumps(data['proxyset_probe'])}")
+        report.log(f"MemFree turns alone: {json.dumps(data['proxyset_probe'])}")
         report.save()
     if args.proxyset_only:
         data["complete"] = True
@@ -961,15 +1063,17 @@ def _run(args, report: Report, device) -> int:
     free_device_memory(device)
     build_s = time.perf_counter() - t0
     data["setup"] = {
-        "driver": "library loop mirroring train_scripts/train_sd_ietagc.py's step (not the script: loading and saving "
-                  "a 4 GB pipeline per configuration does not fit the time budget)",
+        "driver": "sd_memfree.MemFree (docs/plugin.md: prepare, batch_sampler, randn/randint, reduce, step, logs, "
+                  "end_training) in a loop whose body is train_sd_ietagc.py's (not the script: loading and saving a 4 GB "
+                  "pipeline per configuration does not fit the time budget)",
         "unet": "tiny (dry run)" if args.dry_run else "SD-1.5 (runwayml/stable-diffusion-v1-5 unet config), random weights",
         "unet_params": unet_params, "unet_build_s": round(build_s, 2),
         "vae_and_text_encoder": "real-shape modules built from their SD-1.5 configs (random weights), frozen, in the "
                                 "mixed-precision dtype, run every step" if not args.dry_run else "tiny modules, run every step",
         "images": "random tensors of the real shape; the CPU data pipeline is not part of the step timing",
         "batch_size": args.batch_size, "resolution": args.resolution, "latents": [4, latent, latent],
-        "steps_timed": args.steps, "warmup_steps": args.warmup, "turn_steps": args.turn_steps, "num_samples": args.num_samples,
+        "steps_timed": args.steps, "warmup_steps": args.warmup, "measured_merge_every": args.measured_merge_every,
+        "measured_rounds": MEASURED_ROUNDS, "num_samples": args.num_samples,
         "lora_rank": args.rank, "optimizer": "torch.optim.AdamW (foreach), lr 1e-5 full / 1e-4 LoRA, constant schedule",
         "merge_every_amortised": list(AMORTISE_MERGE_EVERY), "num_shards": 4,
         "configs": {k: v for k, v in CONFIG_FLAGS.items() if k in args.configs},
@@ -1050,9 +1154,11 @@ def interleave_group(args, report: Report, ctx: dict, group: str, runs: dict) ->
     if args.interleave_windows < 1 or "plain" not in names or len(names) < 2:
         return None
     names = ["plain"] + [n for n in names if n != "plain"]
-    windows_s = sum(runs[f"{group}/{n}"]["step_s"] for n in names) * args.interleave_windows * args.interleave_steps
-    build_s = 2.0 if args.dry_run else 4.0 * len(names)  # models already built once; warm-up steps on top
-    need = windows_s + build_s + args.warmup * sum(runs[f"{group}/{n}"]["step_s"] for n in names)
+    # A method's steady step is about plain's (what is measured here); models were built once already.
+    plain_step = runs[f"{group}/plain"]["step_s"]
+    windows_s = plain_step * len(names) * args.interleave_windows * args.interleave_steps
+    build_s = 2.0 if args.dry_run else 4.0 * len(names)
+    need = windows_s + build_s + args.warmup * plain_step * len(names)
     key = f"{group}/interleaved"
     if report.elapsed() + need > args.max_seconds:
         data["skipped"].append(key)
@@ -1091,12 +1197,16 @@ def interleave_group(args, report: Report, ctx: dict, group: str, runs: dict) ->
 def describe(key: str, run: dict, ratio: dict | None) -> str:
     if "error" in run:
         return f"{key}: ERROR {run['error']}"
-    parts = [f"{key}: {run['steps_per_s']:.2f} steps/s ({1000 * run['step_s']:.0f} ms/step)"]
+    if "round_overhead_s" in run:
+        parts = [f"{key}: {run['steps']} steps in {run['rounds']} rounds of --merge_every {run['measured_merge_every']}; "
+                 f"steady round {1000 * run['round_overhead_s']:.0f} ms of memfree.step() (first round "
+                 f"{1000 * run['first_round_overhead_s']:.0f} ms): turn change {1000 * run['turn_change_s']:.1f} ms, "
+                 f"merge {1000 * run['merge_s']:.1f} ms"
+                 + (f", redistribution {1000 * run['redistribute_s']:.1f} ms" if run.get("redistribute_s") is not None else "")]
+    else:
+        parts = [f"{key}: {run['steps_per_s']:.2f} steps/s ({1000 * run['step_s']:.0f} ms/step)"]
     if run.get("peak_bytes"):
         parts.append(f"peak {run['peak_bytes'] / 2**30:.2f} GiB")
-    if "merge_s" in run:
-        parts.append(f"turn end {1000 * statistics.median(run['end_turn_s']):.0f} ms, swap {1000 * run['begin_turn_full_swap_s']:.0f} ms, "
-                     f"merge {1000 * run['merge_s']:.0f} ms")
     if ratio:
         parts.append("ratio " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
     parts.append(f"[{run['attention']}, {run['wall_s']:.1f}s]")
