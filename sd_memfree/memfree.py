@@ -10,15 +10,16 @@ the loss-aware augmentation strengths (``AugmentationStrengths``), one RNG strea
     memfree = MemFree(config, num_samples=len(dataset), num_train_timesteps=1000,
                       max_train_steps=steps, seed=seed, accelerator=accelerator)
     lr_scheduler = get_scheduler(..., num_training_steps=memfree.lr_schedule_steps)
-    model, optimizer, loader = memfree.prepare(model, optimizer, lr_scheduler, DataLoader(dataset, batch_size))
-    batches = iter(loader)                                 # follows shard changes by itself
-    for _ in range(memfree.local_steps):
+    model, optimizer, lr_scheduler, loader = memfree.prepare(model, optimizer, lr_scheduler, DataLoader(dataset, batch_size))
+    batches = iter(loader)                                 # follows shard changes (and a loaded checkpoint) by itself
+    while not memfree.done:                                # from the loaded step after a resume
         batch = next(batches)
-        g = memfree.generator                              # the live proxy's noise stream
+        noise = memfree.randn(latents.shape)               # the live proxy's stream, this process's slice
+        timesteps = memfree.randint(0, 1000, (bsz,))
         ...                                                # forward, per-sample losses [B]
         loss = memfree.reduce(losses, timesteps, batch["sample_ids"], weights)
         accelerator.backward(loss); optimizer.step(); optimizer.zero_grad()
-        lr_scheduler.step()
+        lr_scheduler.step()                                # unless fp16 loss scaling skipped the step
         memfree.step()                                     # turns, merges, redistribution
         ... accelerator.log(values, step=s) for s, values in memfree.logs().items()  # at logging steps
     report = memfree.end_training()                        # final merge; skip rates, shards, skip counts
@@ -26,8 +27,9 @@ the loss-aware augmentation strengths (``AugmentationStrengths``), one RNG strea
 Invariants:
 - The order of operations and the random streams are those of ``train_sd_ietagc.py``'s loop:
   a loop written with ``MemFree`` trains bit-identical weights (tests/test_memfree.py).
-- ``reduce`` never synchronises host and device (one gather of the micro-batch's losses only in
-  plain data-parallel training with AGC, so every process's bank sees the global batch);
+- ``reduce`` never synchronises host and device (with D > 1 processes per proxy and AGC, one
+  gather of the micro-batch's losses in the proxy's group, so every bank sees the whole
+  micro-batch);
   ``step`` syncs only when a merge or redistribution is due; ``logs`` syncs (logging time).
 - With the config off (one shard, AGC off) ``reduce`` is the (weighted) mean and ``step``,
   ``finish`` do nothing but count.
