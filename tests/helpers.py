@@ -297,3 +297,33 @@ def saved_tensors(out: Path) -> dict[str, torch.Tensor]:
         found.update({f"{f}:{k}": v for k, v in load_file(f).items()})
     return found
 
+
+def scaled_accelerator(skipped: list):
+    """An ``accelerate.Accelerator`` with torch's loss scaler on the CPU (accelerate makes none
+    there) whose first backward writes an inf into one gradient, as an fp16 overflow would: the
+    unscale, overflow check and skipped step are torch's and accelerate's real code. Each read of
+    ``optimizer_step_was_skipped`` is appended to ``skipped``. Patch it in with
+    ``monkeypatch.setattr(accelerate, "Accelerator", scaled_accelerator(skipped))``."""
+    import accelerate
+
+    class Scaled(accelerate.Accelerator):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # before prepare(): the optimizer wrapper takes it
+            self.backward_calls = 0
+
+        def backward(self, loss, **kwargs):
+            super().backward(loss, **kwargs)
+            self.backward_calls += 1
+            if self.backward_calls == 1:
+                grads = [p.grad for g in self._optimizers[0].optimizer.param_groups for p in g["params"] if p.grad is not None]
+                grads[0].view(-1)[0] = float("inf")
+
+        @property
+        def optimizer_step_was_skipped(self):
+            value = super().optimizer_step_was_skipped
+            skipped.append(value)
+            return value
+
+    return Scaled
+

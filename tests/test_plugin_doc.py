@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import scaled_accelerator
 from sd_memfree import MemFreeConfig
 from train_scripts import train_sd_ietagc as train
 
@@ -81,38 +82,6 @@ def test_the_docs_state_how_many_lines_each_recipe_tags():
     assert tagged("train_sdxl_ietagc.py") == sdxl
 
 
-class _ScaledAccelerator:
-    """An ``Accelerator`` with torch's loss scaler on the CPU (accelerate makes none there) whose
-    first backward writes an inf into one gradient, as an fp16 overflow would: the unscale,
-    overflow check and skipped step are torch's and accelerate's real code. Built on first use
-    (the subclass needs accelerate imported)."""
-
-    @staticmethod
-    def make(skipped: list):
-        import accelerate
-
-        class Scaled(accelerate.Accelerator):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # before prepare(): the optimizer wrapper takes it
-                self.backward_calls = 0
-
-            def backward(self, loss, **kwargs):
-                super().backward(loss, **kwargs)
-                self.backward_calls += 1
-                if self.backward_calls == 1:
-                    grads = [p.grad for g in self._optimizers[0].optimizer.param_groups for p in g["params"] if p.grad is not None]
-                    grads[0].view(-1)[0] = float("inf")
-
-            @property
-            def optimizer_step_was_skipped(self):
-                value = super().optimizer_step_was_skipped
-                skipped.append(value)
-                return value
-
-        return Scaled
-
-
 def test_doc_example_in_half_precision_with_a_skipped_step_equals_the_sd_script(model20, tiny_data_dir, tmp_path, monkeypatch):
     """bf16 autocast with a loss scaler whose first step overflows (emulated on the CPU): the
     example and the script both skip step 1 without stepping the LR warm-up, and train the same
@@ -121,7 +90,7 @@ def test_doc_example_in_half_precision_with_a_skipped_step_equals_the_sd_script(
     from accelerate.state import AcceleratorState
 
     skipped: list = []
-    monkeypatch.setattr(accelerate, "Accelerator", _ScaledAccelerator.make(skipped))
+    monkeypatch.setattr(accelerate, "Accelerator", scaled_accelerator(skipped))
     AcceleratorState._reset_state(True)  # earlier tests in this process set up accelerate without mixed precision
     try:
         _compare_half_precision(model20, tiny_data_dir, tmp_path, skipped)

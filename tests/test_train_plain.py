@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cli_error, run_two_processes, train_argv
+from helpers import cli_error, run_two_processes, scaled_accelerator, train_argv
 from train_scripts import train_sd_ietagc as train
 
 UPSTREAM_FLAGS = """
@@ -363,27 +363,7 @@ def test_lr_schedule_waits_when_loss_scaling_skips_the_step(tiny_model_dir, tiny
     import accelerate
 
     skipped = []
-
-    class ScaledAccelerator(accelerate.Accelerator):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # before prepare(): the optimizer wrapper takes it
-            self.backward_calls = 0
-
-        def backward(self, loss, **kwargs):
-            super().backward(loss, **kwargs)
-            self.backward_calls += 1
-            if self.backward_calls == 1:
-                grads = [p.grad for g in self._optimizers[0].optimizer.param_groups for p in g["params"] if p.grad is not None]
-                grads[0].view(-1)[0] = float("inf")
-
-        @property
-        def optimizer_step_was_skipped(self):
-            value = super().optimizer_step_was_skipped
-            skipped.append(value)
-            return value
-
-    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    monkeypatch.setattr(accelerate, "Accelerator", scaled_accelerator(skipped))
     out = tmp_path / "scaled"
     run(train_argv(tiny_model_dir, tiny_data_dir, out, "--use_lora", "--lr_scheduler=constant_with_warmup",
                   "--lr_warmup_steps=4", "--report_to=tensorboard", steps=4))

@@ -59,13 +59,19 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     listed; temporary (``.tmp-checkpoint-*``) and incomplete folders are ignored. A missing
     ``output_dir`` has no checkpoints.
     """
+    return [(step, entry) for step, entry in _numbered_folders(output_dir) if not entry.is_symlink() and is_complete(entry)]
+
+
+def _numbered_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Folders (or links to folders) named exactly ``checkpoint-<int>`` in ``output_dir``, as
+    ``(step, path)``, oldest step first; none when ``output_dir`` is missing."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = []
     for entry in output_dir.iterdir():
         match = _CHECKPOINT_NAME.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and is_complete(entry):
+        if match and entry.is_dir():
             found.append((int(match.group(1)), entry))
     return sorted(found, key=lambda step_path: step_path[0])
 
@@ -78,15 +84,7 @@ def foreign_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """``checkpoint-<int>`` folders in ``output_dir`` that this module did not write (no marker),
     e.g. diffusers' example scripts' checkpoints, oldest step first. They are never resumed,
     pruned or overwritten."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for entry in output_dir.iterdir():
-        match = _CHECKPOINT_NAME.fullmatch(entry.name)
-        if match and entry.is_dir() and (entry.is_symlink() or not is_complete(entry)):
-            found.append((int(match.group(1)), entry))
-    return [path for _, path in sorted(found, key=lambda step_path: step_path[0])]
+    return [entry for _, entry in _numbered_folders(output_dir) if entry.is_symlink() or not is_complete(entry)]
 
 
 def is_accelerate_checkpoint(path: str | os.PathLike) -> bool:
