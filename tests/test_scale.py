@@ -361,3 +361,21 @@ def test_a_frozen_node_stops_the_other_within_the_collective_timeout(model20, ti
     assert "no optimizer step for 5 s (--collective_timeout)" in lines[0] and "this process waited after step " in lines[0]
     assert f"newest checkpoint: {out}/checkpoint-" in lines[0] and lines[0].endswith("--resume_from_checkpoint latest once all nodes are back.")
     assert waited < 60
+
+
+def test_sharded_engines_are_refused_with_one_line():
+    """DeepSpeed / FSDP / Megatron shard what a proxy must hold whole: refused before anything
+    loads, naming the engine and what to use instead; plain multi-GPU (DDP) and CPU pass."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from sd_memfree.collectives import refuse_sharded_engines
+
+    for kind, name in ((DistributedType.DEEPSPEED, "DEEPSPEED"), (DistributedType.FSDP, "FSDP")):
+        with pytest.raises(ValueError) as e:
+            refuse_sharded_engines(SimpleNamespace(distributed_type=kind))
+        assert str(e.value).startswith(f"accelerate is configured for {name}, which sd_memfree does not support")
+        assert "choose multi-GPU (DDP)" in str(e.value) and "\n" not in str(e.value)
+    for kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO):
+        refuse_sharded_engines(SimpleNamespace(distributed_type=kind))
