@@ -75,6 +75,12 @@ def _score(argv: list[str]) -> None:
     run.cli(argv)
 
 
+def _audit(argv: list[str]) -> None:
+    from sd_memfree import audit
+
+    audit.cli(argv)
+
+
 def _card(argv: list[str]) -> None:
     """Rewrite a trained model's card with its memorization scores, optionally push it."""
     import json
@@ -120,6 +126,7 @@ COMMANDS = {
     "train": (_recipe("train_sd_ietagc"), "run train_scripts/train_sd_ietagc.py (same flags)"),
     "train-sdxl": (_recipe("train_sdxl_ietagc"), "run train_scripts/train_sdxl_ietagc.py (same flags)"),
     "score": (_score, "score a model's memorization (docs/scoring.md; also eval/score_memorization.py in the repository)"),
+    "audit": (_audit, "find duplicated images and captions in training data; a report and a deduplicated copy (before training)"),
     "card": (_card, "put memorization scores into a trained model's card (and --push_to_hub)"),
     "demo": (_recipe("demo"), "the embedded demo on the tiny model and data (CPU, minutes)"),
 }
