@@ -31,9 +31,10 @@ import torch
 
 THUMB_SIDE = 8  # 8x8 RGB = 192 values: colour and layout, blind to re-encoding noise
 HASH_BITS = 64  # imagehash.phash(hash_size=8)
-# Calibrated on generated 128 px images (tests/test_audit.py prints the table): JPEG q75, a 0.6x
-# resize and a 2-pixel crop stay under 0.02 RMS; distinct images start at ~0.05.
-DEFAULT_THUMB_RMS = 0.03
+# Calibrated on generated 128 px images (benchmarks/audit_quality.py): JPEG q75, a 0.6x resize and
+# a 2-pixel crop stay at or under 0.025 RMS and 14 bits; distinct lookalikes start at 0.10 RMS,
+# distinct originals at 0.13 (but may be only 10 bits apart, hence the thumbnail decides).
+DEFAULT_THUMB_RMS = 0.04
 DEFAULT_HASH_DISTANCE = 24  # a structure check on top of the thumbnail, loose enough for crops
 DEFAULT_CHUNK = 4096  # 4096 x 4096 float32 = 64 MiB per score block
 

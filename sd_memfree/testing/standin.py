@@ -4,6 +4,10 @@ then loaded by the *same* code path as the real file:
 
 - ``make_standin_sscd``: a TorchScript model with SSCD's interface (ResNet trunk, GeM pooling,
   512-d projection, L2 norm), loaded by ``sscd.load_sscd``.
+- ``make_pooled_pixels_sscd``: a TorchScript model with SSCD's interface whose descriptor is the
+  image's 8x8 average-pooled pixels, centred and unit-normed: a crude copy detector whose
+  similarities *do* mean something (a re-encoded or resized copy scores near 1), for tests of
+  the audit's semantic pass.
 - ``make_tiny_clip``: a small open_clip architecture (registered as ``TINY_CLIP_NAME``) and its
   weights file, loaded by ``open_clip.create_model_and_transforms(name, pretrained=<file>)``.
 - ``make_random_inception_weights``: a state dict of torch-fidelity's FID Inception-v3, loaded by
@@ -59,6 +63,23 @@ def make_standin_sscd(path: str | os.PathLike, trunk: str = "resnet18", seed: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(str(path))
+    return path
+
+
+class PooledPixels(nn.Module):
+    """8x8 average-pooled pixels minus their mean, unit-normed (192-d): SSCD's interface."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+        v = v - v.mean(dim=1, keepdim=True)
+        return nn.functional.normalize(v + 1e-6, dim=-1)  # + 1e-6: a flat image is not an all-zero row
+
+
+def make_pooled_pixels_sscd(path: str | os.PathLike) -> Path:
+    """Write a scripted ``PooledPixels`` to ``path`` (no weights: nothing random)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(PooledPixels().eval()).save(str(path))
     return path
 
 
