@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from sd_memfree import monitor
 from sd_memfree.config import MemFreeConfig
 
 logger = logging.getLogger("sd_memfree.train")
@@ -124,6 +125,7 @@ def parse_args(argv=None):
                         help="Drop samples whose image does not decode or whose caption is missing/empty (listed in the log and in "
                              "output_dir/dropped_samples.json) instead of stopping at start-up.")
     MemFreeConfig.add_arguments(parser)
+    monitor.add_arguments(parser)  # [monitor] --heldout_data_dir / --heldout_fraction, --monitor_samples, --audit_file
 
     args = parser.parse_args(argv)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -286,6 +288,7 @@ def train(args, stop) -> dict:
                                      progress=accelerator.is_local_main_process)
     if dropped:
         log.warning(dropped_warning(dropped, output_dir))
+    dataset, heldout_split = monitor.split_heldout(args, dataset, image_column, caption_column)  # [monitor] held-out rows never reach training
     num_samples = len(dataset)
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     if args.prediction_type is not None:
@@ -471,6 +474,8 @@ def train(args, stop) -> dict:
     stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, world_size=world,
                       progress=progress, end_training=accelerator.end_training, log=log)
 
+    heldout = monitor.HeldOutMonitor(heldout_split, args, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,  # [monitor] step 0's point
+                                     scheduler=noise_scheduler, accelerator=accelerator, step=counters.global_step * step_unit, output_dir=output_dir)
     stop.defer()  # from here on SIGTERM / Ctrl-C finish the optimizer step and write a checkpoint
     while counters.global_step < local_max_steps:
         batch = next(data_iter)
@@ -534,6 +539,8 @@ def train(args, stop) -> dict:
         # step's checkpoint and stops the run (exit 128 + signal), on every process after the same step.
         stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=counters.global_step % LOG_EVERY == 0 or counters.global_step == local_max_steps,
                          last=counters.global_step >= local_max_steps, save_checkpoint=save_checkpoint)
+        if checkpoint_due:
+            heldout.evaluate(total, unet, memfree.merged_weights())  # [monitor] main process only; the last merge's weights with shards
         # Validation after epoch e (0-based) when e % --validation_epochs == 0, as upstream; the
         # last step is left to the final validation.
         if (args.validation_prompts or args.validation_prompt) and counters.global_step < local_max_steps \
@@ -587,6 +594,7 @@ def train(args, stop) -> dict:
             captions = [caption_text(c) for c in dataset[caption_column]]
             write_skip_counts(output_dir / SKIP_COUNTS_FILE, report.skip_counts.cpu().tolist(), captions, sample_file_names(dataset, image_column))
         summary.update(state)
+        summary.update(heldout.finish(counters.global_step * step_unit, final_unet))  # [monitor] the end's point, monitor_curve.png
         images = []
         if args.validation_prompts or args.validation_prompt:
             parts = {"unet": final_unet} if not args.use_lora else {}
@@ -602,7 +610,8 @@ def train(args, stop) -> dict:
         repo_id = args.hub_model_id or output_dir.name  # the full id create_repo returned, with --push_to_hub
         hub.write_model_card(output_dir, repo_id=repo_id, base_model=args.pretrained_model_name_or_path, method_config=mf.to_dict(),
                              training_args={k: getattr(args, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "resolution", "mixed_precision", "gradient_accumulation_steps", "seed")},
-                             is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir)
+                             is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir,
+                             extra_sections=[heldout.card_section()])  # [monitor]
         if args.push_to_hub:
             summary["hub_repo"] = hub.push_to_hub(output_dir, repo_id, token=args.hub_token, include_memfree_state=args.hub_upload_memfree_state)
     accelerator.end_training()
