@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Instead of --heldout_data_dir: keep this fraction of the training rows (chosen by --seed) out of training and use them.")
     g.add_argument("--monitor_samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"Rows of each set (held-out, at-risk) evaluated, x {len(TIMESTEPS)} fixed timesteps, every --checkpointing_steps and at the end.")
+    g.add_argument("--monitor_batch_size", type=int, default=None,
+                   help="Rows per UNet call when evaluating (default --train_batch_size, which fits: evaluation keeps no gradients).")
     g.add_argument("--audit_file", default=None,
                    help="audit.json from `sd-memfree audit` on this data: its duplicate clusters are the at-risk rows (default: rows whose caption repeats).")
 
@@ -89,6 +91,8 @@ def _check(args) -> None:
         raise MonitorError(f"--heldout_fraction={f} must be in (0, 1), e.g. 0.05.")
     if args.monitor_samples < 1:
         raise MonitorError(f"--monitor_samples={args.monitor_samples} must be >= 1.")
+    if getattr(args, "monitor_batch_size", None) is not None and args.monitor_batch_size < 1:
+        raise MonitorError(f"--monitor_batch_size={args.monitor_batch_size} must be >= 1.")
     if args.audit_file is not None and f is None and args.heldout_data_dir is None:
         raise MonitorError("--audit_file applies with a held-out set: add --heldout_data_dir DIR or --heldout_fraction F.")
     if args.audit_file is not None and not Path(args.audit_file).is_file():
@@ -181,7 +185,7 @@ class HeldOutMonitor:
     Args:
         split: ``split_heldout``'s result.
         args: the script's arguments (``resolution``, ``image_interpolation_mode``,
-            ``train_batch_size`` as the evaluation batch, ``monitor_samples``, ``seed``).
+            ``monitor_batch_size`` or else ``train_batch_size``, ``monitor_samples``, ``seed``).
         unet, vae, text_encoder, tokenizer, scheduler: the run's models (the UNet as prepared).
         accelerator: the run's ``Accelerator`` (device, autocast, trackers, main process).
         step: optimizer steps already taken (a resumed run keeps the curve before it).
@@ -198,7 +202,7 @@ class HeldOutMonitor:
         if not self.active:
             return
         self.scheduler = scheduler
-        self.batch = max(1, args.train_batch_size)
+        self.batch = getattr(args, "monitor_batch_size", None) or max(1, args.train_batch_size)
         seed = args.seed if args.seed is not None else 0
         from sd_memfree.data import build_image_transforms
 
