@@ -186,7 +186,10 @@ class HeldOutMonitor:
         split: ``split_heldout``'s result.
         args: the script's arguments (``resolution``, ``image_interpolation_mode``,
             ``monitor_batch_size`` or else ``train_batch_size``, ``monitor_samples``, ``seed``).
-        unet, vae, text_encoder, tokenizer, scheduler: the run's models (the UNet as prepared).
+        unet, vae, text_encoder, tokenizer, scheduler: the run's models (the UNet as prepared). For
+            SDXL pass both text encoders and both tokenizers as sequences: the conditioning is
+            then upstream's (both penultimate hidden states, the second's pooled embedding) with
+            the size/crop ``time_ids`` of an image given at ``--resolution`` uncropped.
         accelerator: the run's ``Accelerator`` (device, autocast, trackers, main process).
         step: optimizer steps already taken (a resumed run keeps the curve before it).
         output_dir: where ``monitor.json`` is read (resume) and written.
@@ -202,6 +205,7 @@ class HeldOutMonitor:
         if not self.active:
             return
         self.scheduler = scheduler
+        self.resolution = args.resolution
         self.batch = getattr(args, "monitor_batch_size", None) or max(1, args.train_batch_size)
         seed = args.seed if args.seed is not None else 0
         from sd_memfree.data import build_image_transforms
@@ -224,19 +228,26 @@ class HeldOutMonitor:
 
     @torch.no_grad()
     def _encode(self, ds, geometric, to_tensor, vae, text_encoder, tokenizer) -> dict:
-        """Latents (posterior means, scaled) and text embeddings of a set, kept on the CPU."""
+        """Latents (posterior means, scaled) and text conditioning of a set, kept on the CPU."""
         from sd_memfree.scoring.generate import caption_text
 
         dev = self.accelerator.device
         images = ds[self.split.image_column]
         x = torch.stack([to_tensor(geometric(im.convert("RGB"))) for im in images])
         captions = [caption_text(c) for c in ds[self.split.caption_column]]
-        ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
-        lat, txt = [], []
+        sdxl = isinstance(text_encoder, (list, tuple))
+        encoders, tokenizers = (text_encoder, tokenizer) if sdxl else ([text_encoder], [tokenizer])
+        ids = [t(captions, max_length=t.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids for t in tokenizers]
+        lat, txt, pooled = [], [], []
         for i in range(0, len(x), self.batch):
             lat.append(vae.encode(x[i : i + self.batch].to(dev, vae.dtype)).latent_dist.mode().float().cpu() * vae.config.scaling_factor)
-            txt.append(text_encoder(ids[i : i + self.batch].to(dev), return_dict=False)[0].cpu())
-        return {"latents": torch.cat(lat), "text": torch.cat(txt)}
+            if sdxl:  # upstream's encode_prompt: penultimate hidden states of both, the second's pooled embedding
+                outs = [e(d[i : i + self.batch].to(dev), output_hidden_states=True) for e, d in zip(encoders, ids)]
+                txt.append(torch.cat([o.hidden_states[-2] for o in outs], dim=-1).cpu())
+                pooled.append(outs[-1].text_embeds.cpu())
+            else:
+                txt.append(encoders[0](ids[0][i : i + self.batch].to(dev), return_dict=False)[0].cpu())
+        return {"latents": torch.cat(lat), "text": torch.cat(txt), **({"pooled": torch.cat(pooled)} if sdxl else {})}
 
     @torch.no_grad()
     def loss(self, unet, name: str, trainable: list[torch.Tensor] | None = None) -> float:
@@ -271,11 +282,16 @@ class HeldOutMonitor:
                     noisy = self.scheduler.add_noise(z, eps, tt)
                     target = eps if self.scheduler.config.prediction_type == "epsilon" else self.scheduler.get_velocity(z, eps, tt)
                     inputs = (noisy.to(dtype), tt, text[i : i + self.batch].to(dev, dtype))
+                    kwargs = {"return_dict": False}
+                    if "pooled" in s:  # SDXL: an image given at --resolution, uncropped (the pipeline's default)
+                        r = self.resolution
+                        kwargs["added_cond_kwargs"] = {"text_embeds": s["pooled"][i : i + self.batch].to(dev, dtype),
+                                                       "time_ids": torch.tensor([[r, r, 0, 0, r, r]], device=dev, dtype=dtype).expand(len(z), 6)}
                     with self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext():
                         if override is None:
-                            pred = module(*inputs, return_dict=False)[0]
+                            pred = module(*inputs, **kwargs)[0]
                         else:
-                            pred = torch.func.functional_call(module, override, inputs, {"return_dict": False}, strict=False)[0]
+                            pred = torch.func.functional_call(module, override, inputs, kwargs, strict=False)[0]
                     total += per_sample_loss(pred, target).double().sum()
                     count += len(z)
         finally:
@@ -302,7 +318,7 @@ class HeldOutMonitor:
 
     def write(self) -> Path:
         """``monitor.json`` (atomically): the sets (sizes, sources, evaluated files) and the curve."""
-        sets = {k: {kk: vv for kk, vv in v.items() if kk not in ("latents", "text")} for k, v in self.sets.items()}
+        sets = {k: {kk: vv for kk, vv in v.items() if kk not in ("latents", "text", "pooled")} for k, v in self.sets.items()}
         doc = {"version": 1, "timesteps": list(TIMESTEPS), "noise_seed": NOISE_SEED, "sets": sets, "heldout_rows_of_training_data": self.split.heldout_rows,
                "curve": self.curve}
         tmp = self.output_dir / (MONITOR_FILE + ".partial")

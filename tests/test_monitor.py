@@ -144,3 +144,49 @@ def test_off_without_a_heldout_set(tiny_model_dir, tiny_data_dir, tmp_path):
     summary = train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, out, steps=2)))
     assert summary["num_samples"] == 12 and not any(k.startswith("monitor/") for k in summary)
     assert not (out / monitor.MONITOR_FILE).exists() and "Held-out loss" not in (out / "README.md").read_text()
+
+
+def test_sdxl_recipe_monitors_too(tiny_data_dir, tmp_path, monkeypatch):
+    """The SDXL script with --heldout_fraction=0.25: 3 of 12 rows held out, never built into a
+    training item (by sample id); both encoders' conditioning; points at 0, 2, 4; the card's table."""
+    from sd_memfree.scoring.risk import sample_file_names
+    from sd_memfree.testing.tiny import make_tiny_sdxl_model
+    from train_scripts import train_sdxl_ietagc as sdxl
+
+    seen: list[str] = []
+    original = sdxl.SDXLCaptionDataset.__getitems__
+
+    def recording(self, keys):
+        names = sample_file_names(self.base.ds, self.base.image_column)
+        seen.extend(names[int(sid)] for sid, _ in keys)
+        return original(self, keys)
+
+    monkeypatch.setattr(sdxl.SDXLCaptionDataset, "__getitems__", recording)
+    model = make_tiny_sdxl_model(tmp_path / "sdxl", seed=0)
+    out = tmp_path / "run"
+    summary = sdxl.main(sdxl.parse_args([f"--pretrained_model_name_or_path={model}", f"--train_data_dir={tiny_data_dir}", f"--output_dir={out}",
+                                         "--resolution=32", "--train_batch_size=2", "--max_train_steps=4", "--learning_rate=1e-3",
+                                         "--lr_warmup_steps=0", "--seed=3", "--report_to=none", "--checkpointing_steps=2", "--heldout_fraction=0.25"]))
+    doc = json.loads((out / monitor.MONITOR_FILE).read_text())
+    held = doc["sets"]["heldout"]["files"]
+    assert len(held) == 3 and json.loads((out / "memfree_state.json").read_text())["num_samples"] == 9
+    assert len(seen) == 8 and set(seen).isdisjoint(held)
+    assert [p["step"] for p in doc["curve"]] == [0, 2, 4] and all(p["heldout_loss"] > 0 and p["at_risk_loss"] > 0 for p in doc["curve"])
+    assert summary["monitor/heldout_loss"] == doc["curve"][-1]["heldout_loss"]
+    assert "## Held-out loss during training" in (out / "README.md").read_text()
+
+
+def test_monitor_does_not_change_training(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The same run with a held-out set and a checkpoint every 2 steps (so 4 evaluations) ends
+    with bit-identical weights: evaluation draws from its own generator and restores train mode."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sd_memfree.testing.tiny import make_tiny_dataset
+
+    held = make_tiny_dataset(tmp_path / "held", num_images=3, size=32, seed=0, first_index=700)
+    weights = []
+    for name, extra in (("plain", ["--checkpointing_steps=1000"]), ("monitored", [f"--heldout_data_dir={held}", "--checkpointing_steps=2"])):
+        train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, tmp_path / name, *extra, steps=6)))
+        weights.append(load_file(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from sd_memfree import monitor
 from sd_memfree.config import MemFreeConfig
 
 logger = logging.getLogger("sd_memfree.train_sdxl")
@@ -121,6 +122,7 @@ def parse_args(argv=None):
                         help="Drop samples whose image does not decode or whose caption is missing/empty (listed in the log and in "
                              "output_dir/dropped_samples.json) instead of stopping at start-up.")
     MemFreeConfig.add_arguments(parser)
+    monitor.add_arguments(parser)  # [monitor] --heldout_data_dir / --heldout_fraction, --monitor_samples, --audit_file
 
     args = parser.parse_args(argv)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -371,6 +373,7 @@ def train(args, stop) -> dict:
                                      progress=accelerator.is_local_main_process)
     if dropped:
         log.warning(dropped_warning(dropped, output_dir))
+    dataset, heldout_split = monitor.split_heldout(args, dataset, image_column, caption_column)  # [monitor] held-out rows never reach training
     num_samples = len(dataset)
     data_world = 1 if (mf.num_shards > 1 and accelerator.num_processes > 1) else accelerator.num_processes
     steps_per_epoch = max(1, math.ceil(num_samples / (args.train_batch_size * data_world * args.gradient_accumulation_steps)))
@@ -502,6 +505,8 @@ def train(args, stop) -> dict:
     # signal is acted on there too: the step finishes, is checkpointed, the run exits 143 / 130.
     stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, world_size=accelerator.num_processes,
                       progress=progress, end_training=accelerator.end_training, log=log)
+    heldout = monitor.HeldOutMonitor(heldout_split, args, unet=unet, vae=vae, text_encoder=text_encoders, tokenizer=tokenizers,  # [monitor] step 0's point
+                                     scheduler=noise_scheduler, accelerator=accelerator, step=counters.global_step * step_unit, output_dir=output_dir)
     stop.defer()
     batches = iter(loader)
     target_size = torch.tensor([args.resolution, args.resolution], device=accelerator.device)
@@ -566,6 +571,8 @@ def train(args, stop) -> dict:
             flush_logs()
         stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=counters.global_step % LOG_EVERY == 0 or counters.global_step == memfree.local_steps,
                          last=counters.global_step >= memfree.local_steps, save_checkpoint=save_checkpoint)
+        if checkpoint_due:
+            heldout.evaluate(total, unet, memfree.merged_weights())  # [monitor] main process only; the last merge's weights with shards
         if args.validation_prompt and accelerator.is_main_process and counters.global_step < memfree.local_steps \
                 and counters.global_step % steps_per_epoch == 0 and (counters.global_step // steps_per_epoch - 1) % args.validation_epochs == 0:
             log_validation(validation_pipeline(accelerator.unwrap_model(unet)), args, accelerator, counters.global_step // steps_per_epoch)
@@ -607,6 +614,7 @@ def train(args, stop) -> dict:
 
             write_skip_counts(output_dir / SKIP_COUNTS_FILE, report.skip_counts.cpu().tolist(),
                               [caption_text(c) for c in dataset[caption_column]], sample_file_names(dataset, image_column))
+        summary.update(heldout.finish(summary["global_step"], final_unet))  # [monitor] the end's point, monitor_curve.png
         images = []
         if args.validation_prompt:
             if args.use_lora:  # validate the LoRA just saved, loaded the way users load it
@@ -619,7 +627,8 @@ def train(args, stop) -> dict:
         hub.write_model_card(output_dir, repo_id=repo_id, base_model=base, method_config=mf.to_dict(),
                              training_args={k: getattr(args, k) for k in ("learning_rate", "max_train_steps", "train_batch_size", "resolution",
                                                                           "mixed_precision", "gradient_accumulation_steps", "seed")},
-                             is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir)
+                             is_lora=args.use_lora, images=images, dataset=args.dataset_name or args.train_data_dir,
+                             extra_sections=[heldout.card_section()])  # [monitor]
         if args.push_to_hub:
             summary["hub_repo"] = hub.push_to_hub(output_dir, repo_id, token=args.hub_token)
     accelerator.end_training()
