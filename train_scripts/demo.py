@@ -16,8 +16,8 @@ docs/memorization_benchmark.md):
 3. The real training script fine-tunes the base twice with the same seed and 3000-step budget,
    side by side (one process each): plain, and IET-AGC+ (shard proxies, merges, AGC,
    redistribution, loss-aware augmentation). Both log the held-out monitor
-   (``--heldout_data_dir``, the audit's clusters as the at-risk rows); plain also keeps a
-   checkpoint every third of the budget.
+   (``--heldout_data_dir``, the audit's clusters as the at-risk rows) at a checkpoint every
+   third of the budget.
 4. The real scorer generates one image per training row (so 32 per duplicated caption) and
    records the model-only detection score (Wen et al.) of each; the copy test ``d1/d2 < 1/3`` is
    counted against the VAE's reconstructions of the training images, because at 16 px the
@@ -439,7 +439,7 @@ def _main(args: argparse.Namespace) -> dict:
     t1 = time.time()
     every = curve_every(args.max_train_steps)
     _fine_tune_all([(name, _train_flags(base, data, out / folder / "model", size, args,
-                                        extra + ([f"--checkpointing_steps={every}"] if folder == "plain" else []), heldout, out / "audit" / "audit.json"),
+                                        [*extra, f"--checkpointing_steps={every}"], heldout, out / "audit" / "audit.json"),
                      out / folder / "train.log")
                     for name, folder, extra in RUNS], min(args.jobs, len(RUNS)))
     t_train = time.time() - t1
