@@ -86,7 +86,7 @@ def _card(argv: list[str]) -> None:
     import json
     from pathlib import Path
 
-    from sd_memfree import hub
+    from sd_memfree import hub, monitor
 
     p = argparse.ArgumentParser(prog="sd-memfree card", description="Put the scorer's metrics into a trained model's card (and push).")
     p.add_argument("model_dir", help="the training script's --output_dir")
@@ -111,7 +111,8 @@ def _card(argv: list[str]) -> None:
     hub.write_model_card(model_dir, repo_id=repo_id, base_model=train_args["pretrained_model_name_or_path"],
                          method_config=json.loads(needed[1].read_text()), training_args=train_args,
                          is_lora=bool(train_args.get("use_lora")), metrics=json.loads(needed[2].read_text()),
-                         dataset=train_args.get("dataset_name") or train_args.get("train_data_dir"), images=images or None)
+                         dataset=train_args.get("dataset_name") or train_args.get("train_data_dir"), images=images or None,
+                         extra_sections=[monitor.card_section(model_dir)])  # the held-out curve, when training wrote one
     print(model_dir / "README.md")
     if a.push_to_hub:
         try:

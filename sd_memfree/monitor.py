@@ -359,19 +359,34 @@ class HeldOutMonitor:
         return path
 
     def card_section(self) -> str:
-        """Markdown for the model card: the curve's table and picture, and how to read the gap."""
-        if not self.active or not self.curve:
-            return ""
-        has_risk = "at_risk_loss" in self.curve[-1]
-        lines = ["## Held-out loss during training", "",
-                 f"Denoising loss at {len(TIMESTEPS)} fixed timesteps with fixed noise on {self.sets.get('heldout', {}).get('evaluated', 0)} held-out images"
-                 + (f" and on {self.sets['at_risk']['evaluated']} training images most at risk of being copied ({self.sets['at_risk']['source']})" if has_risk else "")
-                 + ". A held-out loss that stalls while the at-risk loss keeps falling is the early sign of memorization.", "",
-                 "| step | held-out | at-risk | gap |", "|---|---|---|---|"]
-        for p in self.curve:
-            h, r = p.get("heldout_loss"), p.get("at_risk_loss")
-            cell = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-            lines.append(f"| {p['step']} | {cell(h)} | {cell(r)} | {cell(h - r) if h is not None and r is not None else '-'} |")
-        if (self.output_dir / CURVE_FILE).is_file():
-            lines += ["", f"![held-out loss](./{CURVE_FILE})"]
-        return "\n".join(lines) + "\n"
+        """The model card's section for this run (``card_section`` of its ``monitor.json``)."""
+        return card_section(self.output_dir) if self.active else ""
+
+
+def card_section(output_dir) -> str:
+    """Markdown for the model card from ``output_dir/monitor.json`` (empty when there is none):
+    the curve's table and picture, and how to read the gap. ``sd-memfree card`` rewrites the card
+    with it too, so adding scores does not drop it."""
+    path = Path(output_dir) / MONITOR_FILE
+    if not path.is_file():
+        return ""
+    doc = json.loads(path.read_text())
+    curve, sets = doc["curve"], doc["sets"]
+    if not curve:
+        return ""
+    has_risk = "at_risk_loss" in curve[-1]
+    lines = ["## Held-out loss during training", "",
+             f"Denoising loss at {len(doc['timesteps'])} fixed timesteps with fixed noise on {sets.get('heldout', {}).get('evaluated', 0)} held-out images"
+             + (f" and on {sets['at_risk']['evaluated']} training images most at risk of being copied ({sets['at_risk']['source']})" if has_risk else "")
+             + ". A held-out loss that stalls while the at-risk loss keeps falling is the early sign of memorization.", "",
+             "| step | held-out | at-risk | gap |", "|---|---|---|---|"]
+
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    for p in curve:
+        h, r = p.get("heldout_loss"), p.get("at_risk_loss")
+        lines.append(f"| {p['step']} | {cell(h)} | {cell(r)} | {cell(h - r) if h is not None and r is not None else '-'} |")
+    if (Path(output_dir) / CURVE_FILE).is_file():
+        lines += ["", f"![held-out loss](./{CURVE_FILE})"]
+    return "\n".join(lines) + "\n"

@@ -214,3 +214,11 @@ def test_faiss_recall_is_measured_against_exact(tmp_path):
     recall, rows = audit.faiss_recall(x, 0.5, linked, sample=3000)
     assert rows == 3000 and len(exact) >= 100
     assert recall == pytest.approx(len(found) / len(exact)) and recall >= 0.95
+
+
+def test_console_command_runs_the_audit(known, tmp_path, capsys):
+    from sd_memfree import cli
+
+    root, _ = known
+    cli.main(["audit", f"--train_data_dir={root / 'data'}", f"--out={tmp_path / 'a'}", "--no_sscd"])
+    assert "audit: 32 duplicate cluster(s)" in capsys.readouterr().out and (tmp_path / "a" / "report.html").is_file()

@@ -63,6 +63,12 @@ def test_heldout_rows_never_reach_training(tiny_model_dir, tiny_data_dir, tmp_pa
     from sd_memfree import hub
 
     assert monitor.CURVE_FILE in hub.files_to_upload(out) and monitor.MONITOR_FILE not in hub.files_to_upload(out)
+    # `sd-memfree card` (adding the scorer's metrics) keeps the section
+    from sd_memfree import cli
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"sim_95pc": 0.4321}))
+    cli.main(["card", str(out), "--metrics", str(tmp_path / "metrics.json")])
+    assert "## Held-out loss during training" in (out / "README.md").read_text()
 
 
 def test_monitor_loss_is_the_benchmarks_denoising_loss(tiny_model_dir, tiny_data_dir, tmp_path):
