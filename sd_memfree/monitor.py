@@ -19,7 +19,9 @@ stalls (docs/memorization_benchmark.md). This module gives a training script tha
 Invariants:
 - A held-out row never reaches training: ``split_heldout`` returns the training dataset without
   it (``Split.train_rows`` maps each training sample id to its row in the loaded dataset, and
-  no held-out row is among them).
+  no held-out row is among them). ``--heldout_fraction`` never holds out an at-risk row (one in
+  an audit cluster or with a repeated caption): its copies would stay in training and the
+  "held-out" loss would measure memorization instead.
 - The loss is a function of the weights only: latents are the VAE posterior means of the
   centre-cropped images, the noise of timestep ``t`` is drawn for all rows of a set at once from
   a CPU generator seeded ``NOISE_SEED`` (timesteps in ``TIMESTEPS`` order), so two evaluations
@@ -99,10 +101,14 @@ def _check(args) -> None:
         raise MonitorError(f"--audit_file {args.audit_file}: no such file; run `sd-memfree audit --out DIR` on this data and pass DIR/audit.json.")
 
 
-def heldout_rows(num_rows: int, fraction: float, seed: int) -> list[int]:
-    """``round(fraction * num_rows)`` rows (at least 1, at most ``num_rows - 1``), chosen by ``seed``, ascending."""
-    k = min(num_rows - 1, max(1, round(fraction * num_rows)))
-    return sorted(random.Random(seed).sample(range(num_rows), k))
+def heldout_rows(num_rows: int, fraction: float, seed: int, exclude=()) -> list[int]:
+    """``round(fraction * num_rows)`` rows (at least 1, at most ``num_rows - 1``), chosen by ``seed``
+    among the rows not in ``exclude`` (a held-out copy of a training image would not be held out),
+    ascending; fewer when fewer are eligible."""
+    skip = set(exclude)
+    candidates = [i for i in range(num_rows) if i not in skip]
+    k = min(num_rows - 1, len(candidates), max(1, round(fraction * num_rows)))
+    return sorted(random.Random(seed).sample(candidates, k))
 
 
 def _file_names(dataset, image_column: str) -> list[str | None]:
@@ -118,7 +124,7 @@ def _audit_rows(path: str, loaded_names: list[str | None], num_loaded: int) -> l
         rows = [(r["index"], r["file_name"]) for c in clusters for r in c["rows"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MonitorError(f"--audit_file {path} is not an audit.json from `sd-memfree audit` ({type(e).__name__}); run the audit again.") from None
-    if all(loaded_names):
+    if all(loaded_names) and len(set(loaded_names)) == len(loaded_names):  # names identify rows (not so across subfolders)
         where = {n: i for i, n in enumerate(loaded_names)}
         missing = [n for _, n in rows if n not in where]
         if missing:
@@ -148,13 +154,17 @@ def split_heldout(args, dataset, image_column: str, caption_column: str):
     if args.heldout_fraction is None and args.heldout_data_dir is None:
         return dataset, split  # monitor off: the run trains exactly as without this module
     names = _file_names(dataset, image_column)
-    risky_loaded: list[int] | None = None
     if args.audit_file:
         risky_loaded, split.at_risk_source = _audit_rows(args.audit_file, names, n), f"audit clusters ({Path(args.audit_file).name})"
+    else:
+        captions = [caption_key(caption_text(c)) for c in dataset[caption_column]]
+        risky_loaded = sorted(i for g in group_equal(captions) for i in g)
+        split.at_risk_source = "rows whose caption repeats" if risky_loaded else None
     if args.heldout_fraction is not None:
-        if n < 2:
-            raise MonitorError(f"--heldout_fraction needs at least 2 training rows, the data has {n}.")
-        held = heldout_rows(n, args.heldout_fraction, args.seed if args.seed is not None else 0)
+        if n - len(risky_loaded) < 1 or n < 2:
+            raise MonitorError(f"--heldout_fraction needs a training row that is not a duplicate to hold out; the data has {n} rows, "
+                               f"{len(risky_loaded)} of them duplicated: pass --heldout_data_dir instead.")
+        held = heldout_rows(n, args.heldout_fraction, args.seed if args.seed is not None else 0, exclude=risky_loaded)
         held_set = set(held)
         split.train_rows = [i for i in range(n) if i not in held_set]
         split.heldout, split.heldout_rows = dataset.select(held), held
@@ -165,12 +175,7 @@ def split_heldout(args, dataset, image_column: str, caption_column: str):
         split.heldout_source = f"--heldout_data_dir={Path(args.heldout_data_dir).name}: {len(split.heldout)} rows"
     split.train = dataset
     position = {row: sid for sid, row in enumerate(split.train_rows)}
-    if risky_loaded is not None:
-        split.at_risk = [position[r] for r in risky_loaded if r in position]
-    else:
-        captions = [caption_key(caption_text(c)) for c in dataset[caption_column]]
-        split.at_risk = sorted(i for g in group_equal(captions) for i in g)
-        split.at_risk_source = "rows whose caption repeats" if split.at_risk else None
+    split.at_risk = [position[r] for r in risky_loaded if r in position]  # all of them: held-out rows are chosen among the others
     return dataset, split
 
 

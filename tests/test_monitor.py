@@ -27,6 +27,8 @@ def test_heldout_rows_are_chosen_by_seed():
     assert a != monitor.heldout_rows(14, 0.25, seed=8)
     assert len(monitor.heldout_rows(3, 0.01, 0)) == 1 and len(monitor.heldout_rows(3, 0.99, 0)) == 2
     assert monitor.sample([5, 9, 11], 8, 0) == [5, 9, 11] and len(monitor.sample(list(range(100)), 8, 0)) == 8
+    assert set(monitor.heldout_rows(14, 0.25, 7, exclude=range(10))) <= {10, 11, 12, 13}  # never a duplicated row
+    assert monitor.heldout_rows(14, 0.5, 7, exclude=range(12)) == [12, 13]  # fewer when fewer are eligible
 
 
 def test_heldout_rows_never_reach_training(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
@@ -55,6 +57,8 @@ def test_heldout_rows_never_reach_training(tiny_model_dir, tiny_data_dir, tmp_pa
     assert set(seen).isdisjoint(held)
     assert sorted(doc["sets"]["heldout"]["files"]) == sorted(held)
     assert not set(doc["sets"]["at_risk"]["files"]) & set(held) and doc["sets"]["at_risk"]["source"] == "rows whose caption repeats"
+    assert not any("_dup" in h or h.replace(".png", "_dup1.png") in names for h in held)  # no duplicated image held out
+    assert doc["sets"]["at_risk"]["rows"] == 6
     assert [p["step"] for p in doc["curve"]] == [0, 2, 4, 6, 8]
     assert summary["monitor/heldout_loss"] == doc["curve"][-1]["heldout_loss"] > 0
     assert summary["monitor/at_risk_loss"] == doc["curve"][-1]["at_risk_loss"] > 0
