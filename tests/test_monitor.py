@@ -200,3 +200,18 @@ def test_monitor_does_not_change_training(tiny_model_dir, tiny_data_dir, tmp_pat
         train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, tmp_path / name, *extra, steps=6)))
         weights.append(load_file(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors"))
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_resumed_run_keeps_the_curve(tiny_model_dir, tiny_data_dir, tmp_path):
+    """4 steps (points 0, 2, 4), then --resume_from_checkpoint latest to 6: the curve keeps the
+    first run's points up to the checkpoint (no second step-4 point) and adds step 6."""
+    from sd_memfree.testing.tiny import make_tiny_dataset
+
+    held = make_tiny_dataset(tmp_path / "held", num_images=3, size=32, seed=0, first_index=800)
+    out = tmp_path / "run"
+    train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, out, f"--heldout_data_dir={held}", steps=4)))
+    first = json.loads((out / monitor.MONITOR_FILE).read_text())["curve"]
+    train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, out, f"--heldout_data_dir={held}", "--resume_from_checkpoint=latest", steps=6)))
+    curve = json.loads((out / monitor.MONITOR_FILE).read_text())["curve"]
+    assert [p["step"] for p in first] == [0, 2, 4] and [p["step"] for p in curve] == [0, 2, 4, 6]
+    assert curve[:3] == first
