@@ -75,12 +75,18 @@ def _score(argv: list[str]) -> None:
     run.cli(argv)
 
 
+def _audit(argv: list[str]) -> None:
+    from sd_memfree import audit
+
+    audit.cli(argv)
+
+
 def _card(argv: list[str]) -> None:
     """Rewrite a trained model's card with its memorization scores, optionally push it."""
     import json
     from pathlib import Path
 
-    from sd_memfree import hub
+    from sd_memfree import hub, monitor
 
     p = argparse.ArgumentParser(prog="sd-memfree card", description="Put the scorer's metrics into a trained model's card (and push).")
     p.add_argument("model_dir", help="the training script's --output_dir")
@@ -105,7 +111,8 @@ def _card(argv: list[str]) -> None:
     hub.write_model_card(model_dir, repo_id=repo_id, base_model=train_args["pretrained_model_name_or_path"],
                          method_config=json.loads(needed[1].read_text()), training_args=train_args,
                          is_lora=bool(train_args.get("use_lora")), metrics=json.loads(needed[2].read_text()),
-                         dataset=train_args.get("dataset_name") or train_args.get("train_data_dir"), images=images or None)
+                         dataset=train_args.get("dataset_name") or train_args.get("train_data_dir"), images=images or None,
+                         extra_sections=[monitor.card_section(model_dir)])  # the held-out curve, when training wrote one
     print(model_dir / "README.md")
     if a.push_to_hub:
         try:
@@ -120,6 +127,7 @@ COMMANDS = {
     "train": (_recipe("train_sd_ietagc"), "run train_scripts/train_sd_ietagc.py (same flags)"),
     "train-sdxl": (_recipe("train_sdxl_ietagc"), "run train_scripts/train_sdxl_ietagc.py (same flags)"),
     "score": (_score, "score a model's memorization (docs/scoring.md; also eval/score_memorization.py in the repository)"),
+    "audit": (_audit, "find duplicated images and captions in training data; a report and a deduplicated copy (before training)"),
     "card": (_card, "put memorization scores into a trained model's card (and --push_to_hub)"),
     "demo": (_recipe("demo"), "the embedded demo on the tiny model and data (CPU, minutes)"),
 }

@@ -271,6 +271,7 @@ def write_model_card(
     metrics: Mapping[str, Any] | None = None,
     images: Sequence[Any] | None = None,
     dataset: str | None = None,
+    extra_sections: Sequence[str] = (),
 ) -> Path:
     """Write ``output_dir/README.md``: YAML metadata and a card describing the run.
 
@@ -289,6 +290,8 @@ def write_model_card(
         metrics: the memorization scorer's report, or None when not scored yet.
         images: validation images (PIL); saved as ``image_{i}.png`` in ``output_dir``.
         dataset: the training data (``--dataset_name`` or ``--train_data_dir``).
+        extra_sections: markdown appended after the training section (e.g. the held-out loss
+            curve, ``monitor.HeldOutMonitor.card_section``); empty strings are skipped.
 
     Returns:
         The path of the written README.md.
@@ -320,6 +323,7 @@ def write_model_card(
                              train_data_dir=f"path/to/{data_shown}" if data_shown else "<train_data_dir>", dataset_name=hub_dataset),
         _usage(repo_id, base_shown, is_lora),
         _training_section(training_args, is_lora),
+        *(section for section in extra_sections if section),
     ]
     if images:
         body += ["## Validation images", ""]

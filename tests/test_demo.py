@@ -65,14 +65,33 @@ def test_demo_report_leads_with_offline_signal_and_leaves_out_the_standin(demo_r
 
 
 @pytest.mark.slow
+def test_demo_audits_first_and_draws_plain_checkpoints_against_iet_agc_plus(demo_run):
+    """The audit found the 1 duplicated image (a cluster of 3 exact copies) and nothing else;
+    plain's curve has the base and 3 checkpoints (4 steps, one every 4 // 3 = 1: steps 0-4), each
+    with the held-out loss the run logged there and a copy rate over the 3 generations for the
+    duplicated caption; IET-AGC+'s point is its end (step 4)."""
+    out, result = demo_run
+    assert result["audit"]["clusters"] == 1 and result["audit"]["rows_in_clusters"] == 3 and result["audit"]["shared_captions"] == 0
+    plain = result["curve"]["plain"]
+    assert [p["step"] for p in plain] == [0, 1, 2, 3, 4]
+    logged = {p["step"]: p for p in json.loads((out / "plain" / "model" / "monitor.json").read_text())["curve"]}
+    assert all(p["heldout_loss"] == logged[p["step"]]["heldout_loss"] and p["dup_copies"]["n"] == 3 for p in plain)
+    assert result["curve"]["IET-AGC+"]["step"] == 4 and result["headline"]["plain"]["heldout_denoising_loss"] == logged[4]["heldout_loss"]
+    page = (out / "report.html").read_text()
+    assert "Before training: the data audit" in page and "is IET-AGC+ just training less?" in page
+    assert (out / "audit" / "report.html").is_file()
+
+
+@pytest.mark.slow
 def test_demo_report_rows_and_image_count(demo_run):
     """One row per distinct caption (4), each with, per run, the generation, the VAE's
     reconstruction of its nearest training image and that image (2 runs x 3 = 6 images), plus 2
-    detection-score histograms: 4 * 6 + 2 = 26 embedded images, none external."""
+    detection-score histograms, the audit's one cluster and the loss/copy curve: 4 * 6 + 2 + 1 + 1
+    = 28 embedded images, none external."""
     out, _ = demo_run
     page = (out / "report.html").read_text()
     srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)
-    assert len(srcs) == 26
+    assert len(srcs) == 28
     assert all(s.startswith("data:image/png;base64,") for s in srcs)
 
 

@@ -10,19 +10,26 @@ docs/memorization_benchmark.md):
    stand-in SSCD.
 2. 256 distinct procedural landscapes (a domain the base's UNet never saw), 8 of them repeated
    32 times with their captions (a duplicated minority, like LAION's duplicates); held-out: 64
-   other landscapes.
+   other landscapes. ``sd-memfree audit`` runs on the training data first and must find exactly
+   the 8 duplicated images (8 clusters of 32 exact copies) and nothing else (its exact and
+   perceptual-hash passes: SSCD is no judge of 16 px images).
 3. The real training script fine-tunes the base twice with the same seed and 3000-step budget,
    side by side (one process each): plain, and IET-AGC+ (shard proxies, merges, AGC,
-   redistribution, loss-aware augmentation).
+   redistribution, loss-aware augmentation). Both log the held-out monitor
+   (``--heldout_data_dir``, the audit's clusters as the at-risk rows) at a checkpoint every
+   third of the budget.
 4. The real scorer generates one image per training row (so 32 per duplicated caption) and
    records the model-only detection score (Wen et al.) of each; the copy test ``d1/d2 < 1/3`` is
    counted against the VAE's reconstructions of the training images, because at 16 px the
    tiny VAE cannot reproduce raw pixels and the raw-pixel test would be blind. Its ceiling (a
    perfect memoriser: the VAE's own reconstructions of the training latents) is printed beside
    every rate. Beside it: the held-out denoising loss (quality on landscapes never trained on).
-5. One ``report.html``: the headline table, then per caption (duplicated first) what each model
-   generates next to the VAE's reconstruction of its nearest training image and that image.
-   The terminal prints the headline.
+5. Plain's copy rate at each checkpoint (and the base's) against its held-out loss there, with
+   IET-AGC+'s final point beside that curve: if IET-AGC+ merely trained less, its point would sit
+   on plain's curve.
+6. One ``report.html``: the audit's finding, the headline table, the loss/copy curve, then per
+   caption (duplicated first) what each model generates next to the VAE's reconstruction of its
+   nearest training image and that image. The terminal prints the headline.
 
 Without ``--sscd_model`` (a real SSCD file) the similarity model is a stand-in with random
 weights: its figures carry no information, so the report leaves them out and says so.
@@ -88,13 +95,94 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _train_flags(base: Path, data: Path, out: Path, size: int, args, extra: list[str]) -> list[str]:
+def _train_flags(base: Path, data: Path, out: Path, size: int, args, extra: list[str], heldout: Path, audit_file: Path) -> list[str]:
     return [
         f"--pretrained_model_name_or_path={base}", f"--train_data_dir={data}", f"--output_dir={out}",
         f"--resolution={size}", "--train_batch_size=8", f"--max_train_steps={args.max_train_steps}",
         f"--learning_rate={args.learning_rate}", "--lr_scheduler=constant", "--lr_warmup_steps=0",
-        f"--seed={args.seed}", "--report_to=tensorboard", f"--checkpointing_steps={10**9}", "--dataloader_num_workers=0", *extra,
+        f"--seed={args.seed}", "--report_to=tensorboard", f"--checkpointing_steps={10**9}", "--dataloader_num_workers=0",
+        f"--heldout_data_dir={heldout}", f"--audit_file={audit_file}", "--monitor_batch_size=64", *extra,
     ]
+
+
+def curve_every(max_train_steps: int) -> int:
+    """Plain's checkpoint interval: a third of the budget, so its curve has 3 checkpoints (and the base)."""
+    return max(1, max_train_steps // 3)
+
+
+def audit_data(data: Path, out: Path, num_duplicated: int, duplicate_times: int) -> dict:
+    """``sd-memfree audit`` on the demo's training data (exact and hash passes); it must find the
+    duplicated images, each once as a cluster of ``duplicate_times`` exact copies, and nothing else."""
+    from sd_memfree import audit
+
+    result = audit.main(audit.parse_args([f"--train_data_dir={data}", f"--out={out}", "--no_sscd"]))
+    c = result["counts"]
+    sizes = [cl["size"] for cl in result["clusters"]]
+    if sizes != [duplicate_times] * num_duplicated or c["exact_clusters"] != num_duplicated or c["shared_captions"] or c["images_with_several_captions"]:
+        raise SystemExit(f"error: the audit found clusters of sizes {sizes} ({c['shared_captions']} shared captions), expected exactly "
+                         f"{num_duplicated} clusters of {duplicate_times} exact copies: see {out / 'audit.json'}")
+    return result
+
+
+def plain_curve(base: Path, run_dir: Path, every: int, steps: int, prompts: list[str], dup_mask: np.ndarray, recon_px: np.ndarray,
+                distinct: list[int], size: int, args) -> list[dict]:
+    """Plain's base and checkpoints: copy rate of the generations for duplicated captions (the
+    scorer's prompts and seeds) beside the held-out and at-risk losses the run logged there."""
+    from diffusers import UNet2DConditionModel
+
+    ev = _sibling("memorization_eval")
+    logged = {p["step"]: p for p in json.loads((run_dir / "model" / "monitor.json").read_text())["curve"]}
+    pipe = ev.load_pipeline(base)
+    points = []
+    for step in [0, *range(every, steps + 1, every)]:
+        if step:
+            pipe.unet = UNet2DConditionModel.from_pretrained(str(run_dir / "model" / f"checkpoint-{step}"), subfolder="unet")
+        gen = ev.generate_pixels(pipe, prompts, seed=42, num_inference_steps=args.num_inference_steps, guidance_scale=1.0, resolution=size)
+        copies = copy_test(gen, recon_px, distinct, dup_mask)
+        points.append({"step": step, "heldout_loss": logged[step]["heldout_loss"], "at_risk_loss": logged[step].get("at_risk_loss"),
+                       "dup_copies": copies["dup"]})
+    return points
+
+
+def final_point(base: Path, model: Path, prompts: list[str], dup_mask: np.ndarray, recon_px: np.ndarray, distinct: list[int], size: int, args) -> dict:
+    """A finished run's point, measured the same way as ``plain_curve``'s."""
+    ev = _sibling("memorization_eval")
+    doc = json.loads((model / "monitor.json").read_text())
+    gen = ev.generate_pixels(ev.load_pipeline(model), prompts, seed=42, num_inference_steps=args.num_inference_steps, guidance_scale=1.0, resolution=size)
+    last = doc["curve"][-1]
+    return {"step": last["step"], "heldout_loss": last["heldout_loss"], "at_risk_loss": last.get("at_risk_loss"),
+            "dup_copies": copy_test(gen, recon_px, distinct, dup_mask)["dup"], "curve": doc["curve"]}
+
+
+def curve_png(plain: list[dict], plus: dict, plain_logged: list[dict]) -> bytes:
+    """Left: plain's copy rate against its held-out loss at each checkpoint, IET-AGC+'s point beside.
+    Right: both runs' held-out and at-risk losses over training (the monitor's curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sd_memfree.scoring.report import _png_bytes
+
+    rate = lambda p: 100 * p["dup_copies"]["k"] / max(p["dup_copies"]["n"], 1)  # noqa: E731
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    a.plot([p["heldout_loss"] for p in plain], [rate(p) for p in plain], "o-", color="tab:red", label="plain, by checkpoint")
+    for p in plain:
+        a.annotate(f"step {p['step']}", (p["heldout_loss"], rate(p)), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    a.plot([plus["heldout_loss"]], [rate(plus)], "*", color="tab:green", markersize=16, label=f"IET-AGC+ (step {plus['step']})")
+    a.set_xlabel("held-out denoising loss (lower is better)")
+    a.set_ylabel("% generations for duplicated captions\nthat copy a training image")
+    a.invert_xaxis()  # training moves right: lower loss
+    a.legend(fontsize=8)
+    for runs, style, name in ((plain_logged, "-", "plain"), (plus["curve"], "--", "IET-AGC+")):
+        steps = [p["step"] for p in runs]
+        b.plot(steps, [p["heldout_loss"] for p in runs], style, color="tab:blue", marker="o", label=f"{name}: held-out")
+        if all(p.get("at_risk_loss") is not None for p in runs):
+            b.plot(steps, [p["at_risk_loss"] for p in runs], style, color="tab:red", marker="o", label=f"{name}: at-risk (duplicated rows)")
+    b.set_xlabel("optimizer step")
+    b.set_ylabel("denoising loss")
+    b.legend(fontsize=7)
+    return _png_bytes(fig)
 
 
 def _fine_tune_all(jobs: list[tuple[str, list[str], Path]], n_parallel: int) -> None:
@@ -196,7 +284,7 @@ def _cell(v, key: str = "") -> str:
 
 
 def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, headline: dict, settings: dict, max_rows: int = 24,
-                 standin_sscd: bool = True, recon: dict | None = None) -> Path:
+                 standin_sscd: bool = True, recon: dict | None = None, audit: dict | None = None, curve: dict | None = None) -> Path:
     """One self-contained HTML page comparing the runs (images embedded as data URIs).
 
     Args:
@@ -205,6 +293,8 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
         standin_sscd: the similarity model has random weights: its figures are left out (named as such).
         recon: training row -> the VAE's reconstruction of that image (PIL), what the copy test
             compares a generation with; shown between the generation and the training image.
+        audit: ``sd-memfree audit``'s result on the training data (its clusters are shown).
+        curve: ``{"plain": plain_curve(...), "plus": final_point(...), "png": curve_png(...)}``.
     """
     from sd_memfree.scoring.report import noise_magnitude_png, png_data_uri
 
@@ -252,6 +342,29 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
                 + (f" &middot; detection {nm:.3g}" if nm is not None else "") + f"{sim}</td>"
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    audit_html = ""
+    if audit:
+        c = audit["counts"]
+        thumbs = "".join(f'<img alt="cluster {cl["id"]}" title="{cl["size"]} copies" src="{png_data_uri(train_imgs[cl["rows"][0]["index"]], 96)}">'
+                         for cl in audit["clusters"])
+        audit_html = (f"<h2>Before training: the data audit</h2><p><code>sd-memfree audit</code> found <b>{c['clusters']} duplicate clusters</b> "
+                      f"holding {c['rows_in_clusters']} of {c['rows']} rows ({c['exact_clusters']} of exact copies; sizes "
+                      f"{', '.join(str(cl['size']) for cl in audit['clusters'])}), {c['shared_captions']} captions shared by distinct images "
+                      "and nothing else: exactly the duplicated images (its full report: <code>audit/report.html</code>). They are the "
+                      f"monitor's at-risk rows below.</p><p>{thumbs}</p>")
+    curve_html = ""
+    if curve:
+        def pt(p):
+            return (f"<tr><td>{html.escape(p.get('name', 'plain'))}</td><td>{p['step']}</td><td>{p['heldout_loss']:.4f}</td>"
+                    f"<td>{'-' if p.get('at_risk_loss') is None else format(p['at_risk_loss'], '.4f')}</td><td>{html.escape(_rate(p['dup_copies']))}</td></tr>")
+        rows_c = "".join(pt(p) for p in curve["plain"]) + pt({**curve["plus"], "name": "IET-AGC+"})
+        curve_html = (
+            "<h2>Held-out loss against copies: is IET-AGC+ just training less?</h2><p>Plain fine-tuning at its base and its checkpoints "
+            "(the held-out monitor's loss on 64 landscapes never trained on, and on the duplicated rows the audit found), against the "
+            "copy rate of its generations for the duplicated captions (same prompts and seeds at every point). If IET-AGC+ merely "
+            "trained less, its point would lie on plain's curve; a point below the curve copies less at the same held-out loss.</p>"
+            f'<img class="curve" alt="held-out loss against copy rate" src="data:image/png;base64,{base64.b64encode(curve["png"]).decode()}">'
+            f"<table><tr><th>run</th><th>step</th><th>held-out loss</th><th>at-risk loss</th><th>copies (duplicated captions)</th></tr>{rows_c}</table>")
     shown = "generated | the VAE's reconstruction of the nearest training image (what the copy test compares with) | that training image" if recon else "generated | nearest training image"
     grid_head = "<tr><th>training caption</th>" + "".join(f"<th>{html.escape(n)}: {shown}</th>" for n in names) + "</tr>"
     doc = (
@@ -259,12 +372,14 @@ def write_report(path: Path, runs: dict[str, dict], train_imgs, train_caps, head
         "body{font-family:sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;margin-bottom:1em}"
         "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}td img{width:96px;height:96px;image-rendering:pixelated;margin-right:3px}"
         ".copy{background:#fde2e2}.ok{background:#e6f4ea}.cap{max-width:260px;font-size:12px}.hist{width:520px}figure{display:inline-block;margin:0 1em 0 0}"
-        ".what{font-size:12px;color:#555;max-width:420px}.note{background:#fff6d6;padding:6px 10px;border-left:4px solid #e0b000}"
+        ".curve{width:1000px}.what{font-size:12px;color:#555;max-width:420px}.note{background:#fff6d6;padding:6px 10px;border-left:4px solid #e0b000}"
         "</style></head><body><h1>sd-memfree demo: plain fine-tuning vs IET-AGC+</h1>"
         f"<p>Same base model, data, seed and optimizer-step budget. The model is fine-tuned on {settings['data']}, a domain its UNet never saw; "
         "then it is asked for every training caption (so many times for each duplicated one) and we check whether it reproduces "
         "training images.</p>"
-        f"<h2>What the two runs did</h2><table><tr><th></th>{head}<th>meaning</th></tr>{table}</table>{sscd_note}"
+        + audit_html
+        + f"<h2>What the two runs did</h2><table><tr><th></th>{head}<th>meaning</th></tr>{table}</table>{sscd_note}"
+        + curve_html
         + (f"<h2>Detection score per generation (red: copies)</h2>{hists}" if hists else "")
         + f"<h2>Generations for training captions</h2><p>Red cells copy a training image (duplicated captions first).</p><table>{grid_head}{''.join(rows)}</table>"
         f"<h2>Settings</h2><p><code>{html.escape(json.dumps(settings))}</code></p>"
@@ -308,8 +423,9 @@ def _main(args: argparse.Namespace) -> dict:
     heldout = cache / f"heldout-{args.heldout_images}-{size}px"
     if not (heldout / "metadata.jsonl").exists():
         make_tiny_dataset(heldout, args.heldout_images, size, seed=0, kind="landscapes", first_index=10_000)
+    print("audit: the training data, before training")
+    audit = audit_data(data, out / "audit", args.num_duplicated, args.duplicate_times)
     train_imgs, train_caps, _ = ev.read_imagefolder(data)
-    held_imgs, held_caps, _ = ev.read_imagefolder(heldout)
     counts = {c: train_caps.count(c) for c in set(train_caps)}
     duplicated = np.array([counts[c] > 1 for c in train_caps])
     distinct = sorted({c: i for i, c in reversed(list(enumerate(train_caps)))}.values())  # first row of each caption
@@ -321,7 +437,10 @@ def _main(args: argparse.Namespace) -> dict:
     t_setup = time.time() - t0
 
     t1 = time.time()
-    _fine_tune_all([(name, _train_flags(base, data, out / folder / "model", size, args, extra), out / folder / "train.log")
+    every = curve_every(args.max_train_steps)
+    _fine_tune_all([(name, _train_flags(base, data, out / folder / "model", size, args,
+                                        [*extra, f"--checkpointing_steps={every}"], heldout, out / "audit" / "audit.json"),
+                     out / folder / "train.log")
                     for name, folder, extra in RUNS], min(args.jobs, len(RUNS)))
     t_train = time.time() - t1
     runs, headline = {}, {}
@@ -341,7 +460,8 @@ def _main(args: argparse.Namespace) -> dict:
             "dup_copies": copies["dup"], "uniq_copies": copies["uniq"],
             "distinct_copied": f"{copies['distinct_copied']} / {len(distinct)}",
             "copy_test_ceiling": {"dup": ceiling["dup"], "uniq": ceiling["uniq"]},
-            "heldout_denoising_loss": ev.denoising_loss(run_dir / "model", held_imgs, held_caps),
+            # The run's own held-out monitor, end point: the same quantity as memorization_eval.denoising_loss (tested).
+            "heldout_denoising_loss": json.loads((run_dir / "model" / "monitor.json").read_text())["curve"][-1]["heldout_loss"],
             "detection_score_mean": nm.get("mean"),
             "detection_auc": roc_auc(scores, copies["copy"]) if None not in scores else None,
             "skip_vs_copy_spearman": tr.get("spearman_skip_vs_pixel_closeness") if tr else "no AGC, no skips",
@@ -352,19 +472,31 @@ def _main(args: argparse.Namespace) -> dict:
                 "ietagc_plus_flags": IETAGC_PLUS_FLAGS, "sscd": str(args.sscd_model or "stand-in (random ResNet-18)"),
                 "data": f"{args.num_images} landscapes, {args.num_duplicated} of them x{args.duplicate_times}",
                 "heldout": f"{args.heldout_images} other landscapes"}
+    print("curve: plain's checkpoints, copies against held-out loss")
+    rows = runs["plain"]["rows"]
+    prompts, dup_mask = [train_caps[r] for r in rows], duplicated[rows]
+    plain_points = plain_curve(base, out / "plain", every, args.max_train_steps, prompts, dup_mask, recon_px, distinct, size, args)
+    plus_point = final_point(base, out / "ietagc_plus" / "model", prompts, dup_mask, recon_px, distinct, size, args)
+    plain_logged = json.loads((out / "plain" / "model" / "monitor.json").read_text())["curve"]
+    curve = {"plain": plain_points, "plus": plus_point, "png": curve_png(plain_points, plus_point, plain_logged)}
     from PIL import Image
 
     recon = {row: Image.fromarray((np.clip(recon_px[j], 0, 1) * 255).round().astype(np.uint8)) for j, row in enumerate(distinct)}
-    report = write_report(out / "report.html", runs, train_imgs, train_caps, headline, settings, standin_sscd=not args.sscd_model, recon=recon)
+    report = write_report(out / "report.html", runs, train_imgs, train_caps, headline, settings, standin_sscd=not args.sscd_model, recon=recon,
+                          audit=audit, curve=curve)
     ceil = f"{100 * ceiling['dup']['k'] / max(ceiling['dup']['n'], 1):.0f}%"
     for name, h in headline.items():
         sim = "" if not args.sscd_model else f", SSCD sim_95pc {h['sscd_sim_95pc']:.3f}"
         print(f"{name + ':':<10}{_rate(h['dup_copies'])} of the generations for duplicated captions copy a training image "
               f"(a perfect memoriser: {ceil}); seen-once captions {_rate(h['uniq_copies'])}; {h['distinct_copied']} distinct images copied; "
               f"held-out denoising loss {h['heldout_denoising_loss']:.4f}{sim}")
+    for p in plain_points:
+        print(f"plain at step {p['step']}: held-out loss {p['heldout_loss']:.4f}, copies {_rate(p['dup_copies'])}")
+    print(f"IET-AGC+ at step {plus_point['step']}: held-out loss {plus_point['heldout_loss']:.4f}, copies {_rate(plus_point['dup_copies'])}")
     seconds = time.time() - t0
     print(f"report: {report.resolve()}  (set-up {t_setup:.0f} s, fine-tuning {t_train:.0f} s, total {seconds:.0f} s)")
-    return {"report": str(report), "headline": headline, "setup_seconds": t_setup, "train_seconds": t_train, "seconds": seconds}
+    return {"report": str(report), "headline": headline, "setup_seconds": t_setup, "train_seconds": t_train, "seconds": seconds,
+            "audit": audit["counts"], "curve": {"plain": plain_points, "IET-AGC+": {k: v for k, v in plus_point.items() if k != "curve"}}}
 
 
 def cli(argv=None) -> None:

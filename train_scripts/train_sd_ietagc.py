@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sd_memfree import collectives
+from sd_memfree import monitor
 from sd_memfree.config import MemFreeConfig
 from sd_memfree.run.recipe_args import add_recipe_arguments, check_recipe_args
 
@@ -116,6 +117,7 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=4, help="The dimension of the LoRA update matrices (with --use_lora).")
     # --- ours -----------------------------------------------------------------------------
     add_recipe_arguments(parser, lora_script="train_text_to_image_lora.py")
+    monitor.add_arguments(parser)  # [monitor] --heldout_data_dir / --heldout_fraction, --monitor_samples, --audit_file
 
     args = parser.parse_args(argv)
     if args.dream_training:
@@ -231,6 +233,7 @@ def train(args, stop) -> dict:
                      generates_images=bool(args.validation_prompts or args.validation_prompt))
     # Every image decoded and every caption checked now, so no bad sample stops the run mid-way.
     dataset, image_column, caption_column, dropped = load_training_data(args, accelerator, log)
+    dataset, heldout_split = monitor.split_heldout(args, dataset, image_column, caption_column)  # [monitor] held-out rows never reach training
     num_samples = len(dataset)
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     if args.prediction_type is not None:
@@ -382,6 +385,8 @@ def train(args, stop) -> dict:
                       progress=progress, end_training=accelerator.end_training, log=log,
                       stall_seconds=args.collective_timeout)
 
+    heldout = monitor.HeldOutMonitor(heldout_split, args, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,  # [monitor] step 0's point
+                                     scheduler=noise_scheduler, accelerator=accelerator, step=memfree.global_step, output_dir=output_dir)
     stop.defer()  # from here on SIGTERM / Ctrl-C finish the optimizer step and write a checkpoint
     while not memfree.done:
         batch = next(data_iter)
@@ -447,6 +452,8 @@ def train(args, stop) -> dict:
         # Divergence and stop signals are checked at the sync points (one sync); a signal makes this
         # step's checkpoint and stops the run (exit 128 + signal), on every process after the same step.
         stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=sync_due, last=memfree.done, save_checkpoint=save_checkpoint)
+        if checkpoint_due:
+            heldout.evaluate(total, unet, memfree.merged_weights())  # [monitor] main process only; the last merge's weights with shards
         # Validation after epoch e (0-based) when e % --validation_epochs == 0, as upstream; the
         # last step is left to the final validation.
         if (args.validation_prompts or args.validation_prompt) and not memfree.done \
@@ -490,6 +497,7 @@ def train(args, stop) -> dict:
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
             write_run_skip_counts(output_dir, report.skip_counts.cpu().tolist(), dataset, image_column, caption_column)
         summary.update(state)
+        summary.update(heldout.finish(memfree.global_step, final_unet))  # [monitor] the end's point, monitor_curve.png
         images = []
         if args.validation_prompts or args.validation_prompt:
             parts = {"unet": final_unet} if not args.use_lora else {}
@@ -502,7 +510,7 @@ def train(args, stop) -> dict:
                 pipe.load_lora_weights(str(output_dir))
                 parts = {"unet": pipe.unet}
             images = log_validation(parts, args, accelerator, weight_dtype, memfree.global_step, is_final=True)
-        summary.update(run_outputs.publish_model(output_dir, args, mf, images))  # the card; the Hub upload with --push_to_hub
+        summary.update(run_outputs.publish_model(output_dir, args, mf, images, extra_sections=[heldout.card_section()]))  # [monitor] the curve on the card; the Hub upload with --push_to_hub
     accelerator.end_training()
     return summary
 

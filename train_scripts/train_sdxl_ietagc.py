@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sd_memfree import collectives
+from sd_memfree import monitor
 from sd_memfree.config import MemFreeConfig
 from sd_memfree.run.recipe_args import add_recipe_arguments, check_recipe_args
 
@@ -116,6 +117,7 @@ def parse_args(argv=None):
     add_recipe_arguments(parser, lora_script="train_text_to_image_lora_sdxl.py")
     parser.add_argument("--save_kohya_lora", action="store_true",
                         help="With --use_lora, also write pytorch_lora_weights_kohya.safetensors, the kohya format AUTOMATIC1111 and ComfyUI load.")
+    monitor.add_arguments(parser)  # [monitor] --heldout_data_dir / --heldout_fraction, --monitor_samples, --audit_file
 
     args = parser.parse_args(argv)
     if not 0 <= args.proportion_empty_prompts <= 1:
@@ -332,6 +334,7 @@ def train(args, stop) -> dict:
     check_resolution(args.resolution, 2 ** (len(vae_config["block_out_channels"]) - 1), generates_images=bool(args.validation_prompt))
     # Every image decoded and every caption checked now, so no bad sample stops the run mid-way.
     dataset, image_column, caption_column, dropped = load_training_data(args, accelerator, log)
+    dataset, heldout_split = monitor.split_heldout(args, dataset, image_column, caption_column)  # [monitor] held-out rows never reach training
     num_samples = len(dataset)
     steps_per_epoch = max(1, math.ceil(num_samples / (args.train_batch_size * layout.group_size * args.gradient_accumulation_steps)))
     if args.max_train_steps is None:
@@ -440,6 +443,8 @@ def train(args, stop) -> dict:
     stops = StepStops(stop, params, output_dir, args.learning_rate, device=accelerator.device, collectives=memfree.collectives,
                       progress=progress, end_training=accelerator.end_training, log=log,
                       stall_seconds=args.collective_timeout)
+    heldout = monitor.HeldOutMonitor(heldout_split, args, unet=unet, vae=vae, text_encoder=text_encoders, tokenizer=tokenizers,  # [monitor] step 0's point
+                                     scheduler=noise_scheduler, accelerator=accelerator, step=memfree.global_step, output_dir=output_dir)
     stop.defer()
     batches = iter(loader)
     target_size = torch.tensor([args.resolution, args.resolution], device=accelerator.device)
@@ -506,6 +511,8 @@ def train(args, stop) -> dict:
         if step_log.full or sync_due or checkpoint_due:
             flush_logs()
         stops.after_step(total, checkpoint_due=checkpoint_due, sync_due=sync_due, last=memfree.done, save_checkpoint=save_checkpoint)
+        if checkpoint_due:
+            heldout.evaluate(total, unet, memfree.merged_weights())  # [monitor] main process only; the last merge's weights with shards
         if args.validation_prompt and accelerator.is_main_process and not memfree.done \
                 and memfree.local_step % steps_per_epoch == 0 and (memfree.local_step // steps_per_epoch - 1) % args.validation_epochs == 0:
             log_validation(validation_pipeline(accelerator.unwrap_model(unet)), args, accelerator, memfree.local_step // steps_per_epoch)
@@ -537,6 +544,7 @@ def train(args, stop) -> dict:
         run_outputs.write_memfree_state(output_dir, num_samples, summary["global_step"], report.summary)  # shard split and moves, merges
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
             write_run_skip_counts(output_dir, report.skip_counts.cpu().tolist(), dataset, image_column, caption_column)
+        summary.update(heldout.finish(summary["global_step"], final_unet))  # [monitor] the end's point, monitor_curve.png
         images = []
         if args.validation_prompt:
             if args.use_lora:  # validate the LoRA just saved, loaded the way users load it
@@ -545,7 +553,7 @@ def train(args, stop) -> dict:
             else:
                 pipe = validation_pipeline(final_unet)
             images = log_validation(pipe, args, accelerator, args.num_train_epochs, is_final=True)
-        summary.update(run_outputs.publish_model(output_dir, args, mf, images))  # the card; the Hub upload with --push_to_hub
+        summary.update(run_outputs.publish_model(output_dir, args, mf, images, extra_sections=[heldout.card_section()]))  # [monitor] the curve on the card; the Hub upload with --push_to_hub
     accelerator.end_training()
     return summary
 

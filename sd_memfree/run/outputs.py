@@ -124,7 +124,8 @@ def write_memfree_state(output_dir: str | os.PathLike, num_samples: int, global_
     return state
 
 
-def publish_model(output_dir: str | os.PathLike, args: Any, method_config: Any, images: Sequence[Any]) -> dict[str, str]:
+def publish_model(output_dir: str | os.PathLike, args: Any, method_config: Any, images: Sequence[Any],
+                  extra_sections: Sequence[str] = ()) -> dict[str, str]:
     """Write the model card (always) and, with ``--push_to_hub``, upload the allow-list of
     ``output_dir`` (``memfree_state.json`` only with ``--hub_upload_memfree_state``).
 
@@ -132,6 +133,7 @@ def publish_model(output_dir: str | os.PathLike, args: Any, method_config: Any, 
         args: the recipe's flags; ``args.hub_model_id`` is the full repo id after
             ``recipe_setup.prepare_output_dir``.
         images: the final validation images, shown on the card.
+        extra_sections: more Markdown sections for the card (the held-out monitor's curve).
 
     Returns:
         For the run's summary: ``{"hub_repo": repo id}`` with ``--push_to_hub``, else ``{}``.
@@ -142,7 +144,7 @@ def publish_model(output_dir: str | os.PathLike, args: Any, method_config: Any, 
     repo_id = args.hub_model_id or output_dir.name
     hub.write_model_card(output_dir, repo_id=repo_id, base_model=args.pretrained_model_name_or_path, method_config=method_config.to_dict(),
                          training_args={k: getattr(args, k) for k in CARD_TRAINING_ARGS}, is_lora=args.use_lora, images=images,
-                         dataset=args.dataset_name or args.train_data_dir)
+                         dataset=args.dataset_name or args.train_data_dir, extra_sections=list(extra_sections))
     if not args.push_to_hub:
         return {}
     return {"hub_repo": hub.push_to_hub(output_dir, repo_id, token=args.hub_token, include_memfree_state=args.hub_upload_memfree_state)}
