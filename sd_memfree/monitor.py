@@ -112,7 +112,7 @@ def heldout_rows(num_rows: int, fraction: float, seed: int, exclude=()) -> list[
 
 
 def _file_names(dataset, image_column: str) -> list[str | None]:
-    from sd_memfree.scoring.risk import sample_file_names
+    from sd_memfree.run.skipcounts import sample_file_names
 
     return sample_file_names(dataset, image_column)
 
@@ -146,7 +146,7 @@ def split_heldout(args, dataset, image_column: str, caption_column: str):
     """
     from sd_memfree.data import load_image_caption_dataset
     from sd_memfree.duplicates import caption_key, group_equal
-    from sd_memfree.scoring.generate import caption_text
+    from sd_memfree.data import caption_text
 
     _check(args)
     n = len(dataset)
@@ -234,7 +234,7 @@ class HeldOutMonitor:
     @torch.no_grad()
     def _encode(self, ds, geometric, to_tensor, vae, text_encoder, tokenizer) -> dict:
         """Latents (posterior means, scaled) and text conditioning of a set, kept on the CPU."""
-        from sd_memfree.scoring.generate import caption_text
+        from sd_memfree.data import caption_text
 
         dev = self.accelerator.device
         images = ds[self.split.image_column]
