@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sd_memfree import collectives
+from sd_memfree import collectives, encoder_cache
 from sd_memfree.config import MemFreeConfig
 
 logger = logging.getLogger("sd_memfree.train")
@@ -126,6 +126,7 @@ def parse_args(argv=None):
                              "output_dir/dropped_samples.json) instead of stopping at start-up.")
     MemFreeConfig.add_arguments(parser)
     collectives.add_arguments(parser)  # --collective_timeout
+    encoder_cache.add_arguments(parser)  # --cache_latents, --cache_text_embeddings, --latent_cache_dir
 
     args = parser.parse_args(argv)
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -140,6 +141,7 @@ def parse_args(argv=None):
         parser.error("no training data given: pass --dataset_name (Hub name or local folder) or --train_data_dir (imagefolder).")
     if args.dream_training:
         parser.error("--dream_training is not supported with sd_memfree: DREAM's extra forward pass bypasses the per-sample AGC mask; drop the flag.")
+    encoder_cache.check_arguments(parser, args)
     if args.prediction_type not in (None, "epsilon", "v_prediction"):
         parser.error(f"--prediction_type={args.prediction_type} is unknown; use epsilon or v_prediction (or leave it unset).")
     if args.validation_epochs is None:
@@ -379,7 +381,15 @@ def train(args, stop) -> dict:
     train_dataset = IndexedCaptionDataset(dataset, image_column, caption_column, tokenizer, geometric, to_tensor,
                                           augment=memfree.augment)  # [memfree] loss-aware augmentation (None when off)
     gas = args.gradient_accumulation_steps
-    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    # Frozen encoders computed once (--cache_latents, --cache_text_embeddings): the loader reads the cached rows,
+    # the loop encodes only the rest (augmented samples, or everything without the flags).
+    train_dataset, collate_fn, encoders = encoder_cache.prepare(
+        args, train_dataset, collate, hf_dataset=dataset, image_column=image_column, captions=train_dataset.captions,
+        caption_of=train_dataset.caption_for, tokenizers=[tokenizer], vae=vae, text_encoders=[text_encoder],
+        encode_text=lambda ids: text_encoder(ids[0], return_dict=False)[0], pipeline="sd", augment=memfree.augment,
+        rank=rank, world=world, barrier=memfree.collectives.barrier, device=accelerator.device, log=log,
+        progress=accelerator.is_local_main_process)
+    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
     # The proxies swap their own optimizer state and LR position in turn; the UNet is wrapped in DDP
     # over the processes that share its proxy (all of them without shards), never across proxies;
     # each micro-batch comes from the shard of the proxy that trains, and the loader follows shard
@@ -480,13 +490,11 @@ def train(args, stop) -> dict:
         # Randomness from the live proxy's stream: each process draws its slice of the proxy's
         # micro-batch (memfree.randn / randint), so the draws do not depend on the process count.
         with accelerator.accumulate(unet):
-            pixel_values = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype, non_blocking=True)
-            input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
             sample_ids = batch["sample_ids"].to(accelerator.device, non_blocking=True)
             with torch.no_grad():
-                posterior = vae.encode(pixel_values).latent_dist  # a sample is mean + std * N(0, 1), as latent_dist.sample
+                posterior = encoders.latent_dist(batch)  # vae.encode(...).latent_dist, or the cached mean and std: a sample is mean + std * N(0, 1)
                 latents = (posterior.mean + posterior.std * memfree.randn(posterior.mean.shape, dtype=posterior.mean.dtype)) * vae.config.scaling_factor  # [memfree]
-                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+                encoder_hidden_states = encoders.text(batch)  # text_encoder(input_ids)[0], or the cached embeddings
             noise = memfree.randn(latents.shape, dtype=latents.dtype)  # [memfree]
             if args.noise_offset:
                 noise += args.noise_offset * memfree.randn((latents.shape[0], latents.shape[1], 1, 1), dtype=latents.dtype)  # [memfree]
