@@ -319,3 +319,15 @@ def test_resume_with_cache_equals_straight_cached_run(tiny_model_dir, tiny_data_
     train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "resumed", *cache,
                                         f"--resume_from_checkpoint={tmp_path / 'first' / 'checkpoint-2'}")))
     assert_same(final(tmp_path / "straight", False), final(tmp_path / "resumed", False))
+
+
+def test_each_process_encodes_its_slice_then_fills_what_is_missing(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Rank 0 of 2 encodes every other distinct image before the barrier; after it, a file the other
+    process did not write (no shared disk, here: no other process) is encoded by rank 0 itself."""
+    ds, ic, vae, dataset = parts(tiny_model_dir, tiny_data_dir)
+    at_barrier = []
+    cache = build(ds, ic, vae, dataset, tmp_path, rank=0, world=2,
+                  barrier=lambda: at_barrier.append(sorted(p.stem for p in tmp_path.rglob("*.safetensors"))))
+    unique = sorted(set(cache.names))
+    assert at_barrier == [unique[0::2]]
+    assert cache.stats["built"] == len(unique) and all(cache.store.path(n).exists() for n in unique)
