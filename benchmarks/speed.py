@@ -58,7 +58,8 @@ def run_once(args, name: str, steps: int) -> dict:
     from train_scripts import train_sd_ietagc as train
 
     if name == "upstream":
-        return upstream_style_run(args.model, args.data, steps, False, resolution=args.resolution, batch_size=args.batch_size)
+        return upstream_style_run(args.model, args.data, steps, False, resolution=args.resolution, batch_size=args.batch_size,
+                                  mixed_precision=args.mixed_precision)
     with tempfile.TemporaryDirectory() as tmp:
         s = train.main(train.parse_args(ours_argv(args, Path(tmp) / name, steps, CONFIGS[name])))
     return {"steps_per_s": s["steps_this_run"] / s["train_loop_seconds"], "steps_per_cpu_s": s["steps_this_run"] / s["train_loop_cpu_seconds"]}
@@ -70,7 +71,7 @@ def run_upstream_script(args, steps: int) -> dict:
         cmd = [sys.executable, args.upstream_script, f"--pretrained_model_name_or_path={args.model}", f"--train_data_dir={args.data}",
                f"--output_dir={tmp}", f"--resolution={args.resolution}", f"--train_batch_size={args.batch_size}",
                f"--max_train_steps={steps}", "--learning_rate=1e-4", "--lr_warmup_steps=0", "--seed=0", "--report_to=tensorboard",
-               f"--checkpointing_steps={10**9}", "--center_crop"]
+               f"--checkpointing_steps={10**9}", "--center_crop", *(["--mixed_precision", args.mixed_precision] if args.mixed_precision else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{args.upstream_script} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
