@@ -88,7 +88,7 @@ def assert_same_posteriors(live: list, cached: list, atol: float) -> None:
         torch.testing.assert_close(std_a, std_b, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "method"])
+@pytest.mark.parametrize("mode", ["full", "lora", "method", "latents_only", "text_only"])
 def test_cached_sd_run_equals_live_run(tiny_model_dir, tiny_data_dir, tmp_path, rows, posteriors, mode):
     """Same flags and seed, with and without both caches: the loop gets the same posteriors and the
     final weights are equal bit for bit. With the method on (IET-AGC+ at full augmentation
@@ -99,21 +99,24 @@ def test_cached_sd_run_equals_live_run(tiny_model_dir, tiny_data_dir, tmp_path, 
     agree to 1e-3 after 12 steps at lr 1e-3 (measured: 8e-5)."""
     from train_scripts import train_sd_ietagc as train
 
-    extra = {"full": [], "lora": ["--use_lora"], "method": METHOD}[mode]
+    extra = {"lora": ["--use_lora"], "method": METHOD}.get(mode, [])
     steps = 12 if mode == "method" else 4
     if mode == "method":
         tiny_model_dir = few_timesteps(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     posteriors.append([])
     train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "live", *extra, steps=steps)))
-    cache = ["--cache_latents", "--cache_text_embeddings", f"--latent_cache_dir={tmp_path / 'cache'}"]
+    flags = {"latents_only": ["--cache_latents"], "text_only": ["--cache_text_embeddings"]}.get(mode, ["--cache_latents", "--cache_text_embeddings"])
+    cache = [*flags, f"--latent_cache_dir={tmp_path / 'cache'}"]
     posteriors.append([])
     train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "cached", *extra, *cache, steps=steps)))
     exact = mode != "method"
     assert_same_posteriors(*posteriors, atol=0 if exact else 1e-5)
     assert_same(final(tmp_path / "live", mode == "lora"), final(tmp_path / "cached", mode == "lora"), atol=0 if exact else 1e-3)
-    assert rows["cached"] > 0
+    assert rows["cached"] > 0 or mode == "text_only"
     if mode == "method":
         assert rows["live"] > 0, "no augmented row was encoded live: the test no longer covers the mixed batch"
+    elif mode == "text_only":
+        assert rows["cached"] == 0 and rows["live"] > 0
     else:
         assert rows["live"] == 0
 
