@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--upstream_script", type=str, default=None, help="diffusers' examples/text_to_image/train_text_to_image.py, if you have it")
     p.add_argument("--work", type=Path, default=REPO / "bench_out" / "speed")
     args = p.parse_args()
+    if args.steps < 4:
+        p.error(f"--steps={args.steps}: IET-AGC+ runs 4 proxies, each must take a step; pass at least 4.")
 
     import logging
     import os

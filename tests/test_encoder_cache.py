@@ -312,15 +312,24 @@ def test_two_concurrent_builders_leave_a_correct_cache(tiny_model_dir, tiny_data
     assert not list((tmp_path / "shared").rglob("*.tmp"))
 
 
-def test_resume_with_cache_equals_straight_cached_run(tiny_model_dir, tiny_data_dir, tmp_path):
-    """4 cached steps straight == 2 cached steps, checkpoint, resume (reusing the cache), 2 more."""
+def test_resume_with_cache_equals_straight_cached_run(tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+    """4 cached steps straight == 2 cached steps, checkpoint, resume (reusing the cache), 2 more.
+    The log says how big the checkpoint is (disk_size), and that the resumed run encoded nothing."""
     from train_scripts import train_sd_ietagc as train
 
     cache = ["--cache_latents", "--cache_text_embeddings", f"--latent_cache_dir={tmp_path / 'cache'}"]
     train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "straight", *cache)))
-    train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "first", *cache, "--checkpointing_steps=2")))
-    train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "resumed", *cache,
-                                        f"--resume_from_checkpoint={tmp_path / 'first' / 'checkpoint-2'}")))
+    with caplog.at_level("INFO"):
+        train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "first", *cache, "--checkpointing_steps=2")))
+    from sd_memfree.disk_size import folder_bytes, human_bytes
+
+    size = human_bytes(folder_bytes(tmp_path / "first" / "checkpoint-2"))
+    assert any(r.getMessage().endswith(f"Saved checkpoint-2 ({size})") for r in caplog.records)  # after accelerate's rank prefix
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "resumed", *cache,
+                                            f"--resume_from_checkpoint={tmp_path / 'first' / 'checkpoint-2'}")))
+    assert any("encoded 0 now" in r.getMessage() for r in caplog.records)
     assert_same(final(tmp_path / "straight", False), final(tmp_path / "resumed", False))
 
 

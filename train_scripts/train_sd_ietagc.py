@@ -244,6 +244,7 @@ def train(args, stop) -> dict:
     from sd_memfree.resume import data_fingerprint, trajectory_settings, write_trajectory
     from sd_memfree.startpoint import continue_upstream, plan_start
     from sd_memfree.steplog import StepLossLog
+    from sd_memfree.disk_size import folder_bytes, human_bytes
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
     from sd_memfree.stopping import RunStopped, StepStops, all_finite
     from sd_memfree.trainable import (add_lora, save_checkpoint_model, save_full_pipeline, save_lora,
@@ -449,7 +450,8 @@ def train(args, stop) -> dict:
             run_state_files(tmp)
         if accelerator.is_main_process:
             checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=output_dir / f"{checkpointing.CHECKPOINT_PREFIX}{step}")
-        log.info(f"Saved checkpoint-{step}")
+        # Its size, so a user sees what K proxies' optimizer states cost (docs/design.md, "Checkpoint size").
+        log.info(f"Saved checkpoint-{step} ({human_bytes(folder_bytes(output_dir / f'{checkpointing.CHECKPOINT_PREFIX}{step}'))})")
 
     data_iter = iter(loader)
     # train_loss of every optimizer step, read from the device in one sync per flush (StepLossLog).

@@ -342,6 +342,7 @@ def train(args, stop) -> dict:
     from sd_memfree.startpoint import continue_upstream, plan_start
     from sd_memfree.state import TrainableWeights, load_process_state, save_process_state, weights_from_model_folders
     from sd_memfree.steplog import StepLossLog
+    from sd_memfree.disk_size import folder_bytes, human_bytes
     from sd_memfree.stopping import RunStopped, StepStops, all_finite
     from sd_memfree.trainable import (add_lora, lora_state_dict, save_checkpoint_model, save_kohya_lora, trainable_parameters,
                                       upcast_trainable_)
@@ -498,6 +499,8 @@ def train(args, stop) -> dict:
                     ema_unet.save_pretrained(str(tmp / "unet_ema"))
         if accelerator.is_main_process:
             checkpointing.prune_checkpoints(output_dir, args.checkpoints_total_limit, keep=output_dir / f"{checkpointing.CHECKPOINT_PREFIX}{step}")
+        # Its size, so a user sees what K proxies' optimizer states cost (docs/design.md, "Checkpoint size").
+        log.info(f"Saved checkpoint-{step} ({human_bytes(folder_bytes(output_dir / f'{checkpointing.CHECKPOINT_PREFIX}{step}'))})")
 
     def validation_pipeline(unet_module):
         return StableDiffusionXLPipeline.from_pretrained(base, vae=vae, unet=unet_module, revision=args.revision,
