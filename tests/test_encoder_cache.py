@@ -343,3 +343,21 @@ def test_each_process_encodes_its_slice_then_fills_what_is_missing(tiny_model_di
     unique = sorted(set(cache.names))
     assert at_barrier == [unique[0::2]]
     assert cache.stats["built"] == len(unique) and all(cache.store.path(n).exists() for n in unique)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_build_the_cache_together_and_train_as_one(tiny_model_dir, tiny_data_dir, tmp_path):
+    """torchrun, 2 processes (one proxy each, K=2), both caches, empty cache folder: each process
+    encodes its half and they meet at the barrier; the cache then holds every image whole, and the
+    weights equal a 1-process run of the same settings with a live VAE and text encoder (the draws
+    are the proxies', not the processes'), to round-off."""
+    from test_scale import launch, max_difference, run_args, weights
+
+    extra = ["--num_shards=2", "--merge_every=2", "--center_crop", "--random_flip"]
+    cache = ["--cache_latents", "--cache_text_embeddings", f"--latent_cache_dir={tmp_path / 'cache'}"]
+    launch(2, run_args(tiny_model_dir, tiny_data_dir, tmp_path / "two", *extra, *cache, batch=2))
+    launch(1, run_args(tiny_model_dir, tiny_data_dir, tmp_path / "one", *extra, batch=2))
+    assert max_difference(weights(tmp_path / "two", False), weights(tmp_path / "one", False)) <= 1e-5
+    files = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
+    assert len(files) == len({p.read_bytes() for p in (tiny_data_dir).glob("*.png")})  # one per distinct image
+    assert all(CacheStore(f.parent.parent).status(f.stem)[1] == "ok" for f in files)
