@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +97,19 @@ def tokenizer_digest(tokenizer) -> str:
     return digest(type(tokenizer).__name__, tokenizer.model_max_length, sorted(tokenizer.get_vocab().items()))
 
 
-def _without_augmentation(dataset):
-    """Objects whose ``augment`` must be None while the cache is built (the recipes' datasets keep
-    it on themselves or on their ``base``)."""
-    return [d for d in (dataset, getattr(dataset, "base", None)) if d is not None and hasattr(d, "augment")]
+@contextlib.contextmanager
+def _augmentation_off(dataset):
+    """The recipe's dataset without loss-aware augmentation (it keeps ``augment`` on itself or on
+    its ``base``), so it yields the pixels a strength-0 item gets, whatever the strengths are now."""
+    holders = [d for d in (dataset, getattr(dataset, "base", None)) if d is not None and hasattr(d, "augment")]
+    saved = [h.augment for h in holders]
+    for h in holders:
+        h.augment = None
+    try:
+        yield dataset
+    finally:
+        for h, a in zip(holders, saved):
+            h.augment = a
 
 
 def _slice(names: Sequence[str], rank: int, world: int) -> list[str]:
@@ -107,7 +117,7 @@ def _slice(names: Sequence[str], rank: int, world: int) -> list[str]:
 
 
 def _build(store: CacheStore, todo: dict[str, Any], encode: Callable[[list], list[dict]], batch_size: int, desc: str,
-           progress: bool, log) -> int:
+           progress: bool) -> int:
     """Encode ``todo`` (name -> what ``encode`` takes) in batches; returns the entries written."""
     from tqdm.auto import tqdm
 
@@ -122,7 +132,7 @@ def _build(store: CacheStore, todo: dict[str, Any], encode: Callable[[list], lis
 
 
 def _scan_and_build(store: CacheStore, names: list[str], payload: dict[str, Any], encode, *, rank: int, world: int,
-                    barrier: Callable[[], None], batch_size: int, desc: str, progress: bool, log) -> dict:
+                    barrier: Callable[[], None], batch_size: int, desc: str, progress: bool) -> dict:
     """Each process checks and encodes its slice of the distinct entries, then all wait; a
     process that still misses entries (no shared disk) encodes them itself."""
     unique = sorted(set(names))
@@ -134,10 +144,10 @@ def _scan_and_build(store: CacheStore, names: list[str], payload: dict[str, Any]
                 corrupt += 1
                 logger.warning(f"cache file {store.path(name)} is {status}; rebuilding it.")
             todo[name] = payload[name]
-    built = _build(store, todo, encode, batch_size, desc, progress, log)
+    built = _build(store, todo, encode, batch_size, desc, progress)
     barrier()
     missing = {n: payload[n] for n in unique if not store.path(n).exists()}
-    built += _build(store, missing, encode, batch_size, desc, progress, log)
+    built += _build(store, missing, encode, batch_size, desc, progress)
     size = sum(store.path(n).stat().st_size for n in unique)
     return {"entries": len(unique), "built": built, "corrupt": corrupt, "bytes": size}
 
@@ -181,40 +191,27 @@ class LatentCache:
         device = next(vae.parameters()).device
 
         def encode(sample_ids: list[int]) -> list[dict]:
-            holders = _without_augmentation(dataset)
-            saved = [h.augment for h in holders]
-            for h in holders:
-                h.augment = None
-            try:
-                out = [{} for _ in sample_ids]
-                for o, flip in enumerate(orientations):
+            out = [{} for _ in sample_ids]
+            for o, flip in enumerate(orientations):
+                with _augmentation_off(dataset):
                     items = dataset.__getitems__([(i, FLIP_SEEDS[flip]) for i in sample_ids])
-                    pixels = torch.stack([it["pixel_values"] for it in items]).to(device, dtype=vae.dtype)
-                    with torch.no_grad():
-                        posterior = vae.encode(pixels).latent_dist
-                    for j, it in enumerate(items):
-                        out[j][f"mean.{o}"] = posterior.mean[j]
-                        out[j][f"std.{o}"] = posterior.std[j]
-                        for k, v in it.items():
-                            if k not in ("pixel_values", "sample_id") and not k.startswith("input_ids"):
-                                out[j][f"{k}.{o}"] = torch.as_tensor(v)
-                return out
-            finally:
-                for h, a in zip(holders, saved):
-                    h.augment = a
+                pixels = torch.stack([it["pixel_values"] for it in items]).to(device, dtype=vae.dtype)
+                with torch.no_grad():
+                    posterior = vae.encode(pixels).latent_dist
+                for j, it in enumerate(items):
+                    out[j][f"mean.{o}"] = posterior.mean[j]
+                    out[j][f"std.{o}"] = posterior.std[j]
+                    for k, v in it.items():  # SDXL's original_size and crop_top_left
+                        if k not in ("pixel_values", "sample_id") and not k.startswith("input_ids"):
+                            out[j][f"{k}.{o}"] = torch.as_tensor(v)
+            return out
 
         stats = _scan_and_build(store, names, first, encode, rank=rank, world=world, barrier=barrier, batch_size=batch_size,
-                                desc="Caching latents", progress=progress, log=log)
-        holders = _without_augmentation(dataset)
-        saved = [h.augment for h in holders]
-        for h in holders:
-            h.augment = None
-        try:  # one micro-batch through the live path: the posterior's memory layout (CPU kernels pick it by batch size)
+                                desc="Caching latents", progress=progress)
+        # One micro-batch through the live path: the posterior's memory layout (CPU kernels pick it by batch size).
+        with _augmentation_off(dataset):
             items = dataset.__getitems__([(j % len(names), FLIP_SEEDS[False]) for j in range(probe_batch)])
-            probe = torch.stack([it["pixel_values"] for it in items]).to(device, dtype=vae.dtype)
-        finally:
-            for h, a in zip(holders, saved):
-                h.augment = a
+        probe = torch.stack([it["pixel_values"] for it in items]).to(device, dtype=vae.dtype)
         with torch.no_grad():
             mean = vae.encode(probe).latent_dist.mean
         # (a channel slice of the moments: channels innermost when the VAE ran channels-last kernels)
@@ -272,7 +269,7 @@ class TextCache:
             return [{f"out.{j}": o[i] for j, o in enumerate(outs)} for i in range(len(chunk))]
 
         stats = _scan_and_build(store, list(names.values()), {v: k for k, v in names.items()}, encode, rank=rank, world=world,
-                                barrier=barrier, batch_size=batch_size, desc="Caching text embeddings", progress=progress, log=log)
+                                barrier=barrier, batch_size=batch_size, desc="Caching text embeddings", progress=progress)
         if log is not None:
             log.info(f"text embedding cache {store.folder}: {stats['entries']} caption(s), "
                      f"{stats['bytes'] / max(1, stats['entries']) / 1024:.1f} KiB per caption, {stats['bytes'] / 2**20:.1f} MiB in all; "
