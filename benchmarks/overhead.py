@@ -51,10 +51,11 @@ def train_argv(model: Path, data: Path, out: Path, steps: int, extra: list[str],
             *(["--use_lora", "--rank=4"] if use_lora else []), *extra]
 
 
-def upstream_style_run(model: Path, data: Path, steps: int, use_lora: bool) -> dict:
+def upstream_style_run(model: Path, data: Path, steps: int, use_lora: bool, resolution: int = 32, batch_size: int = 8,
+                       mixed_precision: str | None = None) -> dict:
     """diffusers' training loop, condensed from examples/text_to_image/train_text_to_image.py and
     train_text_to_image_lora.py (huggingface/diffusers 58eb52c), with the benchmark's settings:
-    resolution 32, batch 8, lr 1e-4 constant, seed 0, no tracker, no checkpoints. The loop body
+    resolution 32, batch 8 and float32 unless given (``mixed_precision`` as upstream's flag), lr 1e-4 constant, seed 0, no tracker, no checkpoints. The loop body
     is upstream's line for line (LoRA: upstream's exhausted ``params_to_clip`` iterator too)."""
     import math
 
@@ -70,8 +71,8 @@ def upstream_style_run(model: Path, data: Path, steps: int, use_lora: bool) -> d
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    resolution, batch_size, max_grad_norm = 32, 8, 1.0
-    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=None, log_with=None)
+    max_grad_norm = 1.0
+    accelerator = Accelerator(gradient_accumulation_steps=1, mixed_precision=mixed_precision, log_with=None)
     set_seed(0)
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -80,7 +81,7 @@ def upstream_style_run(model: Path, data: Path, steps: int, use_lora: bool) -> d
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    weight_dtype = torch.float32
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if use_lora:
         unet.requires_grad_(False)
         unet.to(accelerator.device, dtype=weight_dtype)

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from sd_memfree import collectives
-from sd_memfree import monitor
+from sd_memfree import collectives, encoder_cache, monitor
 from sd_memfree.config import MemFreeConfig
 from sd_memfree.run.recipe_args import add_recipe_arguments, check_recipe_args
 
@@ -118,10 +117,12 @@ def parse_args(argv=None):
     # --- ours -----------------------------------------------------------------------------
     add_recipe_arguments(parser, lora_script="train_text_to_image_lora.py")
     monitor.add_arguments(parser)  # [monitor] --heldout_data_dir / --heldout_fraction, --monitor_samples, --audit_file
+    encoder_cache.add_arguments(parser)  # --cache_latents, --cache_text_embeddings, --latent_cache_dir
 
     args = parser.parse_args(argv)
     if args.dream_training:
         parser.error("--dream_training is not supported with sd_memfree: DREAM's extra forward pass bypasses the per-sample AGC mask; drop the flag.")
+    encoder_cache.check_arguments(parser, args)
     if args.prediction_type not in (None, "epsilon", "v_prediction"):
         parser.error(f"--prediction_type={args.prediction_type} is unknown; use epsilon or v_prediction (or leave it unset).")
     if args.validation_epochs is None:
@@ -204,6 +205,7 @@ def train(args, stop) -> dict:
     from sd_memfree.run.steplog import StepLossLog
     from sd_memfree.run.stopping import StepStops
     from sd_memfree.trainable import add_lora, save_full_pipeline, save_lora, trainable_parameters, upcast_trainable_
+    from sd_memfree.disk_size import folder_bytes, human_bytes
 
     mf: MemFreeConfig = args.memfree
     output_dir = Path(args.output_dir)
@@ -308,7 +310,15 @@ def train(args, stop) -> dict:
     train_dataset = IndexedCaptionDataset(dataset, image_column, caption_column, tokenizer, geometric, to_tensor,
                                           augment=memfree.augment)  # [memfree] loss-aware augmentation (None when off)
     gas = args.gradient_accumulation_steps
-    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    # Frozen encoders computed once (--cache_latents, --cache_text_embeddings): the loader reads the cached rows,
+    # the loop encodes only the rest (augmented samples, or everything without the flags).
+    train_dataset, collate_fn, encoders = encoder_cache.prepare(
+        args, train_dataset, collate, hf_dataset=dataset, image_column=image_column, captions=train_dataset.captions,
+        caption_of=train_dataset.caption_for, tokenizers=[tokenizer], vae=vae, text_encoders=[text_encoder],
+        encode_text=lambda ids: text_encoder(ids[0], return_dict=False)[0], pipeline="sd", augment=memfree.augment,
+        rank=rank, world=world, barrier=memfree.collectives.barrier, device=accelerator.device, log=log,
+        progress=accelerator.is_local_main_process)
+    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
     # The proxies swap their own optimizer state and LR position in turn; the UNet is wrapped in DDP
     # over the processes that share its proxy (all of them without shards), never across proxies;
     # each micro-batch comes from the shard of the proxy that trains, and the loader follows shard
@@ -345,12 +355,13 @@ def train(args, stop) -> dict:
         """The model in the final output's form plus every process's state for an exact resume."""
         step = memfree.global_step
         # With shards the live parameters hold a proxy's weights: publish the last merge's.
-        run_outputs.save_checkpoint(output_dir, step, accelerator, stateful, method_config=mf, public_args=plain_args, trajectory=trajectory,
+        folder = run_outputs.save_checkpoint(output_dir, step, accelerator, stateful, method_config=mf, public_args=plain_args, trajectory=trajectory,
                                     unet=accelerator.unwrap_model(unet), is_lora=args.use_lora,
                                     trainable=memfree.merged_weights(),  # [memfree]
                                     barrier=memfree.collectives.barrier,
                                     ema=ema_unet, total_limit=args.checkpoints_total_limit)
-        log.info(f"Saved checkpoint-{step}")
+        # Its size, so a user sees what K proxies' optimizer states cost (docs/design.md, "Checkpoint size").
+        log.info(f"Saved checkpoint-{step} ({human_bytes(folder_bytes(folder))})")
 
     data_iter = iter(loader)
     # train_loss of every optimizer step, read from the device in one sync per flush (StepLossLog).
@@ -393,13 +404,11 @@ def train(args, stop) -> dict:
         # Randomness from the live proxy's stream: each process draws its slice of the proxy's
         # micro-batch (memfree.randn / randint), so the draws do not depend on the process count.
         with accelerator.accumulate(unet):
-            pixel_values = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype, non_blocking=True)
-            input_ids = batch["input_ids"].to(accelerator.device, non_blocking=True)
             sample_ids = batch["sample_ids"].to(accelerator.device, non_blocking=True)
             with torch.no_grad():
-                posterior = vae.encode(pixel_values).latent_dist  # a sample is mean + std * N(0, 1), as latent_dist.sample
+                posterior = encoders.latent_dist(batch)  # vae.encode(...).latent_dist, or the cached mean and std: a sample is mean + std * N(0, 1)
                 latents = (posterior.mean + posterior.std * memfree.randn(posterior.mean.shape, dtype=posterior.mean.dtype)) * vae.config.scaling_factor  # [memfree]
-                encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+                encoder_hidden_states = encoders.text(batch)  # text_encoder(input_ids)[0], or the cached embeddings
             noise = memfree.randn(latents.shape, dtype=latents.dtype)  # [memfree]
             if args.noise_offset:
                 noise += args.noise_offset * memfree.randn((latents.shape[0], latents.shape[1], 1, 1), dtype=latents.dtype)  # [memfree]

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sd_memfree import collectives
-from sd_memfree import monitor
+from sd_memfree import collectives, encoder_cache, monitor
 from sd_memfree.config import MemFreeConfig
 from sd_memfree.run.recipe_args import add_recipe_arguments, check_recipe_args
 
@@ -118,6 +117,7 @@ def parse_args(argv=None):
     parser.add_argument("--save_kohya_lora", action="store_true",
                         help="With --use_lora, also write pytorch_lora_weights_kohya.safetensors, the kohya format AUTOMATIC1111 and ComfyUI load.")
     monitor.add_arguments(parser)  # [monitor] --heldout_data_dir / --heldout_fraction, --monitor_samples, --audit_file
+    encoder_cache.add_arguments(parser)  # --cache_latents, --cache_text_embeddings, --latent_cache_dir
 
     args = parser.parse_args(argv)
     if not 0 <= args.proportion_empty_prompts <= 1:
@@ -129,6 +129,7 @@ def parse_args(argv=None):
             parser.error(f"--{flag} is not supported with sd_memfree ({why}); drop the flag.")
     if args.timestep_bias_strategy != "none" and args.timestep_bias_multiplier <= 0:
         parser.error(f"--timestep_bias_multiplier={args.timestep_bias_multiplier} must be > 0; to turn the bias off use --timestep_bias_strategy none.")
+    encoder_cache.check_arguments(parser, args)
     if args.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
         parser.error(f"--prediction_type={args.prediction_type} is unknown; use epsilon, v_prediction or sample (or leave it unset).")
     if args.save_kohya_lora and not args.use_lora:
@@ -203,13 +204,16 @@ class SDXLCaptionDataset:
                 image = TF.crop(image, y1, x1, h, w)
             return self.to_tensor(image), original_size, (y1, x1)
 
+    def caption_for(self, sample_id: int, aug_seed: int) -> str:
+        return "" if self.empty[sample_id] else self.base.caption_for(sample_id, aug_seed)
+
     def __getitem__(self, key) -> dict:
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys) -> list[dict]:
         ids = [int(i) for i, _ in keys]
         images = self.base.ds[ids][self.base.image_column]
-        captions = ["" if self.empty[i] else self.base.caption_for(i, s) for i, (_, s) in zip(ids, keys)]
+        captions = [self.caption_for(i, s) for i, s in keys]
         tokens = [t(captions, max_length=t.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
                   for t in self.tokenizers]
         items = []
@@ -311,6 +315,7 @@ def train(args, stop) -> dict:
     from sd_memfree.run.steplog import StepLossLog
     from sd_memfree.run.stopping import StepStops
     from sd_memfree.trainable import add_lora, lora_state_dict, save_kohya_lora, trainable_parameters, upcast_trainable_
+    from sd_memfree.disk_size import folder_bytes, human_bytes
 
     mf: MemFreeConfig = args.memfree
     output_dir = Path(args.output_dir)
@@ -391,7 +396,15 @@ def train(args, stop) -> dict:
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=memfree.lr_schedule_steps)  # [memfree] each proxy's own schedule
     train_dataset = SDXLCaptionDataset(dataset, image_column, caption_column, tokenizers, args, seed, augment=memfree.augment)  # [memfree]
-    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate, num_workers=args.dataloader_num_workers)
+    # Frozen encoders computed once (--cache_latents, --cache_text_embeddings): the loader reads the cached rows
+    # (with the size and crop conditioning they were encoded with), the loop encodes only the rest.
+    train_dataset, collate_fn, encoders = encoder_cache.prepare(
+        args, train_dataset, collate, hf_dataset=dataset, image_column=image_column, captions=train_dataset.base.captions,
+        caption_of=train_dataset.caption_for, tokenizers=tokenizers, vae=vae, text_encoders=text_encoders,
+        encode_text=lambda ids: encode_prompt(text_encoders, ids), pipeline="sdxl", augment=memfree.augment,
+        rank=accelerator.process_index, world=accelerator.num_processes, barrier=memfree.collectives.barrier,
+        device=accelerator.device, log=log, progress=accelerator.is_local_main_process, empty_captions=args.proportion_empty_prompts > 0)
+    loader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate_fn, num_workers=args.dataloader_num_workers)
     # Proxies swap optimizer state and LR position; DDP only without shards; batches from the live proxy's shard.
     unet, optimizer, lr_scheduler, loader = memfree.prepare(unet, optimizer, lr_scheduler, loader)  # [memfree]
     if ema_unet is not None:
@@ -416,11 +429,13 @@ def train(args, stop) -> dict:
 
     def save_checkpoint() -> None:
         # The live tensors may hold a proxy's weights: publish the last merge's.
-        run_outputs.save_checkpoint(output_dir, memfree.global_step, accelerator, stateful, method_config=mf,
+        folder = run_outputs.save_checkpoint(output_dir, memfree.global_step, accelerator, stateful, method_config=mf,
                                     public_args=plain_args, trajectory=settings, unet=accelerator.unwrap_model(unet), is_lora=args.use_lora,
                                     trainable=memfree.merged_weights(),  # [memfree]
                                     barrier=memfree.collectives.barrier,
                                     ema=ema_unet, total_limit=args.checkpoints_total_limit)
+        # Its size, so a user sees what K proxies' optimizer states cost (docs/design.md, "Checkpoint size").
+        log.info(f"Saved checkpoint-{memfree.global_step} ({human_bytes(folder_bytes(folder))})")
 
     def validation_pipeline(unet_module):
         return StableDiffusionXLPipeline.from_pretrained(base, vae=vae, unet=unet_module, revision=args.revision,
@@ -453,14 +468,12 @@ def train(args, stop) -> dict:
         # Randomness from the live proxy's stream: each process draws its slice of the proxy's
         # micro-batch (memfree.randn / randint / multinomial), whatever the process count.
         with accelerator.accumulate(unet):
-            pixel_values = batch["pixel_values"].to(accelerator.device, dtype=vae.dtype, non_blocking=True)
             sample_ids = batch["sample_ids"].to(accelerator.device, non_blocking=True)
             with torch.no_grad():
-                posterior = vae.encode(pixel_values).latent_dist  # a sample is mean + std * N(0, 1), as latent_dist.sample
+                posterior = encoders.latent_dist(batch)  # vae.encode(...).latent_dist, or the cached mean and std: a sample is mean + std * N(0, 1)
                 latents = (posterior.mean + posterior.std * memfree.randn(posterior.mean.shape, dtype=posterior.mean.dtype)) * vae.config.scaling_factor  # [memfree]
                 latents = latents.to(weight_dtype)
-                prompt_embeds, pooled = encode_prompt(text_encoders, [batch["input_ids"].to(accelerator.device),
-                                                                      batch["input_ids_2"].to(accelerator.device)])
+                prompt_embeds, pooled = encoders.text(batch)  # encode_prompt(text_encoders, [input_ids, input_ids_2]), or the cached outputs
             noise = memfree.randn(latents.shape, dtype=latents.dtype)  # [memfree]
             if args.noise_offset:
                 noise += args.noise_offset * memfree.randn((latents.shape[0], latents.shape[1], 1, 1), dtype=latents.dtype)  # [memfree]
