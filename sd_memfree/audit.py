@@ -124,19 +124,48 @@ def _display_name(path: str | None, index: int) -> str:
 
 def _sscd_embeddings(args, dataset, image_column: str, device) -> tuple[torch.Tensor, dict]:
     """The training set's SSCD descriptors through the scorer's cache (a hit when the scorer or a
-    previous audit embedded the same data with the same model file and preprocessing)."""
+    previous audit embedded the same data with the same model file and preprocessing).
+
+    Under ``accelerate launch`` / ``torchrun`` every process embeds its contiguous slice of the
+    rows and the slices are gathered in row order (``Collectives``), so W processes compute what
+    one would; every process must call this at the same point. Process 0 decides whether the
+    cache holds them, so all take the same path, and writes the cache."""
+    from sd_memfree.collectives import Collectives
     from sd_memfree.scoring import cache as cache_lib
     from sd_memfree.scoring import sscd
 
+    comm = Collectives()
+    W, rank = comm.layout.world_size, comm.layout.rank
     path = sscd.resolve_sscd_path(args.sscd_model)
     model = sscd.load_sscd(str(path), device)
     sha = sscd.file_sha256(path)
     key = cache_lib.cache_key(sha, args.preprocess, cache_lib.dataset_fingerprint(dataset), image_column, len(dataset))
     store = cache_lib.EmbeddingCache(args.embedding_cache_dir or sscd.cache_root() / "embeddings")
-    emb, hit = store.get_or_compute(key, lambda: sscd.embed_dataset_images(model, dataset, image_column, args.preprocess, args.batch_size,
-                                                                       device, source=f"SSCD file {path}"))
+
+    def embed(rows) -> torch.Tensor:
+        return sscd.embed_dataset_images(model, rows, image_column, args.preprocess, args.batch_size, device, source=f"SSCD file {path}")
+
+    if W == 1:
+        emb, hit = store.get_or_compute(key, lambda: embed(dataset))
+    else:
+        hit = comm.broadcast_object(store.path(key).is_file())
+        if hit:
+            emb = store.get_or_compute(key, lambda: embed(dataset))[0] if rank == 0 else torch.zeros(0)
+        else:
+            n = len(dataset)
+            chunk = -(-n // W)
+            lo, hi = min(n, rank * chunk), min(n, (rank + 1) * chunk)
+            mine = embed(dataset.select(range(lo, hi))).float().cpu() if hi > lo else torch.zeros(0, 0)
+            dim = int(comm.all_reduce(torch.tensor([mine.shape[1] if len(mine) else 0]), op="max").item())
+            padded = torch.zeros(chunk, dim)
+            if len(mine):
+                padded[: len(mine)] = mine
+            emb = comm.all_gather(padded)[:n]  # rank order = row order
+            if rank == 0:
+                store.get_or_compute(key, lambda: emb)
     logger.info("SSCD embeddings: %s (%d images)", "cache hit" if hit else "computed and cached", len(emb))
-    return emb, {"model": str(args.sscd_model), "sha256": sha, "preprocess": args.preprocess, "threshold": args.threshold, "cache_hit": hit}
+    return emb, {"model": str(args.sscd_model), "sha256": sha, "preprocess": args.preprocess, "threshold": args.threshold, "cache_hit": hit,
+                 "processes": W}
 
 
 def _faiss_pairs(emb: torch.Tensor, threshold: float):
@@ -179,13 +208,16 @@ def faiss_recall(emb: torch.Tensor, threshold: float, pairs_of: dict[int, set[in
     return (got / want if want else None), len(rows)
 
 
-def run_audit(dataset, image_column: str, caption_column: str, args, paths: list[str | None] | None = None) -> dict:
+def run_audit(dataset, image_column: str, caption_column: str, args, paths: list[str | None] | None = None,
+              embeddings: tuple[torch.Tensor, dict] | None = None) -> dict:
     """Audit a loaded, checked dataset; returns what ``audit.json`` holds.
 
     Args:
         dataset: a ``datasets.Dataset`` as ``load_image_caption_dataset`` returns it.
         args: ``parse_args``'s namespace (thresholds, SSCD settings).
         paths: each row's source file (default: read from the dataset).
+        embeddings: ``_sscd_embeddings``' result when the caller computed it (with several
+            processes, all of them together); computed here otherwise.
     """
     from tqdm.auto import tqdm
 
@@ -221,8 +253,8 @@ def run_audit(dataset, image_column: str, caption_column: str, args, paths: list
     # 3. SSCD: the scorer's descriptors, exact chunked search (FAISS above --faiss_above).
     sscd_info, search_info = None, {"method": "exact", "chunk": duplicates.DEFAULT_CHUNK}
     if not args.no_sscd and len(reps) > 1:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        emb_all, sscd_info = _sscd_embeddings(args, dataset, image_column, device)
+        device = _device(args)
+        emb_all, sscd_info = embeddings or _sscd_embeddings(args, dataset, image_column, device)
         emb = emb_all[torch.from_numpy(reps)]
         use_faiss = len(reps) > args.faiss_above
         if use_faiss:
@@ -298,6 +330,22 @@ def run_audit(dataset, image_column: str, caption_column: str, args, paths: list
     }
 
 
+def _device(args) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _process_group():
+    """accelerate's process state when the audit was launched as several processes (None alone)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def main(args: argparse.Namespace) -> dict:
     """Load and check the data as training does, audit it, write the outputs; returns audit.json's content."""
     from sd_memfree import audit_report, deduplicate
@@ -318,8 +366,16 @@ def main(args: argparse.Namespace) -> dict:
         from sd_memfree.scoring import sscd
 
         sscd.load_sscd(str(sscd.resolve_sscd_path(args.sscd_model)), "cpu")  # a missing or broken file: one line, before the work
+    # Under accelerate launch / torchrun the processes embed their slices together; then the main
+    # process alone searches and writes (the hash passes are cheap next to SSCD).
+    state = _process_group()
+    embeddings = None
+    if state is not None and state.num_processes > 1 and not args.no_sscd and len(dataset) > 1:
+        embeddings = _sscd_embeddings(args, dataset, image_column, state.device if args.device is None else torch.device(args.device))
+    if state is not None and not state.is_main_process:
+        return {}
     paths = source_paths(dataset, image_column)
-    result = run_audit(dataset, image_column, caption_column, args, paths)
+    result = run_audit(dataset, image_column, caption_column, args, paths, embeddings=embeddings)
     result["data"] = {"dataset": args.dataset_name or args.train_data_dir, "image_column": image_column, "caption_column": caption_column}
     if args.write_deduplicated:
         result["deduplicated"] = deduplicate.write_deduplicated(dataset, image_column, caption_column, paths, result["clusters"],
@@ -345,3 +401,7 @@ def cli(argv: list[str] | None = None) -> None:
     except (DataError, AuditError, sscd.MissingWeightsError, sscd.SSCDError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()

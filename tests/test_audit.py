@@ -222,3 +222,31 @@ def test_console_command_runs_the_audit(known, tmp_path, capsys):
     root, _ = known
     cli.main(["audit", f"--train_data_dir={root / 'data'}", f"--out={tmp_path / 'a'}", "--no_sscd"])
     assert "audit: 32 duplicate cluster(s)" in capsys.readouterr().out and (tmp_path / "a" / "report.html").is_file()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_embed_their_slices_and_find_what_one_finds(known, tmp_path):
+    """torchrun with 2 processes: each embeds its half of the rows, the halves are gathered in
+    row order, and the main process writes the audit one process writes (same clusters, same
+    SSCD similarities); the gathered embeddings land in the cache under the scorer's key."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sd_memfree.testing.standin import make_copy_detector_sscd
+
+    root, _ = known
+    model = make_copy_detector_sscd(tmp_path / "detector.pt")
+    argv = [f"--train_data_dir={root / 'data'}", f"--sscd_model={model}", "--thumb_rms=0", "--hash_distance=0", "--threshold=0.95"]
+    one = run_audit(root / "data", tmp_path / "one", *argv[1:], f"--embedding_cache_dir={tmp_path / 'cache1'}")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sd_memfree.audit",
+                           *argv, f"--out={tmp_path / 'two'}", f"--embedding_cache_dir={tmp_path / 'cache2'}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "audit.json").read_text())
+    assert two["passes"]["sscd"]["processes"] == 2 and one["passes"]["sscd"]["processes"] == 1
+    assert two["clusters"] == one["clusters"] and two["counts"] == one["counts"] and one["counts"]["clusters"] > 0
+    assert len(list((tmp_path / "cache2").glob("*.pt"))) == 1
