@@ -126,6 +126,7 @@ def load_image_caption_dataset(
         raise DataError("no training data given: pass --dataset_name (Hub name or local folder) or --train_data_dir (imagefolder).")
     local = Path(dataset_name) if dataset_name is not None else Path(train_data_dir)
     looks_local = train_data_dir is not None or dataset_name.startswith((".", "/", "~")) or local.exists()
+    outside: list = []  # metadata rows naming files outside the folder (only an imagefolder's are checked here)
     if looks_local:
         local = local.expanduser()
         if not local.exists():
@@ -134,8 +135,6 @@ def load_image_caption_dataset(
             if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in local.rglob("*") if f.is_file()):
                 raise DataError(f"the dataset is empty: no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) were found in {local}; add images with a metadata.jsonl.")
             outside = _check_local_metadata(local, image_column or "image")
-    else:
-        outside = []
     try:
         if outside:  # datasets would raise on them: read the rows ourselves, the check refuses those
             ds = _dataset_from_metadata(local, image_column or "image")
