@@ -5,7 +5,7 @@
 1. ``sd_memfree.testing.duplicated``: distinct originals (shapes and landscapes) plus exact,
    JPEG q75, 0.6x-resized and 2-pixel-cropped copies, and pairs of distinct lookalikes (another
    object on the same background; the same object moved). The audit runs on it twice: the cheap
-   pass alone (``--no_sscd``), and the semantic pass alone with the pooled-pixel SSCD stand-in
+   pass alone (``--no_sscd``), and the semantic pass alone with the thumbnail copy-detector SSCD stand-in
    (the real SSCD cannot be downloaded here). Per kind: recall of duplicates, false links of
    lookalikes, overall pair precision; and the margins: the largest thumbnail RMS / phash
    distance of a duplicate against the smallest of a lookalike or any two distinct originals.
@@ -81,7 +81,7 @@ def faiss_vs_exact(n: int, dim: int = 256, planted: int = 500, seed: int = 0) ->
 def main() -> None:
     from sd_memfree import audit
     from sd_memfree.testing.duplicated import make_duplicated_dataset, pair_scores
-    from sd_memfree.testing.standin import make_pooled_pixels_sscd
+    from sd_memfree.testing.standin import make_copy_detector_sscd
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=128)
@@ -91,7 +91,7 @@ def main() -> None:
     a = p.parse_args()
     work = Path(tempfile.mkdtemp())
     truth = make_duplicated_dataset(work / "data", a.num_originals, a.per_kind, a.size)
-    sscd = make_pooled_pixels_sscd(work / "pooled.pt")
+    sscd = make_copy_detector_sscd(work / "pooled.pt")
     result = {"size": a.size, "rows": len(truth["rows"]), "margins": margins(work / "data", truth)}
     for name, extra in (("hash_pass", ["--no_sscd"]),
                         ("sscd_pass_pooled_pixel_standin", [f"--sscd_model={sscd}", "--thumb_rms=0", "--hash_distance=0", "--threshold=0.95",

@@ -87,15 +87,15 @@ def test_hash_pass_precision_and_recall_per_kind(known, tmp_path, capsys):
 
 
 def test_sscd_pass_uses_the_scorers_model_and_cache(known, tmp_path):
-    """The semantic pass alone (near pass off) with the pooled-pixel stand-in: every duplicate
+    """The semantic pass alone (near pass off) with the thumbnail copy-detector stand-in: every duplicate
     kind found at 0.95; its embeddings land in the scorer's cache under the scorer's key."""
     from sd_memfree.data import load_image_caption_dataset
     from sd_memfree.scoring import cache as cache_lib
     from sd_memfree.scoring import sscd
-    from sd_memfree.testing.standin import make_pooled_pixels_sscd
+    from sd_memfree.testing.standin import make_copy_detector_sscd
 
     root, truth = known
-    model = make_pooled_pixels_sscd(tmp_path / "pooled.pt")
+    model = make_copy_detector_sscd(tmp_path / "pooled.pt")
     result = run_audit(root / "data", tmp_path / "a", f"--sscd_model={model}", "--thumb_rms=0", "--hash_distance=0",
                        "--threshold=0.95", f"--embedding_cache_dir={tmp_path / 'cache'}")
     scores = pair_scores(truth, result["clusters"])

@@ -1,6 +1,6 @@
-"""sd_memfree/disk_size.py: the sizes the checkpoint log lines print."""
+"""sd_memfree/run/disk_size.py: the sizes the checkpoint log lines print."""
 
-from sd_memfree.disk_size import folder_bytes, human_bytes
+from sd_memfree.run.disk_size import folder_bytes, human_bytes
 
 
 def test_folder_bytes_counts_regular_files_once(tmp_path):

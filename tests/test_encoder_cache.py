@@ -321,7 +321,7 @@ def test_resume_with_cache_equals_straight_cached_run(tiny_model_dir, tiny_data_
     train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "straight", *cache)))
     with caplog.at_level("INFO"):
         train.main(train.parse_args(sd_args(tiny_model_dir, tiny_data_dir, tmp_path / "first", *cache, "--checkpointing_steps=2")))
-    from sd_memfree.disk_size import folder_bytes, human_bytes
+    from sd_memfree.run.disk_size import folder_bytes, human_bytes
 
     size = human_bytes(folder_bytes(tmp_path / "first" / "checkpoint-2"))
     assert any(r.getMessage().endswith(f"Saved checkpoint-2 ({size})") for r in caplog.records)  # after accelerate's rank prefix

@@ -205,7 +205,7 @@ def train(args, stop) -> dict:
     from sd_memfree.run.steplog import StepLossLog
     from sd_memfree.run.stopping import StepStops
     from sd_memfree.trainable import add_lora, save_full_pipeline, save_lora, trainable_parameters, upcast_trainable_
-    from sd_memfree.disk_size import folder_bytes, human_bytes
+    from sd_memfree.run.disk_size import folder_bytes, human_bytes
 
     mf: MemFreeConfig = args.memfree
     output_dir = Path(args.output_dir)

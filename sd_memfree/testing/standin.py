@@ -7,11 +7,8 @@ then loaded by the *same* code path as the real file:
 - ``make_copy_detector_sscd``: a TorchScript model with the same interface that *is* a (weak)
   copy detector, with fixed weights: an 8 x 8 colour thumbnail, mean-removed, mapped by an
   orthonormal projection (which keeps every inner product) and L2-normalised. It passes
-  ``sscd.check_copy_detection``; the random ``make_standin_sscd`` does not.
-- ``make_pooled_pixels_sscd``: a TorchScript model with SSCD's interface whose descriptor is the
-  image's 8x8 average-pooled pixels, centred and unit-normed: a crude copy detector whose
-  similarities *do* mean something (a re-encoded or resized copy scores near 1), for tests of
-  the audit's semantic pass.
+  ``sscd.check_copy_detection``; the random ``make_standin_sscd`` does not. The audit's semantic-pass
+  tests use it too (its similarities mean something: a copy scores near 1).
 - ``make_tiny_clip``: a small open_clip architecture (registered as ``TINY_CLIP_NAME``) and its
   weights file, loaded by ``open_clip.create_model_and_transforms(name, pretrained=<file>)``.
 - ``make_random_inception_weights``: a state dict of torch-fidelity's FID Inception-v3, loaded by
@@ -99,23 +96,6 @@ def make_copy_detector_sscd(path: str | os.PathLike, dim: int = 512, seed: int =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(str(path))
-    return path
-
-
-class PooledPixels(nn.Module):
-    """8x8 average-pooled pixels minus their mean, unit-normed (192-d): SSCD's interface."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
-        v = v - v.mean(dim=1, keepdim=True)
-        return nn.functional.normalize(v + 1e-6, dim=-1)  # + 1e-6: a flat image is not an all-zero row
-
-
-def make_pooled_pixels_sscd(path: str | os.PathLike) -> Path:
-    """Write a scripted ``PooledPixels`` to ``path`` (no weights: nothing random)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.script(PooledPixels().eval()).save(str(path))
     return path
 
 
