@@ -83,6 +83,7 @@ class Split:
     image_column: str = "image"
     caption_column: str = "text"
     train: object | None = None  # the training dataset (after the split): where the at-risk rows are
+    loaded: object | None = None  # the dataset as loaded and checked (before the split): what the scorer is given
 
 
 def _check(args) -> None:
@@ -150,7 +151,7 @@ def split_heldout(args, dataset, image_column: str, caption_column: str):
 
     _check(args)
     n = len(dataset)
-    split = Split(train_rows=list(range(n)), image_column=image_column, caption_column=caption_column)
+    split = Split(train_rows=list(range(n)), image_column=image_column, caption_column=caption_column, loaded=dataset)
     if args.heldout_fraction is None and args.heldout_data_dir is None:
         return dataset, split  # monitor off: the run trains exactly as without this module
     names = _file_names(dataset, image_column)

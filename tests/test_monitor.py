@@ -215,3 +215,28 @@ def test_a_resumed_run_keeps_the_curve(tiny_model_dir, tiny_data_dir, tmp_path):
     curve = json.loads((out / monitor.MONITOR_FILE).read_text())["curve"]
     assert [p["step"] for p in first] == [0, 2, 4] and [p["step"] for p in curve] == [0, 2, 4, 6]
     assert curve[:3] == first
+
+
+def test_skip_counts_cover_every_row_and_mark_the_heldout_ones(tiny_model_dir, tiny_data_dir, tmp_path):
+    """--heldout_fraction=0.25 with AGC: memfree_skip_counts.json lists all 12 rows the user gave
+    (so the scorer, given the same folder, joins it), the 3 held-out rows marked with a count of 0;
+    the scorer reads them as -1 and its join counts the 9 trained rows only."""
+    import numpy as np
+
+    from sd_memfree.data import caption_text, load_image_caption_dataset
+    from sd_memfree.run.skipcounts import SKIP_COUNTS_FILE, sample_file_names
+    from sd_memfree.scoring.risk import read_skip_counts, risk_table
+
+    out = tmp_path / "run"
+    train.main(train.parse_args(base_args(tiny_model_dir, tiny_data_dir, out, "--heldout_fraction=0.25", "--agc_ratio=1.02",
+                                          "--agc_ema=0.1", steps=8)))
+    doc = json.loads((out / SKIP_COUNTS_FILE).read_text())
+    held = json.loads((out / monitor.MONITOR_FILE).read_text())["heldout_rows_of_training_data"]
+    assert doc["num_samples"] == 12 and [r["sample_id"] for r in doc["samples"]] == list(range(12))
+    assert sorted(r["sample_id"] for r in doc["samples"] if r.get("heldout")) == sorted(held)
+    assert all(r["skip_count"] == 0 for r in doc["samples"] if r.get("heldout"))
+    full, image_col, caption_col = load_image_caption_dataset(train_data_dir=str(tiny_data_dir))
+    counts = read_skip_counts(out / SKIP_COUNTS_FILE, [caption_text(c) for c in full[caption_col]], sample_file_names(full, image_col))
+    assert sorted(np.flatnonzero(counts == -1).tolist()) == sorted(held)
+    table = risk_table(counts, np.linspace(0, 1, 12), [caption_text(c) for c in full[caption_col]], n=12)
+    assert table["num_train"] == 9 and table["num_heldout"] == 3 and all(r["train"] not in held for r in table["most_copied"])

@@ -504,7 +504,8 @@ def train(args, stop) -> dict:
         # shard split and moves, merges
         state = run_outputs.write_memfree_state(output_dir, num_samples, memfree.global_step, method_summary)
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
-            write_run_skip_counts(output_dir, report.skip_counts.cpu().tolist(), dataset, image_column, caption_column)
+            write_run_skip_counts(output_dir, report.skip_counts.cpu().tolist(), heldout_split.loaded, image_column, caption_column,
+                                  train_rows=heldout_split.train_rows)  # every row the user gave; held-out ones marked
         summary.update(state)
         summary.update(heldout.finish(memfree.global_step, final_unet))  # [monitor] the end's point, monitor_curve.png
         images = []

@@ -556,7 +556,8 @@ def train(args, stop) -> dict:
                 pipe.save_pretrained(str(staging), safe_serialization=True)
         run_outputs.write_memfree_state(output_dir, num_samples, summary["global_step"], report.summary)  # shard split and moves, merges
         if mf.agc_enabled:  # local only (a list of the easiest images to extract); the scorer joins it to copies
-            write_run_skip_counts(output_dir, report.skip_counts.cpu().tolist(), dataset, image_column, caption_column)
+            write_run_skip_counts(output_dir, report.skip_counts.cpu().tolist(), heldout_split.loaded, image_column, caption_column,
+                                  train_rows=heldout_split.train_rows)  # every row the user gave; held-out ones marked
         summary.update(heldout.finish(summary["global_step"], final_unet))  # [monitor] the end's point, monitor_curve.png
         images = []
         if args.validation_prompt:

@@ -31,7 +31,8 @@ class SkipCountsError(ValueError):
 
 
 def read_skip_counts(path: str | os.PathLike, captions: Sequence[str], file_names: Sequence[str | None]) -> np.ndarray:
-    """Skip count of every row of the scored training set, from a file written by training.
+    """Skip count of every row of the scored training set, from a file written by training; -1
+    for a row the held-out monitor kept out of training (``"heldout": true``).
 
     Raises:
         SkipCountsError: unreadable file, or rows that do not match the training set.
@@ -41,6 +42,7 @@ def read_skip_counts(path: str | os.PathLike, captions: Sequence[str], file_name
         data = json.loads(path.read_text(encoding="utf-8"))
         rows = data["samples"]
         counts = np.array([int(r["skip_count"]) for r in rows], dtype=np.int64)
+        heldout = np.array([bool(r.get("heldout", False)) for r in rows], dtype=bool)
         ids = [int(r["sample_id"]) for r in rows]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SkipCountsError(f"--skip_counts {path} is not a skip-counts file written by training ({type(e).__name__}: {e}).") from None
@@ -49,6 +51,8 @@ def read_skip_counts(path: str | os.PathLike, captions: Sequence[str], file_name
     for i, (r, cap, name) in enumerate(zip(rows, captions, file_names)):
         if r.get("text") != cap or (r.get("file_name") and name and r["file_name"] != name):
             raise SkipCountsError(f"--skip_counts {path} row {i} is {r.get('file_name')!r} / {r.get('text')!r} but the training set's row {i} is {name!r} / {cap!r}; pass the data the model was trained on.")
+    if heldout.any():  # never trained on: no skip count to join (risk_table leaves them out)
+        counts = np.where(heldout, -1, counts)
     return counts
 
 
@@ -92,7 +96,8 @@ def risk_table(skip_counts: np.ndarray, copy_similarity: np.ndarray, captions: S
     """The join of training-time risk and copies, for ``metrics.json`` and the report.
 
     Args:
-        skip_counts: ``[N]`` whole-run AGC skips per training row.
+        skip_counts: ``[N]`` whole-run AGC skips per training row; -1 for a held-out row (never
+            trained on), which the join leaves out.
         copy_similarity: ``[N]`` per training row, the best SSCD similarity of any generation to it.
         pixel_distance: ``[N]`` per training row, the smallest squared pixel distance of any
             generation to it (optional; smaller is a closer copy).
@@ -103,16 +108,20 @@ def risk_table(skip_counts: np.ndarray, copy_similarity: np.ndarray, captions: S
         similarity, each with its skip count and skip-count rank (1 = most skipped).
     """
     skip_counts = np.asarray(skip_counts)
-    order = np.argsort(-np.asarray(copy_similarity), kind="stable")[:n]
-    skip_rank = len(skip_counts) + 1 - average_ranks(skip_counts)
-    rows = [{"train": int(i), "similarity": float(copy_similarity[i]), "skip_count": int(skip_counts[i]),
-             "skip_rank": float(skip_rank[i]), "text": captions[i],
-             **({"pixel_distance": float(pixel_distance[i])} if pixel_distance is not None else {})} for i in order]
+    trained = np.flatnonzero(skip_counts >= 0)  # held-out rows (-1) were never trained on
+    counts, similarity = skip_counts[trained], np.asarray(copy_similarity)[trained]
+    closeness = -np.asarray(pixel_distance)[trained] if pixel_distance is not None else None
+    order = np.argsort(-similarity, kind="stable")[:n]
+    skip_rank = len(counts) + 1 - average_ranks(counts)
+    rows = [{"train": int(trained[j]), "similarity": float(similarity[j]), "skip_count": int(counts[j]),
+             "skip_rank": float(skip_rank[j]), "text": captions[trained[j]],
+             **({"pixel_distance": float(pixel_distance[trained[j]])} if pixel_distance is not None else {})} for j in order]
     return {
-        "num_train": int(len(skip_counts)),
-        "total_skips": int(skip_counts.sum()),
-        "samples_ever_skipped": int((skip_counts > 0).sum()),
-        "spearman_skip_vs_similarity": spearman(skip_counts, copy_similarity),
-        "spearman_skip_vs_pixel_closeness": spearman(skip_counts, -np.asarray(pixel_distance)) if pixel_distance is not None else None,
+        "num_train": int(len(counts)),
+        "num_heldout": int(len(skip_counts) - len(counts)),
+        "total_skips": int(counts.sum()),
+        "samples_ever_skipped": int((counts > 0).sum()),
+        "spearman_skip_vs_similarity": spearman(counts, similarity),
+        "spearman_skip_vs_pixel_closeness": spearman(counts, closeness) if closeness is not None else None,
         "most_copied": rows,
     }
