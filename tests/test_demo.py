@@ -98,9 +98,9 @@ def test_demo_report_rows_and_image_count(demo_run):
 @pytest.mark.slow
 @needs_chromium
 def test_demo_report_renders_its_images_in_chromium(demo_run, tmp_path):
-    """Chromium shows all 26 images of the demo report (then 0 for the probe's broken image)."""
+    """Chromium shows all 28 images of the demo report (then 0 for the probe's broken image)."""
     out, _ = demo_run
-    assert images_loaded_in_chromium(out / "report.html", tmp_path) == "1" * 26 + "0"
+    assert images_loaded_in_chromium(out / "report.html", tmp_path) == "1" * 28 + "0"
 
 
 def test_copy_test_counts_against_reconstructions_per_part():
