@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from sd_memfree import duplicates
+from sd_memfree.data import add_data_arguments
 
 logger = logging.getLogger("sd_memfree.audit")
 
@@ -53,22 +54,11 @@ class AuditError(ValueError):
     """Bad audit input (besides the data's own ``DataError``), one line naming the fix."""
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """The training scripts' data flags, with their names and meanings."""
-    data = p.add_argument_group("training data (same loader and checks as training)")
-    data.add_argument("--dataset_name", default=None, help="Hub dataset name or local folder (as in training).")
-    data.add_argument("--dataset_config_name", default=None, help="Dataset config, if any.")
-    data.add_argument("--train_data_dir", default=None, help="Imagefolder of the training images (+ metadata.jsonl).")
-    data.add_argument("--image_column", default="image", help="Image column of the dataset.")
-    data.add_argument("--caption_column", default="text", help="Caption column of the dataset.")
-    data.add_argument("--cache_dir", default=None, help="datasets cache folder.")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from sd_memfree.scoring import sscd
 
     p = argparse.ArgumentParser(prog="sd-memfree audit", description="Find duplicated images and captions in training data before training.")
-    add_data_arguments(p)
+    add_data_arguments(p, "training data (same loader and checks as training)")
     p.add_argument("--out", required=True, help=f"Output folder: {AUDIT_FILE} and {REPORT_FILE}.")
     near = p.add_argument_group("near-duplicates (cheap pass: colour thumbnail + perceptual hash)")
     near.add_argument("--thumb_rms", type=float, default=duplicates.DEFAULT_THUMB_RMS,

@@ -412,3 +412,15 @@ def collate(examples: Sequence[dict]) -> dict:
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
         "sample_ids": torch.tensor([e["sample_id"] for e in examples], dtype=torch.long),
     }
+
+
+def add_data_arguments(parser, title: str) -> None:
+    """The training scripts' data flags, with their names and meanings, as one argument group
+    (the scorer and the audit read training data as training does)."""
+    data = parser.add_argument_group(title)
+    data.add_argument("--dataset_name", default=None, help="Hub dataset name or local folder (as in training).")
+    data.add_argument("--dataset_config_name", default=None, help="Dataset config, if any.")
+    data.add_argument("--train_data_dir", default=None, help="Imagefolder of the training images (+ metadata.jsonl).")
+    data.add_argument("--image_column", default="image", help="Image column of the dataset.")
+    data.add_argument("--caption_column", default="text", help="Caption column of the dataset.")
+    data.add_argument("--cache_dir", default=None, help="datasets cache folder.")

@@ -28,7 +28,6 @@ from typing import Any, Callable
 logger = logging.getLogger("sd_memfree.train")
 
 STAGING_DIR = ".tmp-final"  # the final model is written here in full, then moved into place
-PARTIAL_STATE_FILE = "memfree_state.json.partial"
 
 
 def signal_name(signum: int) -> str:
@@ -197,7 +196,6 @@ def guarded_run(output_dir: str, train: Callable[[Any], dict], collective_timeou
             out = Path(output_dir)
             if not finished:  # a failed final save leaves no staged model behind (the lock says we own it)
                 shutil.rmtree(out / STAGING_DIR, ignore_errors=True)
-                (out / PARTIAL_STATE_FILE).unlink(missing_ok=True)
             lock.release()
             if lock.created_dir and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # a run stopped by bad input leaves no trace

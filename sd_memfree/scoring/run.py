@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sd_memfree.scoring import cache as cache_lib
+from sd_memfree.data import add_data_arguments
 from sd_memfree.safeio import replace_file
 from sd_memfree.scoring import clip_score, fid, generate, metrics, report, risk, search, sscd
 
@@ -40,13 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", default=None, help="StableDiffusionPipeline or StableDiffusionXLPipeline folder or Hub id to generate with (the fine-tuned model, or the base model with --lora_weights).")
     src.add_argument("--lora_weights", default=None, help="LoRA weights (folder or file) loaded with pipe.load_lora_weights on top of --model.")
     src.add_argument("--generated_dir", default=None, help="Score these images instead of generating: image files + metadata.jsonl rows {file_name, text}.")
-    data = p.add_argument_group("training data (same loader as training)")
-    data.add_argument("--dataset_name", default=None, help="Hub dataset name or local folder.")
-    data.add_argument("--dataset_config_name", default=None, help="Dataset config, if any.")
-    data.add_argument("--train_data_dir", default=None, help="Imagefolder of the training images (+ metadata.jsonl).")
-    data.add_argument("--image_column", default="image", help="Image column of the dataset.")
-    data.add_argument("--caption_column", default="text", help="Caption column of the dataset.")
-    data.add_argument("--cache_dir", default=None, help="datasets cache folder.")
+    add_data_arguments(p, "training data (same loader as training)")
     sim = p.add_argument_group("similarity (SSCD)")
     sim.add_argument("--sscd_model", default="sscd_disc_large", help=f"SSCD TorchScript file, or a known name looked up in $SD_MEMFREE_CACHE/sscd/ and fetched there on first use ({', '.join(sscd.KNOWN_SSCD_MODELS)}).")
     sim.add_argument("--preprocess", choices=sscd.PREPROCESSINGS, default="dcr", help="dcr: resize 256, centre crop 224, mean/std 0.5 (the papers). sscd: short side 288, ImageNet normalisation (the SSCD authors).")
