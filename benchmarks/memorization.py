@@ -55,6 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# Fine-tuning domains the tiny base's UNet never saw (it was pretrained on shapes; its VAE saw shapes
+# and landscapes, not tartans).
+DOMAINS = ("landscapes", "tartans")
 # Methods, in the order their runs start when time is short: the main comparison first.
 MAIN_METHODS = ("plain", "ietagc+")
 COMPONENTS = ("ietagc", "agc", "iet")
@@ -70,6 +73,8 @@ class Setting:
     longest: float = 2.0  # every run trains to longest x B
     plain_every: float = 0.1  # plain is scored every plain_every x B (its frontier)
     method_every: float = 0.5  # the methods are scored every method_every x B
+    score_from: float = 0.0  # points before score_from x B are not scored (an extension of an earlier grid)
+    domain: str = "landscapes"  # the fine-tuning images' kind (sd_memfree.testing.tiny.IMAGE_KINDS, never "shapes")
     batch_size: int = 8
     learning_rate: float = 1e-3
     num_images: int = 256  # distinct fine-tuning images
@@ -119,6 +124,10 @@ def method_flags(method: str, s: Setting) -> list[str]:
 
 def check_setting(s: Setting, methods) -> None:
     """Bad settings fail here, before anything trains."""
+    if s.domain not in DOMAINS:
+        raise SystemExit(f"error: --domain must be one of {', '.join(DOMAINS)} (got {s.domain!r}); the base's UNet was pretrained on shapes.")
+    if not 0 <= s.score_from <= s.longest:
+        raise SystemExit(f"error: --score_from must be in [0, --longest] (got {s.score_from}).")
     if s.budget < 1 or s.longest < 1:
         raise SystemExit(f"error: --budget must be >= 1 and --longest >= 1 (got {s.budget}, {s.longest}).")
     if not 0 < s.num_duplicated <= s.num_images or s.duplicate_times < 2:
@@ -134,7 +143,8 @@ def check_setting(s: Setting, methods) -> None:
 def scored_steps(s: Setting, method: str) -> list[int]:
     """The steps at which a run of ``method`` is scored: its checkpoints and its final step."""
     every = s.every(method)
-    return sorted({k for k in range(every, s.max_steps, every)} | {s.max_steps})
+    first = math.ceil(s.score_from * s.budget - 1e-9)
+    return sorted({k for k in range(every, s.max_steps, every) if k >= first} | {s.max_steps})
 
 
 def plan_tasks(methods, seeds, s: Setting) -> list[tuple[str, int, int]]:
@@ -334,10 +344,13 @@ def ceiling(ev, pipe, refs: dict) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: a quickly built base, 16 images, 8-step budget, plain and IET-AGC+, 1 seed")
-    p.add_argument("--analyse", default=None, metavar="DIR", help="analyse a results folder (or its .tar.gz) on the CPU: tables, verdicts, plot, grids")
+    p.add_argument("--analyse", default=None, nargs="+", metavar="DIR",
+                   help="analyse results folders (or their .tar.gz) on the CPU: tables, verdicts, goal, plot, grids. Several: one grid "
+                        "extended by another (same setting but --longest/--score_from); points measured twice are compared and the later kept")
+    p.add_argument("--analyse_seeds", type=int, nargs="+", default=None, help="(--analyse) only these seeds, e.g. the untouched ones")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; quick: 0)")
     p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="default: all five (quick: plain ietagc+)")
-    for f in ("budget", "longest", "plain_every", "method_every", "num_images", "num_duplicated", "duplicate_times", "heldout_images",
+    for f in ("budget", "longest", "plain_every", "method_every", "score_from", "domain", "num_images", "num_duplicated", "duplicate_times", "heldout_images",
               "gens_per_duplicated", "unique_prompts", "heldout_prompts", "num_inference_steps"):
         p.add_argument(f"--{f}", type=type(getattr(Setting, f)), default=None, help=f"default {getattr(Setting, f)}")
     p.add_argument("--device", default="cpu", help="where scoring runs (training goes where accelerate puts it: the GPU if one is visible)")
@@ -444,12 +457,13 @@ def main(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: --base {base} is not a model folder (no model_index.json); build it with tiny_base_model or drop --base.")
     base_info = json.loads((base / "base_info.json").read_text()) if (base / "base_info.json").exists() else {}
     size = int(base_info.get("config", {}).get("size", base_cfg.size))
-    data = work / f"data-{s.num_images}-{s.num_duplicated}x{s.duplicate_times}"
-    heldout = work / f"heldout-{s.heldout_images}"
+    tag = "" if s.domain == "landscapes" else f"{s.domain}-"  # the landscape folders keep their names
+    data = work / f"data-{tag}{s.num_images}-{s.num_duplicated}x{s.duplicate_times}"
+    heldout = work / f"heldout-{tag}{s.heldout_images}"
     if not (data / "metadata.jsonl").exists():
-        make_tiny_dataset(data, s.num_images, size, s.num_duplicated / s.num_images, s.duplicate_times, seed=0, kind="landscapes")
+        make_tiny_dataset(data, s.num_images, size, s.num_duplicated / s.num_images, s.duplicate_times, seed=0, kind=s.domain)
     if not (heldout / "metadata.jsonl").exists():
-        make_tiny_dataset(heldout, s.heldout_images, size, seed=0, kind="landscapes", first_index=10_000)
+        make_tiny_dataset(heldout, s.heldout_images, size, seed=0, kind=s.domain, first_index=10_000)
     rows = sum(1 for _ in open(data / "metadata.jsonl"))
     write_json(out / "setting.json", {
         "setting": asdict(s), "seeds": seeds, "methods": methods, "quick": args.quick, "device": args.device, "jobs": args.jobs,
@@ -508,6 +522,8 @@ def main(args: argparse.Namespace) -> dict:
                     if step in wanted[r.job["method"]] and name not in submitted:
                         r.seen[step] = now - r.paused_seconds  # active seconds: steps/s while running
                         submit({**r.job, "steps": step, "kind": "checkpoint", "model": str(path), "export": str(rd / f"export-{step}"), "name": name})
+                    elif step not in wanted[r.job["method"]] and not args.keep_checkpoints:
+                        shutil.rmtree(path, ignore_errors=True)  # before --score_from: a prefix an earlier grid scored
                 if r.status in ("training", "paused") and r.proc.poll() is not None:
                     r.status = "finished" if r.proc.returncode == 0 else "failed"
                     if r.status == "finished":
@@ -572,7 +588,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.tar:
         write_tar(out, Path(args.tar), exclude=work)
     if args.plot:
-        analyse(argparse.Namespace(analyse=str(out), plot=args.plot, grids=args.grids))
+        analyse(argparse.Namespace(analyse=[str(out)], plot=args.plot, grids=args.grids))
     return summary
 
 
@@ -622,6 +638,82 @@ def load_results(folder: str | Path) -> tuple[dict, list[dict], list[dict]]:
     runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
     setting["folder"] = str(folder)
     return setting, points, runs
+
+
+# Settings that may differ between a grid and its extension (how far it ran, where scoring began).
+EXTENSION_FIELDS = ("longest", "score_from")
+
+
+def merge_results(loaded: list[tuple[dict, list[dict], list[dict]]]) -> tuple[dict, list[dict], list[dict], dict]:
+    """One grid from several results folders of the same setting (an extension runs the same
+    deterministic runs further and scores only the new points). Points measured in more than one
+    folder are compared (``rerun``: how far the re-measurement moved) and the later one kept; a
+    run's record is kept per folder. Folders of different settings are refused."""
+    for st, _, _ in loaded:  # folders written before a field existed hold its default
+        st["setting"] = asdict(Setting(**st["setting"]))
+    setting = dict(loaded[0][0])
+    ref = {k: v for k, v in setting["setting"].items() if k not in EXTENSION_FIELDS}
+    by_key: dict = {}
+    rerun = {"points": 0, "max_abs_heldout_loss": 0.0, "copies_differ": 0}
+    runs: list[dict] = []
+    for st, points, rs in loaded:
+        other = {k: v for k, v in st["setting"].items() if k not in EXTENSION_FIELDS}
+        if other != ref:
+            diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
+            raise SystemExit(f"error: {st['folder']} has another setting than {setting['folder']} ({', '.join(diff)}); "
+                             "analyse them separately.")
+        setting["setting"]["longest"] = max(setting["setting"]["longest"], st["setting"]["longest"])
+        setting["seeds"] = sorted(set(setting["seeds"]) | set(st["seeds"]))
+        setting["methods"] = [m for m in ALL_METHODS if m in set(setting["methods"]) | set(st["methods"])]
+        for p in points:
+            key = (p["method"], p["seed"], p["steps"])
+            if key in by_key:
+                old = by_key[key]
+                rerun["points"] += 1
+                rerun["max_abs_heldout_loss"] = max(rerun["max_abs_heldout_loss"], abs(old["heldout_loss"] - p["heldout_loss"]))
+                rerun["copies_differ"] += int(old["copies_recon"]["dup"]["copies"] != p["copies_recon"]["dup"]["copies"])
+            by_key[key] = p
+        runs += [{**r, "folder": Path(st["folder"]).name} if len(loaded) > 1 else r for r in rs]
+    setting["setting"]["score_from"] = 0.0
+    setting["folders"] = [st["folder"] for st, _, _ in loaded]
+    setting["folder"] = loaded[-1][0]["folder"]
+    return setting, list(by_key.values()), runs, rerun
+
+
+# The issue's goal for a method point: copies of duplicated captions at most this rate ...
+GOAL_MAX_COPIES = 0.10
+# ... at a held-out loss at or below plain's best, where plain's best is the minimum over its
+# checkpoints of the mean of this many neighbouring checkpoints (seeds pooled): one checkpoint's
+# held-out loss moves by ~0.002 from the next, and the minimum of many noisy points flatters plain.
+PLAIN_BEST_WINDOW = 3
+
+
+def plain_best(summary: dict, window: int = PLAIN_BEST_WINDOW) -> dict | None:
+    """Plain's best held-out loss: min over its checkpoints (the base excluded) of the mean of
+    ``window`` consecutive checkpoints' pooled held-out losses. None with fewer checkpoints.
+    Returns the loss, the centre checkpoint, the window's steps and its mean duplicated-caption copy rate."""
+    pts = sorted((p for p in summary.values() if p["method"] == "plain" and p["steps"] > 0), key=lambda p: p["steps"])
+    best = None
+    for i in range(len(pts) - window + 1):
+        win = pts[i:i + window]
+        loss = float(np.mean([p["heldout_loss"] for p in win]))
+        if best is None or loss < best["loss"]:
+            best = {"loss": loss, "steps": win[window // 2]["steps"], "window": [p["steps"] for p in win],
+                    "dup_rate": float(np.mean([p["dup"]["rate"] for p in win]))}
+    return best
+
+
+def goal(summary: dict, best: dict | None) -> dict:
+    """Per method point: reached when its pooled held-out loss is at or below plain's best and its
+    duplicated-caption copy rate at most GOAL_MAX_COPIES; ``loss_gap`` = its loss - plain's best."""
+    out = {}
+    for key, m in summary.items():
+        if m["method"] == "plain" or best is None:
+            continue
+        gap = m["heldout_loss"] - best["loss"]
+        out[key] = {"loss_gap": gap, "copies_ok": m["dup"]["rate"] <= GOAL_MAX_COPIES,
+                    "reached": gap <= 0 and m["dup"]["rate"] <= GOAL_MAX_COPIES}
+    return out
 
 
 def summarize(points: list[dict], measure: str = "copies_recon") -> dict:
@@ -708,7 +800,16 @@ def moonshot(summary: dict, method: str) -> list[dict]:
 
 
 def analyse(args) -> dict:
-    setting, points, runs = load_results(args.analyse)
+    folders = [args.analyse] if isinstance(args.analyse, (str, Path)) else list(args.analyse)
+    setting, points, runs, rerun = merge_results([load_results(f) for f in folders])
+    seeds = getattr(args, "analyse_seeds", None)
+    if seeds:
+        missing = sorted(set(seeds) - set(setting["seeds"]))
+        if missing:
+            raise SystemExit(f"error: --analyse_seeds {missing} are not in the results (seeds {setting['seeds']}).")
+        points = [p for p in points if p["seed"] is None or p["seed"] in seeds]
+        runs = [r for r in runs if r["seed"] in seeds]
+        setting["seeds"] = sorted(seeds)
     s = Setting(**setting["setting"])
     summ = {m: summarize(points, m) for m in ("copies_recon", "copies_raw")}
     summary = summ["copies_recon"]
@@ -716,13 +817,15 @@ def analyse(args) -> dict:
     ceil = base["ceiling"] if base else None
     ver = verdict(summary)
     moon = {m: moonshot(summary, m) for m in setting["methods"] if m != "plain"}
-    report = markdown_report(setting, summ, ceil, ver, moon, runs)
+    best = plain_best(summary)
+    gl = goal(summary, best)
+    report = markdown_report(setting, summ, ceil, ver, moon, runs, best=best, goal_rows=gl, rerun=rerun)
     print(report)
     Path(setting["folder"], "analysis.md").write_text(report)
     if getattr(args, "report", None):
         Path(args.report).write_text(report)
     result = {"setting": setting, "summary": summary, "summary_raw_rule": summ["copies_raw"], "ceiling": ceil, "verdict": ver,
-              "moonshot": moon, "runs": runs}
+              "moonshot": moon, "plain_best": best, "goal": gl, "rerun": rerun, "runs": runs}
     Path(setting["folder"], "analysis.json").write_text(json.dumps(result, indent=1))
     if getattr(args, "plot", None):
         plot(summary, s, ceil, Path(args.plot))
@@ -731,12 +834,30 @@ def analyse(args) -> dict:
     return result
 
 
-def markdown_report(setting: dict, summ: dict, ceil: dict | None, ver: dict, moon: dict, runs: list[dict]) -> str:
+def markdown_report(setting: dict, summ: dict, ceil: dict | None, ver: dict, moon: dict, runs: list[dict],
+                    best: dict | None = None, goal_rows: dict | None = None, rerun: dict | None = None) -> str:
     """The analysis as markdown tables, ready for docs/memorization_benchmark.md."""
     summary = summ["copies_recon"]
     pct = lambda r: f"{100 * r['rate']:.1f} [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]"
     label = lambda key: f"{LABELS[summary[key]['method']]} @ {summary[key]['fraction']:g}x"
-    out = [f"Setting: `{json.dumps(setting['setting'])}`; device: {setting.get('device')}, jobs {setting.get('jobs')}.", ""]
+    out = [f"Setting: `{json.dumps(setting['setting'])}`; seeds {setting['seeds']}; device: {setting.get('device')}, jobs {setting.get('jobs')}.", ""]
+    if len(setting.get("folders", [])) > 1:
+        out += [f"Results of {len(setting['folders'])} folders ({', '.join(Path(f).name for f in setting['folders'])}); "
+                f"{rerun['points']} points were measured in two of them: largest held-out loss difference "
+                f"{rerun['max_abs_heldout_loss']:.2g}, copy counts differ at {rerun['copies_differ']}.", ""]
+    if best is not None and goal_rows is not None:
+        reached = [k for k, g in goal_rows.items() if g["reached"]]
+        out += [f"**Goal** (a method point at or below plain's best held-out loss with at most {100 * GOAL_MAX_COPIES:g}% "
+                f"duplicated-caption copies): plain's best, the lowest mean of {PLAIN_BEST_WINDOW} neighbouring checkpoints "
+                f"(steps {', '.join(map(str, best['window']))}, seeds pooled), is **{best['loss']:.4f}**, where plain copies "
+                f"{100 * best['dup_rate']:.1f}%. " + (f"**Reached** by {', '.join(label(k) for k in reached)}." if reached
+                                                      else "**Not reached** by any method point."), "",
+                "| method point | held-out loss | minus plain's best | dup copies % | goal |", "|---|---|---|---|---|"]
+        for key, g in goal_rows.items():
+            r = summary[key]
+            out.append(f"| {label(key)} | {r['heldout_loss']:.4f} | {g['loss_gap']:+.4f} | {100 * r['dup']['rate']:.1f} | "
+                       f"{'reached' if g['reached'] else 'copies over' if not g['copies_ok'] else 'loss above'} |")
+        out.append("")
     if ceil:
         c, r = ceil["copies_recon"], ceil["copies_raw"]
         out += [f"Copy-test ceiling (a perfect memoriser): against the VAE reconstructions {c['dup']['copies']}/{c['dup']['n']} duplicated, "
@@ -762,7 +883,8 @@ def markdown_report(setting: dict, summ: dict, ceil: dict | None, ver: dict, moo
         for row in rows:
             mc = "not reached" if row["method_copies"] is None else f"{100 * row['method_copies']:.1f}"
             out.append(f"| {row['plain_point']} | {row['loss']:.4f} | {100 * row['plain_copies']:.1f} | {mc} |")
-    out += ["", "Runs: " + "; ".join(f"{LABELS[r['method']]} s{r['seed']}: {r['status']} at {r.get('reached', '?')} steps, "
+    out += ["", "Runs: " + "; ".join(f"{LABELS[r['method']]} s{r['seed']}{' (' + r['folder'] + ')' if 'folder' in r else ''}: "
+                                      f"{r['status']} at {r.get('reached', '?')} steps, "
                                       f"{r['steps_per_second'] or 0:.1f} steps/s" for r in runs) + "."]
     return "\n".join(out) + "\n"
 

@@ -160,3 +160,66 @@ def test_exported_checkpoint_is_the_shorter_run(tmp_path, method, tiny_model_dir
     for k in short:
         torch.testing.assert_close(export[k], short[k], rtol=0, atol=1e-6)
     assert any(not torch.equal(long[k], short[k]) for k in short)  # steps 3-4 did train: the comparison can fail
+
+
+def test_score_from_scores_only_the_extension():
+    """An extension of the 2B grid to 4B (B = 3000) scores from 2B on: plain every 300 from 6000
+    to 12000 (21 points, 6000 again as the check that the runs are the same), the methods at
+    6000, 7500, 9000, 10500, 12000."""
+    s = bench.Setting(longest=4.0, score_from=2.0)
+    assert bench.scored_steps(s, "plain") == list(range(6000, 12001, 300))
+    assert bench.scored_steps(s, "ietagc+") == [6000, 7500, 9000, 10500, 12000]
+    with pytest.raises(SystemExit, match="--score_from"):
+        bench.check_setting(bench.Setting(score_from=3.0), ["plain"])
+    with pytest.raises(SystemExit, match="--domain"):
+        bench.check_setting(bench.Setting(domain="shapes"), ["plain"])
+
+
+def test_plain_best_is_the_lowest_mean_of_three_neighbours_and_the_goal():
+    """Plain losses at steps 10..60: 0.10, 0.09, 0.07, 0.095, 0.085, 0.088 (one seed). Windows of 3:
+    (10-30) 0.08667, (20-40) 0.085, (30-50) 0.08333, (40-60) 0.08933 -> best 0.08333 at steps 30, 40,
+    50 (centre 40), not the single lowest point 0.07 at 30. Copies there 1, 3, 5 of 10 -> 0.3.
+    Method points: m@30 loss 0.083, 1/10 copies -> reached (gap -0.00033, 10% <= 10%);
+    m@60 loss 0.080, 2/10 -> copies over; m@20 loss 0.090, 0/10 -> loss above."""
+    losses = {10: 0.10, 20: 0.09, 30: 0.07, 40: 0.095, 50: 0.085, 60: 0.088}
+    copies = {10: 0, 20: 0, 30: 1, 40: 3, 50: 5, 60: 6}
+    pts = [_point("plain", 0, k, copies[k], v, n=10) for k, v in losses.items()]
+    pts += [_point("ietagc+", 0, 30, 1, 0.083, n=10), _point("ietagc+", 0, 60, 2, 0.080, n=10), _point("ietagc+", 0, 20, 0, 0.090, n=10)]
+    s = bench.summarize(pts)
+    best = bench.plain_best(s)
+    assert best["loss"] == pytest.approx(0.25 / 3) and best["steps"] == 40 and best["window"] == [30, 40, 50]
+    assert best["dup_rate"] == pytest.approx(0.3)
+    g = bench.goal(s, best)
+    assert g["ietagc+@30"] == {"loss_gap": pytest.approx(0.083 - 0.25 / 3), "copies_ok": True, "reached": True}
+    assert g["ietagc+@60"]["reached"] is False and g["ietagc+@60"]["copies_ok"] is False
+    assert g["ietagc+@20"]["reached"] is False and g["ietagc+@20"]["loss_gap"] > 0
+    assert bench.plain_best(bench.summarize(pts[:2])) is None  # fewer than 3 checkpoints: no best
+
+
+def _write_folder(folder, points, **setting):
+    (folder / "points").mkdir(parents=True)
+    (folder / "runs").mkdir()
+    st = {"setting": {**bench.asdict(bench.Setting()), **setting}, "seeds": sorted({p["seed"] for p in points if p["seed"] is not None}),
+          "methods": sorted({p["method"] for p in points if p["method"] != "base"})}
+    (folder / "setting.json").write_text(json.dumps(st))
+    for p in points:
+        (folder / "points" / f"{p['method']}-{p['seed']}-{p['steps']}.json").write_text(json.dumps(p))
+    return folder
+
+
+def test_an_extension_merges_with_its_grid_and_rerun_points_are_compared(tmp_path):
+    """Grid to 2B (plain@10, @20 of seed 0) + extension from 2B (plain@20 re-measured 0.001 higher
+    with 1 more copy, plain@30): 3 plain points, the later plain@20 kept, the re-measurement
+    reported; --analyse_seeds keeps only the named seeds; another setting is refused."""
+    a = _write_folder(tmp_path / "grid", [_point("plain", 0, 10, 1, 0.10), _point("plain", 0, 20, 2, 0.09), _point("plain", 1, 10, 1, 0.2)])
+    b = _write_folder(tmp_path / "ext", [_point("plain", 0, 20, 3, 0.091), _point("plain", 0, 30, 4, 0.08)], longest=4.0, score_from=2.0)
+    setting, points, _, rerun = bench.merge_results([bench.load_results(a), bench.load_results(b)])
+    assert sorted((p["seed"], p["steps"]) for p in points) == [(0, 10), (0, 20), (0, 30), (1, 10)]
+    assert next(p for p in points if p["steps"] == 20)["heldout_loss"] == 0.091
+    assert rerun == {"points": 1, "max_abs_heldout_loss": pytest.approx(0.001), "copies_differ": 1}
+    assert setting["setting"]["longest"] == 4.0 and setting["seeds"] == [0, 1]
+    res = bench.analyse(bench.parse_args(["--analyse", str(a), str(b), "--analyse_seeds", "0"]))
+    assert set(res["summary"]) == {"plain@10", "plain@20", "plain@30"} and res["plain_best"]["loss"] == pytest.approx((0.1 + 0.091 + 0.08) / 3)
+    c = _write_folder(tmp_path / "other", [_point("plain", 0, 10, 1, 0.1)], agc_ratio=1.5)
+    with pytest.raises(SystemExit, match="agc_ratio"):
+        bench.merge_results([bench.load_results(a), bench.load_results(c)])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, make_tiny_landscape, tiny_base_model
+from sd_memfree.testing.tiny import TinyBaseConfig, make_tiny_dataset, make_tiny_landscape, make_tiny_tartan, tiny_base_model
 
 
 def test_landscape_is_deterministic_and_indices_differ():
@@ -20,6 +20,28 @@ def test_landscape_is_deterministic_and_indices_differ():
     assert len(set(arrays)) == 8
     assert all(make_tiny_landscape(i, 32)[1].endswith(f"picture {i}") for i in range(8))
     assert a.size == (32, 32) and cap_a.startswith("a landscape with")
+
+
+def test_tartan_is_a_woven_texture_described_by_its_caption():
+    """The second domain: same (index, seed) -> identical; 64 indices -> 64 different images; the
+    caption names three palette colours (ground, bands, lines) and each of them is the nearest
+    palette colour of at least 2 of the 256 pixels (the pixel noise has std 4; palette colours are
+    over 40 apart), so the caption describes what was drawn."""
+    from sd_memfree.testing.tiny import _TARTAN_COLORS
+
+    a, cap = make_tiny_tartan(5, size=16)
+    assert np.array_equal(np.asarray(a), np.asarray(make_tiny_tartan(5, size=16)[0])) and cap == make_tiny_tartan(5, 16)[1]
+    assert len({np.asarray(make_tiny_tartan(i, 16)[0]).tobytes() for i in range(64)}) == 64
+    names = list(_TARTAN_COLORS)
+    palette = np.array([_TARTAN_COLORS[n] for n in names], float)
+    for i in range(16):
+        img, cap = make_tiny_tartan(i, 16)
+        assert cap.endswith(f"picture {i}") and "tartan with a" in cap
+        named = [n for n in names if f" {n} " in f" {cap} "]
+        assert len(named) == 3, cap
+        px = np.asarray(img).reshape(-1, 1, 3).astype(float)
+        nearest = np.array(names)[np.abs(px - palette[None]).sum(-1).argmin(1)]
+        assert all((nearest == n).sum() >= 2 for n in named), (cap, {n: int((nearest == n).sum()) for n in names})
 
 
 def test_landscape_dataset_duplicates_and_heldout_range(tmp_path):

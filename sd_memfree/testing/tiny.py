@@ -283,7 +283,47 @@ def make_tiny_landscape(index: int, size: int = 32, seed: int = 0) -> tuple[Imag
     return img, caption
 
 
-IMAGE_KINDS = {"shapes": make_tiny_image, "landscapes": make_tiny_landscape}
+_TARTAN_COLORS = {"red": (190, 30, 40), "green": (30, 110, 60), "navy": (25, 35, 95), "black": (25, 25, 30),
+                  "yellow": (235, 200, 50), "white": (235, 235, 225), "purple": (100, 45, 120), "brown": (120, 75, 40)}
+_TARTAN_WIDTHS = ("narrow", "medium", "wide")
+
+
+def make_tiny_tartan(index: int, size: int = 32, seed: int = 0) -> tuple[Image.Image, str]:
+    """One procedurally woven tartan and its caption, determined by (index, seed).
+
+    A full-frame texture, unlike the shapes (one object on a background) and the landscapes (a
+    scene): a ground colour crossed by bands of a second colour in both directions (darker where
+    they cross, as in weaving) and thin lines of a third, with a random period and phase per
+    direction. The caption names the three colours, the band width and whether the pattern is
+    square or stretched; different indices give visibly different images.
+    """
+    rng = np.random.default_rng([seed, index, 11])
+    names = list(_TARTAN_COLORS)
+    ground, band, line = (names[i] for i in rng.choice(len(names), size=3, replace=False))
+    width = int(rng.integers(len(_TARTAN_WIDTHS)))
+    scale = max(1, size // 16)
+    band_px = (1 + width) * scale  # 1, 2 or 3 px at 16 px
+    square = bool(rng.random() < 0.5)
+    period_x = band_px + int(rng.integers(3, 7)) * scale
+    period_y = period_x if square else band_px + int(rng.integers(3, 7)) * scale + 2 * scale
+    ox, oy = rng.integers(0, period_x), rng.integers(0, period_y)
+    x = (np.arange(size) + ox) % period_x
+    y = (np.arange(size) + oy) % period_y
+    vert, horiz = (x < band_px)[None, :], (y < band_px)[:, None]
+    lines = ((x == band_px + (period_x - band_px) // 2)[None, :]) | ((y == band_px + (period_y - band_px) // 2)[:, None])
+    col = lambda n: np.array(_TARTAN_COLORS[n], np.float32)
+    pixels = np.broadcast_to(col(ground), (size, size, 3)).copy()
+    pixels[np.broadcast_to(vert | horiz, (size, size))] = col(band)
+    pixels[np.broadcast_to(vert & horiz, (size, size))] = col(band) * 0.6  # warp over weft: darker crossings
+    pixels[np.broadcast_to(lines, (size, size))] = col(line)
+    pixels += rng.normal(0, 4, size=pixels.shape)
+    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    caption = (f"a {'square' if square else 'stretched'} tartan with a {ground} ground, {_TARTAN_WIDTHS[width]} {band} bands "
+               f"and thin {line} lines, picture {index}")
+    return img, caption
+
+
+IMAGE_KINDS = {"shapes": make_tiny_image, "landscapes": make_tiny_landscape, "tartans": make_tiny_tartan}
 
 
 def make_tiny_dataset(
@@ -302,7 +342,8 @@ def make_tiny_dataset(
         duplicate_fraction: fraction of the distinct images (rounded down) that are written
             ``duplicate_times`` times in total (same pixels, same caption), like LAION's duplicates.
         duplicate_times: total copies of each duplicated image (1 = no duplication).
-        kind: ``"shapes"`` (``make_tiny_image``) or ``"landscapes"`` (``make_tiny_landscape``).
+        kind: ``"shapes"`` (``make_tiny_image``), ``"landscapes"`` (``make_tiny_landscape``) or
+            ``"tartans"`` (``make_tiny_tartan``, a domain the tiny base never saw in any part).
         first_index: image indices are ``first_index .. first_index + num_images - 1``, so a
             held-out set of the same distribution is the same call with a disjoint index range.
 
