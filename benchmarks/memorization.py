@@ -61,8 +61,19 @@ DOMAINS = ("landscapes", "tartans")
 # Methods, in the order their runs start when time is short: the main comparison first.
 MAIN_METHODS = ("plain", "ietagc+")
 COMPONENTS = ("ietagc", "agc", "iet")
-ALL_METHODS = MAIN_METHODS + COMPONENTS
-LABELS = {"plain": "plain", "ietagc+": "IET-AGC+", "ietagc": "IET-AGC", "agc": "AGC alone", "iet": "IET alone"}
+DEFAULT_METHODS = MAIN_METHODS + COMPONENTS
+# Settings studied against the papers' (issue 23), run only when named: method -> (the method it
+# varies, the Setting fields it overrides, flags it adds).
+VARIANTS = {
+    # One AdamW state for all proxies: checkpoints at merges the size of upstream's (docs/design.md).
+    "ietagc+shared": ("ietagc+", {}, ["--proxy_optimizer_state=shared"]),
+    # Half the shards, each twice as long between merges (the same round of 100 steps): the merge
+    # averages 2 proxies' progress instead of 4.
+    "ietagc+k2": ("ietagc+", {"num_shards": 2, "merge_every": 50}, []),
+}
+ALL_METHODS = DEFAULT_METHODS + tuple(VARIANTS)
+LABELS = {"plain": "plain", "ietagc+": "IET-AGC+", "ietagc": "IET-AGC", "agc": "AGC alone", "iet": "IET alone",
+          "ietagc+shared": "IET-AGC+ shared optimizer", "ietagc+k2": "IET-AGC+ K=2"}
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,9 @@ QUICK = dict(budget=8, plain_every=0.5, method_every=0.5, num_images=16, num_dup
 
 def method_flags(method: str, s: Setting) -> list[str]:
     """The training script's flags of each method (IET: shards + merges; AGC: the loss gate)."""
+    if method in VARIANTS:
+        base, overrides, extra = VARIANTS[method]
+        return method_flags(base, replace(s, **overrides)) + extra
     iet = [f"--num_shards={s.num_shards}", f"--merge_every={s.merge_every}"]
     agc = [f"--agc_ratio={s.agc_ratio}"]
     return {
@@ -132,9 +146,10 @@ def check_setting(s: Setting, methods) -> None:
         raise SystemExit(f"error: --budget must be >= 1 and --longest >= 1 (got {s.budget}, {s.longest}).")
     if not 0 < s.num_duplicated <= s.num_images or s.duplicate_times < 2:
         raise SystemExit("error: need 0 < --num_duplicated <= --num_images and --duplicate_times >= 2.")
-    round_len = s.num_shards * s.merge_every
     for m in methods:
-        if m in ("iet", "ietagc", "ietagc+") and s.every(m) % round_len:
+        v = replace(s, **VARIANTS[m][1]) if m in VARIANTS else s
+        round_len = v.num_shards * v.merge_every
+        if (VARIANTS[m][0] if m in VARIANTS else m) in ("iet", "ietagc", "ietagc+") and s.every(m) % round_len:
             # Off a round boundary a checkpoint's model is mid-round: not what a run of that length gives.
             raise SystemExit(f"error: the {m} checkpoint interval {s.every(m)} is not a multiple of a round "
                              f"(num_shards x merge_every = {round_len}); change --method_every or --budget.")
@@ -349,7 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "extended by another (same setting but --longest/--score_from); points measured twice are compared and the later kept")
     p.add_argument("--analyse_seeds", type=int, nargs="+", default=None, help="(--analyse) only these seeds, e.g. the untouched ones")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; quick: 0)")
-    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="default: all five (quick: plain ietagc+)")
+    p.add_argument("--methods", nargs="+", default=None, choices=ALL_METHODS, help="default: the five of the papers' ablation (quick: plain ietagc+); the variants run only when named")
     for f in ("budget", "longest", "plain_every", "method_every", "score_from", "domain", "num_images", "num_duplicated", "duplicate_times", "heldout_images",
               "gens_per_duplicated", "unique_prompts", "heldout_prompts", "num_inference_steps"):
         p.add_argument(f"--{f}", type=type(getattr(Setting, f)), default=None, help=f"default {getattr(Setting, f)}")
@@ -443,7 +458,7 @@ def main(args: argparse.Namespace) -> dict:
     train_stop = deadline - args.score_reserve
     s = setting_from_args(args)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    methods = args.methods or (list(MAIN_METHODS) if args.quick else list(ALL_METHODS))
+    methods = args.methods or (list(MAIN_METHODS) if args.quick else list(DEFAULT_METHODS))
     check_setting(s, methods)
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
@@ -896,7 +911,8 @@ def plot(summary: dict, s: Setting, ceil: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=100)
-    colors = {"plain": "tab:gray", "ietagc+": "tab:red", "ietagc": "tab:blue", "agc": "tab:green", "iet": "tab:purple"}
+    colors = {"plain": "tab:gray", "ietagc+": "tab:red", "ietagc": "tab:blue", "agc": "tab:green", "iet": "tab:purple",
+              "ietagc+shared": "tab:orange", "ietagc+k2": "tab:brown"}
     for method in ALL_METHODS:
         pts = sorted((p for p in summary.values() if p["method"] == method), key=lambda p: p["steps"])
         if not pts:

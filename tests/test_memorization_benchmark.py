@@ -33,7 +33,7 @@ def test_plan_tasks_priority_by_hand():
     """Seeds 0 1 2, all methods, B = 3000, 2B = 6000: first plain/IET-AGC+ at B for every seed (6),
     then the 3 components at B on seed 0, then the main pair at 4500 (6) and 6000 (6), then the
     components at B on seeds 1 and 2 (6), then the components at 4500 and 6000 (18): 45 tasks."""
-    tasks = bench.plan_tasks(list(bench.ALL_METHODS), [0, 1, 2], bench.Setting())
+    tasks = bench.plan_tasks(list(bench.DEFAULT_METHODS), [0, 1, 2], bench.Setting())
     assert tasks[:6] == [("plain", 0, 3000), ("ietagc+", 0, 3000), ("plain", 1, 3000), ("ietagc+", 1, 3000), ("plain", 2, 3000), ("ietagc+", 2, 3000)]
     assert tasks[6:9] == [("ietagc", 0, 3000), ("agc", 0, 3000), ("iet", 0, 3000)]
     assert tasks[9] == ("plain", 0, 4500) and tasks[15] == ("plain", 0, 6000)
@@ -223,3 +223,19 @@ def test_an_extension_merges_with_its_grid_and_rerun_points_are_compared(tmp_pat
     c = _write_folder(tmp_path / "other", [_point("plain", 0, 10, 1, 0.1)], agc_ratio=1.5)
     with pytest.raises(SystemExit, match="agc_ratio"):
         bench.merge_results([bench.load_results(a), bench.load_results(c)])
+
+
+def test_variants_are_the_papers_method_with_one_change():
+    """IET-AGC+ is --num_shards=4 --merge_every=25 --agc_ratio=1.25 --redistribute_fraction=0.25
+    --loss_aware_augmentation; the shared-optimizer variant adds one flag, the K=2 variant halves
+    the shards and doubles merge_every (rounds stay 100 steps, so the 1500-step checkpoints stay
+    on merges). The default grid runs the five of the papers' ablation, not the variants."""
+    s = bench.Setting()
+    papers = ["--num_shards=4", "--merge_every=25", "--agc_ratio=1.25", "--redistribute_fraction=0.25", "--loss_aware_augmentation"]
+    assert bench.method_flags("ietagc+", s) == papers
+    assert bench.method_flags("ietagc+shared", s) == papers + ["--proxy_optimizer_state=shared"]
+    assert bench.method_flags("ietagc+k2", s) == ["--num_shards=2", "--merge_every=50"] + papers[2:]
+    bench.check_setting(s, list(bench.ALL_METHODS))
+    with pytest.raises(SystemExit, match="ietagc\\+k2 checkpoint interval 75 is not a multiple of a round \\(num_shards x merge_every = 100\\)"):
+        bench.check_setting(bench.Setting(budget=150, merge_every=5), ["ietagc+k2"])  # the variant's round (2 x 50 = 100) is checked, not the setting's (4 x 5 = 20)
+    assert bench.parse_args([]).methods is None and "ietagc+k2" not in bench.DEFAULT_METHODS
