@@ -63,13 +63,13 @@ MAIN_METHODS = ("plain", "ietagc+")
 COMPONENTS = ("ietagc", "agc", "iet")
 DEFAULT_METHODS = MAIN_METHODS + COMPONENTS
 # Settings studied against the papers' (issue 23), run only when named: method -> (the method it
-# varies, the Setting fields it overrides, flags it adds).
+# varies, the Setting fields it overrides as a function of the Setting, flags it adds).
 VARIANTS = {
     # One AdamW state for all proxies: checkpoints at merges the size of upstream's (docs/design.md).
-    "ietagc+shared": ("ietagc+", {}, ["--proxy_optimizer_state=shared"]),
-    # Half the shards, each twice as long between merges (the same round of 100 steps): the merge
+    "ietagc+shared": ("ietagc+", lambda s: {}, ["--proxy_optimizer_state=shared"]),
+    # Half the shards, each twice as long between merges (the same round length): the merge
     # averages 2 proxies' progress instead of 4.
-    "ietagc+k2": ("ietagc+", {"num_shards": 2, "merge_every": 50}, []),
+    "ietagc+k2": ("ietagc+", lambda s: {"num_shards": max(1, s.num_shards // 2), "merge_every": 2 * s.merge_every}, []),
 }
 ALL_METHODS = DEFAULT_METHODS + tuple(VARIANTS)
 LABELS = {"plain": "plain", "ietagc+": "IET-AGC+", "ietagc": "IET-AGC", "agc": "AGC alone", "iet": "IET alone",
@@ -124,7 +124,7 @@ def method_flags(method: str, s: Setting) -> list[str]:
     """The training script's flags of each method (IET: shards + merges; AGC: the loss gate)."""
     if method in VARIANTS:
         base, overrides, extra = VARIANTS[method]
-        return method_flags(base, replace(s, **overrides)) + extra
+        return method_flags(base, replace(s, **overrides(s))) + extra
     iet = [f"--num_shards={s.num_shards}", f"--merge_every={s.merge_every}"]
     agc = [f"--agc_ratio={s.agc_ratio}"]
     return {
@@ -147,8 +147,10 @@ def check_setting(s: Setting, methods) -> None:
     if not 0 < s.num_duplicated <= s.num_images or s.duplicate_times < 2:
         raise SystemExit("error: need 0 < --num_duplicated <= --num_images and --duplicate_times >= 2.")
     for m in methods:
-        v = replace(s, **VARIANTS[m][1]) if m in VARIANTS else s
+        v = replace(s, **VARIANTS[m][1](s)) if m in VARIANTS else s
         round_len = v.num_shards * v.merge_every
+        if m in VARIANTS and v.num_shards < 2:
+            raise SystemExit(f"error: the {m} variant of this setting has {v.num_shards} shard; it needs --num_shards >= 4 here.")
         if (VARIANTS[m][0] if m in VARIANTS else m) in ("iet", "ietagc", "ietagc+") and s.every(m) % round_len:
             # Off a round boundary a checkpoint's model is mid-round: not what a run of that length gives.
             raise SystemExit(f"error: the {m} checkpoint interval {s.every(m)} is not a multiple of a round "

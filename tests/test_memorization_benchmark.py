@@ -237,5 +237,9 @@ def test_variants_are_the_papers_method_with_one_change():
     assert bench.method_flags("ietagc+k2", s) == ["--num_shards=2", "--merge_every=50"] + papers[2:]
     bench.check_setting(s, list(bench.ALL_METHODS))
     with pytest.raises(SystemExit, match="ietagc\\+k2 checkpoint interval 75 is not a multiple of a round \\(num_shards x merge_every = 100\\)"):
-        bench.check_setting(bench.Setting(budget=150, merge_every=5), ["ietagc+k2"])  # the variant's round (2 x 50 = 100) is checked, not the setting's (4 x 5 = 20)
+        bench.check_setting(bench.Setting(budget=150), ["ietagc+k2"])
+    quick = bench.Setting(**bench.QUICK)  # 2 shards x 2 steps would become 1 shard x 4: no longer IET
+    assert bench.method_flags("ietagc+k2", quick)[:2] == ["--num_shards=1", "--merge_every=4"]
+    with pytest.raises(SystemExit, match="ietagc\\+k2 variant of this setting has 1 shard"):
+        bench.check_setting(quick, ["ietagc+k2"])
     assert bench.parse_args([]).methods is None and "ietagc+k2" not in bench.DEFAULT_METHODS
