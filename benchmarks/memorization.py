@@ -654,6 +654,8 @@ def load_results(folder: str | Path) -> tuple[dict, list[dict], list[dict]]:
     points = [json.loads(p.read_text()) for p in sorted((folder / "points").glob("*.json"))]
     runs = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))]
     setting["folder"] = str(folder)
+    summary = folder / "summary.json"  # written at the end of a grid: its wall time
+    setting["wall_seconds"] = json.loads(summary.read_text()).get("wall_seconds") if summary.exists() else None
     return setting, points, runs
 
 
@@ -693,6 +695,7 @@ def merge_results(loaded: list[tuple[dict, list[dict], list[dict]]]) -> tuple[di
         runs += [{**r, "folder": Path(st["folder"]).name} if len(loaded) > 1 else r for r in rs]
     setting["setting"]["score_from"] = 0.0
     setting["folders"] = [st["folder"] for st, _, _ in loaded]
+    setting["wall_seconds_per_folder"] = {Path(st["folder"]).name: st.get("wall_seconds") for st, _, _ in loaded}
     setting["folder"] = loaded[-1][0]["folder"]
     return setting, list(by_key.values()), runs, rerun
 
@@ -858,6 +861,9 @@ def markdown_report(setting: dict, summ: dict, ceil: dict | None, ver: dict, moo
     pct = lambda r: f"{100 * r['rate']:.1f} [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}]"
     label = lambda key: f"{LABELS[summary[key]['method']]} @ {summary[key]['fraction']:g}x"
     out = [f"Setting: `{json.dumps(setting['setting'])}`; seeds {setting['seeds']}; device: {setting.get('device')}, jobs {setting.get('jobs')}.", ""]
+    walls = setting.get("wall_seconds_per_folder", {})
+    out += ["Wall time: " + "; ".join(f"{name} {w / 60:.0f} min" if w else f"{name} not recorded" for name, w in walls.items())
+            + f" (device {setting.get('device')}, {setting.get('jobs')} training jobs).", ""]
     if len(setting.get("folders", [])) > 1:
         out += [f"Results of {len(setting['folders'])} folders ({', '.join(Path(f).name for f in setting['folders'])}); "
                 f"{rerun['points']} points were measured in two of them: largest held-out loss difference "
