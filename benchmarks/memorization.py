@@ -710,12 +710,20 @@ PLAIN_BEST_WINDOW = 3
 
 def plain_best(summary: dict, window: int = PLAIN_BEST_WINDOW) -> dict | None:
     """Plain's best held-out loss: min over its checkpoints (the base excluded) of the mean of
-    ``window`` consecutive checkpoints' pooled held-out losses. None with fewer checkpoints.
+    ``window`` consecutive checkpoints' pooled held-out losses, among the checkpoints that every
+    seed reached. None without such a window.
     Returns the loss, the centre checkpoint, the window's steps and its mean duplicated-caption copy rate."""
     pts = sorted((p for p in summary.values() if p["method"] == "plain" and p["steps"] > 0), key=lambda p: p["steps"])
+    # Only checkpoints every seed reached (a grid cut short pools fewer seeds there), and only
+    # windows of consecutive checkpoints (none missing between them).
+    most = max((len(p["seeds"]) for p in pts), default=0)
+    pts = [p for p in pts if len(p["seeds"]) == most]
+    gap = min((b["steps"] - a["steps"] for a, b in zip(pts, pts[1:])), default=0)
     best = None
     for i in range(len(pts) - window + 1):
         win = pts[i:i + window]
+        if win[-1]["steps"] - win[0]["steps"] != (window - 1) * gap:
+            continue
         loss = float(np.mean([p["heldout_loss"] for p in win]))
         if best is None or loss < best["loss"]:
             best = {"loss": loss, "steps": win[window // 2]["steps"], "window": [p["steps"] for p in win],

@@ -194,6 +194,13 @@ def test_plain_best_is_the_lowest_mean_of_three_neighbours_and_the_goal():
     assert g["ietagc+@60"]["reached"] is False and g["ietagc+@60"]["copies_ok"] is False
     assert g["ietagc+@20"]["reached"] is False and g["ietagc+@20"]["loss_gap"] > 0
     assert bench.plain_best(bench.summarize(pts[:2])) is None  # fewer than 3 checkpoints: no best
+    # Step 40 missing and a step 70 at 0.09: windows straddling the hole, (20, 30, 50) 0.08167 and
+    # (30, 50, 60) 0.081, would win but are not consecutive; of the whole ones, (10-30) 0.08667 beats
+    # (50-70) 0.08767. A checkpoint only seed 1 reached (80, loss 0.01) is left out, else (60-80) 0.0627 would win.
+    holed = [p for p in pts if p["steps"] != 40 and p["method"] == "plain"] + [_point("plain", 0, 70, 0, 0.09, n=10)]
+    holed += [_point("plain", 1, k, 0, losses.get(k, 0.09), n=10) for k in (10, 20, 30, 50, 60, 70)] + [_point("plain", 1, 80, 0, 0.01, n=10)]
+    hb = bench.plain_best(bench.summarize(holed))
+    assert hb["window"] == [10, 20, 30] and hb["loss"] == pytest.approx(0.26 / 3)
 
 
 def _write_folder(folder, points, **setting):
