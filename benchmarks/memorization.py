@@ -948,7 +948,11 @@ def plot(summary: dict, s: Setting, ceil: dict | None, path: Path) -> None:
         c = ceil["copies_recon"]["dup"]
         for a in (ax, ax2):
             a.axhline(100 * c["copies"] / max(1, c["n"]), color="k", ls=":", lw=1, label="ceiling (perfect memoriser)")
-    ax.set_xlabel("held-out denoising loss (lower is better)")
+    trained = [p["heldout_loss"] + p["heldout_loss_std"] for p in summary.values() if p["steps"] > 0]
+    if trained:  # the base's loss (far to the right) would squeeze every trained point into a sliver
+        lo = min(p["heldout_loss"] - p["heldout_loss_std"] for p in summary.values() if p["steps"] > 0)
+        ax.set_xlim(lo - 0.002, max(trained) + 0.002)
+    ax.set_xlabel("held-out denoising loss (lower is better; the base, at 0 steps, is off to the right)")
     ax.set_ylabel("duplicated-caption generations that copy, % (95% CI)")
     ax.set_title("copies vs held-out loss: plain's frontier and the methods", fontsize=9)
     ax2.set_xlabel("optimizer steps / budget")
