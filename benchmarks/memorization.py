@@ -120,11 +120,20 @@ QUICK = dict(budget=8, plain_every=0.5, method_every=0.5, num_images=16, num_dup
              gens_per_duplicated=2, unique_prompts=4, heldout_prompts=4, num_inference_steps=5, num_shards=2, merge_every=2)
 
 
+def resolve_variant(method: str, s: Setting) -> tuple[str, Setting, list[str]]:
+    """(the method it varies, the Setting it runs with, the flags it adds); a method that is no
+    variant is itself, with ``s`` and no flags."""
+    if method not in VARIANTS:
+        return method, s, []
+    base, overrides, extra = VARIANTS[method]
+    return base, replace(s, **overrides(s)), extra
+
+
 def method_flags(method: str, s: Setting) -> list[str]:
     """The training script's flags of each method (IET: shards + merges; AGC: the loss gate)."""
     if method in VARIANTS:
-        base, overrides, extra = VARIANTS[method]
-        return method_flags(base, replace(s, **overrides(s))) + extra
+        base, v, extra = resolve_variant(method, s)
+        return method_flags(base, v) + extra
     iet = [f"--num_shards={s.num_shards}", f"--merge_every={s.merge_every}"]
     agc = [f"--agc_ratio={s.agc_ratio}"]
     return {
@@ -147,11 +156,11 @@ def check_setting(s: Setting, methods) -> None:
     if not 0 < s.num_duplicated <= s.num_images or s.duplicate_times < 2:
         raise SystemExit("error: need 0 < --num_duplicated <= --num_images and --duplicate_times >= 2.")
     for m in methods:
-        v = replace(s, **VARIANTS[m][1](s)) if m in VARIANTS else s
+        base, v, _ = resolve_variant(m, s)
         round_len = v.num_shards * v.merge_every
         if m in VARIANTS and v.num_shards < 2:
             raise SystemExit(f"error: the {m} variant of this setting has {v.num_shards} shard; it needs --num_shards >= 4 here.")
-        if (VARIANTS[m][0] if m in VARIANTS else m) in ("iet", "ietagc", "ietagc+") and s.every(m) % round_len:
+        if base in ("iet", "ietagc", "ietagc+") and s.every(m) % round_len:
             # Off a round boundary a checkpoint's model is mid-round: not what a run of that length gives.
             raise SystemExit(f"error: the {m} checkpoint interval {s.every(m)} is not a multiple of a round "
                              f"(num_shards x merge_every = {round_len}); change --method_every or --budget.")
